@@ -1,0 +1,24 @@
+# One command each: `make demo` (install + tiny GRPO run) and `make test` (install + the suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# torch is pinned in pyproject.toml; where a local CPU build of that version exists pip takes it.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(VENV)/bin/rlhpc run configs/tiny_cpu.toml
+
+clean:
+	rm -rf $(VENV) artifacts runs .pytest_cache

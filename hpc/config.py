@@ -1,0 +1,94 @@
+"""Typed configuration of the cluster side of a run: the `[slurm]` and `[ray]` sections of the TOML file."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_SLURM_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+)(?::(?P<m>\d+)(?::(?P<s>\d+))?)?$")
+
+
+def slurm_time_minutes(value: str) -> int:
+    """Minutes in a Slurm time limit: "MM", "HH:MM:SS", "D-HH", "D-HH:MM" or "D-HH:MM:SS" (seconds round up)."""
+    m = _SLURM_TIME.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not a Slurm time limit (MM, HH:MM:SS or D-HH:MM:SS)")
+    d, h, mi, s = (int(m.group(k) or 0) for k in "dhms")
+    if m.group("d") is None and m.group("m") is None:  # a bare number is minutes
+        return h
+    if m.group("d") is None and m.group("s") is None:  # "MM:SS"
+        return h + (mi > 0)
+    if m.group("d") is None:
+        return h * 60 + mi + (s > 0)
+    return d * 1440 + h * 60 + mi + (s > 0)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SlurmConfig(Section):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None
+    """Time limit in Slurm's syntax ("4:00:00", "2-00:00:00"); the partition's default when unset."""
+    nodes: Annotated[int, Field(gt=0)] = 1
+    gpus_per_node: Annotated[int, Field(ge=0)] = 0
+    cpus_per_task: Annotated[int, Field(gt=0)] | None = None
+    mem: str | None = None
+    """Memory per node ("480G"; "0" means all of it)."""
+    constraint: str | None = None
+    exclusive: bool = False
+    nodelist: str | None = None
+    job_name: str | None = None
+    requeue: bool = True
+    signal: str = "USR2"
+    """Signal sent before the time limit and on preemption; USR1 is often taken by NCCL."""
+    signal_grace_s: Annotated[int, Field(gt=0)] = 120
+    """Seconds between the signal and the kill: time to checkpoint and requeue."""
+    max_requeues: Annotated[int, Field(ge=0)] = 10
+    setup: list[str] = []
+    """Shell lines run on every node before rlhpc starts (module load, source an environment)."""
+    additional_parameters: dict[str, str | int | bool] = {}
+    """Other sbatch options, as `{ reservation = "rl" }`."""
+
+    @field_validator("time")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None:
+            slurm_time_minutes(v)
+        return v
+
+    @field_validator("signal")
+    @classmethod
+    def _signal(cls, v: str) -> str:
+        name = v.upper().removeprefix("SIG")
+        if name not in {"USR1", "USR2", "TERM", "INT", "HUP", "URG"}:
+            raise ValueError(f"{v!r} is not a signal a job can catch; use USR2 (default), USR1 or TERM")
+        return name
+
+    @property
+    def time_minutes(self) -> int | None:
+        return None if self.time is None else slurm_time_minutes(self.time)
+
+
+class RayConfig(Section):
+    port: Annotated[int, Field(gt=1023, lt=65536)] | None = None
+    """GCS port of the head; derived from the job id when unset, so two jobs on one node do not clash."""
+    temp_dir: str | None = None
+    """Node-local temp dir; a short per-job path under /tmp when unset (socket paths must stay < 108 bytes)."""
+    object_store_memory: Annotated[int, Field(gt=0)] | None = None
+    """Bytes; sized against /dev/shm when unset."""
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+    join_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """How long every node has to join the head before the job fails naming the missing hosts."""
+    socket_ifname: str | None = None
+    """Interface for NCCL/Gloo/Ray traffic; the one routing to the other nodes when unset."""
+    nccl_ib_hca: str | None = None
+    nccl_debug: str | None = None
+    env: dict[str, str] = {}
+    """Extra environment for every process of the job (NCCL_*, GLOO_*, ...)."""

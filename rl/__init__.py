@@ -1,0 +1,1 @@
+"""Everything about learning: config, data, rollout, rewards, advantages and losses, training, checkpoints."""

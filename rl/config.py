@@ -1,0 +1,415 @@
+"""Typed configuration of a GRPO run: the learning sections of the TOML file.
+
+Each section mirrors one of slime's argument groups (MODEL_ARGS, CKPT_ARGS, ROLLOUT_ARGS, EVAL_ARGS,
+PERF_ARGS, GRPO_ARGS, OPTIMIZER_ARGS, SGLANG_ARGS) with slime's names in snake_case and slime's
+defaults; `[run]` holds what belongs to this toolkit. The pydantic field defaults here are the one
+source of defaults. Cluster sections (`[slurm]`, `[ray]`) live in `hpc.config`; the whole file is
+assembled and loaded by `rlhpc.config`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+HookPath = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")]
+"""A Python function named as `package.module:function` (or slime's dotted `package.module.function`)."""
+
+KNOWN_RM_TYPES = ("math", "deepscaler", "dapo", "f1", "gpqa", "remote_rm")
+
+
+class ConfigFieldsError(ValueError):
+    """A check that involves several fields; `fields` are dotted paths such as `rollout.rollout_batch_size`."""
+
+    def __init__(self, fields: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.fields = fields
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    # Relative paths are relative to the config file, so a config means the same from any directory.
+    value = value.expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not value.is_absolute() and base is not None:
+        value = Path(base) / value
+    return Path(os.path.normpath(value))
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Architecture of the policy. Each field left unset is read from `ckpt.hf_checkpoint`'s config.json;
+    set one to override it, as slime's `MODEL_ARGS+=(--rotary-base 10000)` does."""
+
+    family: Literal["qwen3", "qwen2", "llama", "glm4"] | None = None
+    num_layers: PositiveInt | None = None
+    hidden_size: PositiveInt | None = None
+    ffn_hidden_size: PositiveInt | None = None
+    num_attention_heads: PositiveInt | None = None
+    num_query_groups: PositiveInt | None = None
+    kv_channels: PositiveInt | None = None
+    vocab_size: PositiveInt | None = None
+    max_position_embeddings: PositiveInt | None = None
+    rotary_base: float | None = None
+    norm_epsilon: float | None = None
+    normalization: Literal["RMSNorm", "LayerNorm"] | None = None
+    swiglu: bool | None = None
+    qk_layernorm: bool | None = None
+    disable_bias_linear: bool | None = None
+    untie_embeddings_and_output_weights: bool | None = None
+
+
+class CkptConfig(Section):
+    hf_checkpoint: ConfigPath
+    """Hugging Face folder: tokenizer and model metadata (and the initial weights of the torch backend)."""
+    ref_load: ConfigPath | None = None
+    """Reference model checkpoint; also the initial checkpoint when `load` is empty."""
+    load: ConfigPath | None = None
+    """Actor checkpoint to resume from; usually equal to `save`."""
+    save: ConfigPath | None = None
+    save_interval: PositiveInt | None = None
+    """Rollouts between checkpoint saves."""
+    keep_last: PositiveInt | None = None
+    """Keep only this many complete checkpoints (None keeps all)."""
+
+
+class RolloutConfig(Section):
+    # data
+    prompt_data: ConfigPath
+    input_key: str = "input"
+    label_key: str | None = None
+    metadata_key: str = "metadata"
+    apply_chat_template: bool = False
+    apply_chat_template_kwargs: dict[str, Any] = {}
+    rollout_shuffle: bool = False
+    rollout_seed: int = 42
+    num_rollout: PositiveInt | None = None
+    num_epoch: PositiveInt | None = None
+    # batch sizes
+    rollout_batch_size: PositiveInt
+    n_samples_per_prompt: PositiveInt = 1
+    global_batch_size: PositiveInt | None = None
+    """Samples per optimizer step; derived from the batch constraint when absent."""
+    num_steps_per_rollout: PositiveInt = 1
+    balance_data: bool = False
+    over_sampling_batch_size: PositiveInt | None = None
+    dynamic_sampling_filter_path: HookPath | None = None
+    partial_rollout: bool = False
+    buffer_filter_path: HookPath | None = None
+    custom_generate_function_path: HookPath | None = None
+    # sampling
+    engine: Literal["torch", "sglang"] = "torch"
+    rollout_max_prompt_len: PositiveInt | None = None
+    rollout_max_response_len: PositiveInt | None = None
+    rollout_temperature: Annotated[float, Field(gt=0)] = 1.0
+    rollout_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    rollout_top_k: int = -1
+    rollout_stop: list[str] = []
+    rollout_stop_token_ids: list[int] = []
+    rollout_skip_special_tokens: bool = False
+    # reward
+    rm_type: str | None = None
+    custom_rm_path: HookPath | None = None
+    """Overrides rm_type. Sync or async; per sample `f(args, sample)` or, with group_rm, per batch."""
+    group_rm: bool = False
+    rm_url: str | None = None
+    rm_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    rm_max_retries: Annotated[int, Field(ge=0)] = 5
+    reward_key: str | None = None
+    # engines in service
+    use_fault_tolerance: bool = False
+    rollout_health_check_interval: Annotated[float, Field(gt=0)] = 30.0
+    rollout_health_check_timeout: Annotated[float, Field(gt=0)] = 30.0
+    rollout_health_check_first_wait: Annotated[float, Field(ge=0)] = 0.0
+    # async training (slime's train_async.py)
+    async_train: bool = False
+    update_weights_interval: PositiveInt = 1
+    async_buffer_size: PositiveInt = 4
+
+    @field_validator("rollout_top_k")
+    @classmethod
+    def _top_k(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be -1 (off) or a positive number of tokens")
+        return v
+
+    @field_validator("rm_type")
+    @classmethod
+    def _rm_type(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        base = v.removeprefix("boxed_")
+        if base not in KNOWN_RM_TYPES:
+            raise ValueError(f"unknown reward type {v!r}; known: {', '.join(KNOWN_RM_TYPES)} (optionally boxed_*)")
+        return v
+
+
+class EvalConfig(Section):
+    """Evaluation inherits the rollout's sampling parameters; each field set here overrides one."""
+
+    eval_interval: PositiveInt | None = None
+    eval_prompt_data: dict[str, ConfigPath] = {}
+    """Named datasets: `{ aime = "/data/aime-2024.jsonl" }` (slime's `name path` pairs are accepted too)."""
+    eval_input_key: str | None = None
+    eval_label_key: str | None = None
+    n_samples_per_eval_prompt: PositiveInt = 1
+    eval_temperature: Annotated[float, Field(ge=0)] | None = None
+    eval_top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    eval_top_k: int | None = None
+    eval_max_response_len: PositiveInt | None = None
+    skip_eval_before_train: bool = False
+
+    @field_validator("eval_prompt_data", mode="before")
+    @classmethod
+    def _name_path_pairs(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) % 2 or not all(isinstance(x, str) for x in v):
+                raise ValueError('give datasets as a table of name = path, e.g. { aime = "/data/aime.jsonl" }')
+            return dict(zip(v[::2], v[1::2]))
+        return v
+
+
+class PerfConfig(Section):
+    train_backend: Literal["torch", "megatron"] = "torch"
+    torch_data_parallel: Literal["ddp", "fsdp2"] = "ddp"
+    # placement
+    actor_num_nodes: PositiveInt = 1
+    actor_num_gpus_per_node: PositiveInt = 8
+    colocate: bool = False
+    offload_optimizer_states: bool = False
+    # parallelism
+    tensor_model_parallel_size: PositiveInt = 1
+    pipeline_model_parallel_size: PositiveInt = 1
+    context_parallel_size: PositiveInt = 1
+    expert_model_parallel_size: PositiveInt = 1
+    expert_tensor_parallel_size: PositiveInt = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    bf16: bool = True
+    """bf16 where the device supports it."""
+    # batching
+    micro_batch_size: PositiveInt = 1
+    """Ignored with use_dynamic_batch_size."""
+    use_dynamic_batch_size: bool = False
+    max_tokens_per_gpu: PositiveInt | None = None
+    log_probs_max_tokens_per_gpu: PositiveInt | None = None
+    # activation recomputation
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: PositiveInt | None = None
+
+
+class GrpoConfig(Section):
+    advantage_estimator: Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"] = "grpo"
+    use_kl_loss: bool = False
+    kl_loss_coef: Annotated[float, Field(ge=0)] = 0.0
+    kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "k1"
+    kl_coef: Annotated[float, Field(ge=0)] = 0.0
+    """KL penalty folded into the reward (REINFORCE++); exclusive with kl_loss_coef."""
+    entropy_coef: float = 0.0
+    eps_clip: Annotated[float, Field(gt=0)] = 0.2
+    eps_clip_high: Annotated[float, Field(gt=0)] | None = None
+    """Upper clip range; symmetric (= eps_clip) when unset."""
+    eps_clip_c: Annotated[float, Field(gt=1)] | None = None
+    """Dual-clip PPO lower bound of the ratio for negative advantages."""
+    value_clip: Annotated[float, Field(gt=0)] = 0.2
+    gamma: Annotated[float, Field(ge=0, le=1)] = 1.0
+    lambd: Annotated[float, Field(ge=0, le=1)] = 1.0
+    normalize_advantages: bool = False
+    disable_grpo_std_normalization: bool = False
+    calculate_per_token_loss: bool = False
+    use_tis: bool = False
+    tis_clip: Annotated[float, Field(gt=0)] = 2.0
+    tis_clip_low: Annotated[float, Field(ge=0)] = 0.0
+
+
+class OptimizerConfig(Section):
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: Annotated[float, Field(gt=0)] = 1e-6
+    min_lr: Annotated[float, Field(ge=0)] = 0.0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_iters: Annotated[int, Field(ge=0)] = 0
+    lr_decay_iters: PositiveInt | None = None
+    """Optimizer steps over which lr decays; the whole run when unset."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.98
+    adam_eps: Annotated[float, Field(gt=0)] = 1e-8
+    clip_grad: Annotated[float, Field(ge=0)] = 1.0
+    """Global gradient-norm clip; 0 disables it."""
+
+
+class SglangConfig(Section):
+    rollout_num_gpus_per_engine: PositiveInt = 1
+    """GPUs per engine (SGLang's tp_size)."""
+    rollout_num_gpus: PositiveInt | None = None
+    """GPUs for all engines; ignored with colocate."""
+    sglang_mem_fraction_static: Annotated[float, Field(gt=0, lt=1)] | None = None
+    sglang_log_level: str = "warning"
+    sglang_server_concurrency: PositiveInt = 512
+    sglang_cuda_graph_bs: list[PositiveInt] | None = None
+    sglang_disable_cuda_graph: bool = False
+    sglang_context_length: PositiveInt | None = None
+    sglang_router_strategy: Literal["cache_aware", "round_robin", "random", "power_of_two"] | None = None
+    sglang_server_args: dict[str, Any] = {}
+    """Any other SGLang server argument, forwarded as `--key value` (slime's `--sglang-*` forwarding)."""
+
+
+class RunConfig(Section):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
+    """Run name; the config file's stem when unset."""
+    output_dir: ConfigPath | None = None
+    """Run folder; `runs/<name>` when unset."""
+    seed: int = 1234
+    use_tensorboard: bool = True
+    node_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    hang_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+
+
+class RLConfig(BaseModel):
+    """The learning part of a run's configuration, checked as a whole."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    model: ModelConfig = ModelConfig()
+    ckpt: CkptConfig
+    rollout: RolloutConfig
+    eval: EvalConfig = EvalConfig()
+    perf: PerfConfig = PerfConfig()
+    grpo: GrpoConfig = GrpoConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    sglang: SglangConfig = SglangConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _batch_constraint(self) -> RLConfig:
+        """rollout_batch_size × n_samples_per_prompt = global_batch_size × num_steps_per_rollout."""
+        r = self.rollout
+        samples = r.rollout_batch_size * r.n_samples_per_prompt
+        if r.global_batch_size is None:
+            if samples % r.num_steps_per_rollout:
+                raise ConfigFieldsError(
+                    ("rollout.rollout_batch_size", "rollout.n_samples_per_prompt", "rollout.num_steps_per_rollout"),
+                    f"rollout_batch_size × n_samples_per_prompt = {samples} samples cannot be split into "
+                    f"num_steps_per_rollout = {r.num_steps_per_rollout} equal optimizer steps",
+                )
+            r.global_batch_size = samples // r.num_steps_per_rollout
+        elif samples != r.global_batch_size * r.num_steps_per_rollout:
+            raise ConfigFieldsError(
+                (
+                    "rollout.rollout_batch_size",
+                    "rollout.n_samples_per_prompt",
+                    "rollout.global_batch_size",
+                    "rollout.num_steps_per_rollout",
+                ),
+                "the batch constraint rollout_batch_size × n_samples_per_prompt = global_batch_size × "
+                f"num_steps_per_rollout does not hold: {r.rollout_batch_size} × {r.n_samples_per_prompt} = {samples}"
+                f" but {r.global_batch_size} × {r.num_steps_per_rollout} = "
+                f"{r.global_batch_size * r.num_steps_per_rollout}",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _consistency(self) -> RLConfig:
+        r, g, p, c, e = self.rollout, self.grpo, self.perf, self.ckpt, self.eval
+        checks: list[tuple[bool, tuple[str, ...], str]] = [
+            (
+                g.eps_clip_high is not None and g.eps_clip_high < g.eps_clip,
+                ("grpo.eps_clip_high", "grpo.eps_clip"),
+                f"eps_clip_high = {g.eps_clip_high} is below eps_clip = {g.eps_clip}; the upper clip range must be "
+                "at least the lower one",
+            ),
+            (
+                p.colocate and r.async_train,
+                ("perf.colocate", "rollout.async_train"),
+                "colocated mode is not supported for async training: training and rollout cannot overlap on the "
+                "same GPUs. Drop colocate and give the engines their own GPUs (sglang.rollout_num_gpus)",
+            ),
+            (
+                p.use_dynamic_batch_size and p.max_tokens_per_gpu is None,
+                ("perf.max_tokens_per_gpu", "perf.use_dynamic_batch_size"),
+                "max_tokens_per_gpu must be set when use_dynamic_batch_size is on",
+            ),
+            (
+                c.save_interval is not None and c.save is None,
+                ("ckpt.save", "ckpt.save_interval"),
+                "save_interval is set but save (the checkpoint folder) is not",
+            ),
+            (
+                e.eval_interval is not None and not e.eval_prompt_data,
+                ("eval.eval_prompt_data", "eval.eval_interval"),
+                "eval_interval is set but no evaluation dataset is given",
+            ),
+            (
+                g.kl_coef != 0 and g.kl_loss_coef != 0,
+                ("grpo.kl_coef", "grpo.kl_loss_coef"),
+                "only one of kl_coef (reward penalty) and kl_loss_coef (loss term) can be non-zero",
+            ),
+            (
+                g.advantage_estimator.startswith("reinforce_plus_plus") and not g.normalize_advantages,
+                ("grpo.normalize_advantages", "grpo.advantage_estimator"),
+                f"advantage_estimator = {g.advantage_estimator!r} requires normalize_advantages = true",
+            ),
+            (
+                r.over_sampling_batch_size is not None and r.over_sampling_batch_size < r.rollout_batch_size,
+                ("rollout.over_sampling_batch_size", "rollout.rollout_batch_size"),
+                "over_sampling_batch_size must be at least rollout_batch_size",
+            ),
+            (
+                r.rm_type is None and r.custom_rm_path is None,
+                ("rollout.rm_type", "rollout.custom_rm_path"),
+                f"no reward: set rm_type (one of {', '.join(KNOWN_RM_TYPES)}) or custom_rm_path",
+            ),
+            (
+                r.rm_type == "remote_rm" and not r.rm_url,
+                ("rollout.rm_url", "rollout.rm_type"),
+                "rm_type = 'remote_rm' needs rm_url",
+            ),
+            (
+                _engines_split_unevenly(r, self.sglang, p),
+                ("sglang.rollout_num_gpus_per_engine", "perf.actor_num_gpus_per_node"),
+                f"colocated engines of {self.sglang.rollout_num_gpus_per_engine} GPUs do not divide the "
+                f"{p.actor_num_nodes * p.actor_num_gpus_per_node} training GPUs they share",
+            ),
+        ]
+        for failed, fields, message in checks:
+            if failed:
+                raise ConfigFieldsError(fields, message)
+        return self
+
+    @property
+    def eps_clip_high(self) -> float:
+        """The upper clip range in force: eps_clip_high, or eps_clip when unset (symmetric)."""
+        return self.grpo.eps_clip if self.grpo.eps_clip_high is None else self.grpo.eps_clip_high
+
+    def missing_paths(self) -> list[tuple[str, Path]]:
+        """Input paths that do not exist here, as (field, path). Output paths (save) are created."""
+        wanted: list[tuple[str, Path | None]] = [
+            ("ckpt.hf_checkpoint", self.ckpt.hf_checkpoint),
+            ("ckpt.ref_load", self.ckpt.ref_load),
+            ("rollout.prompt_data", self.rollout.prompt_data),
+            *((f"eval.eval_prompt_data.{k}", v) for k, v in self.eval.eval_prompt_data.items()),
+        ]
+        return [(f, p) for f, p in wanted if p is not None and not p.exists()]
+
+    def num_rollout_for(self, dataset_size: int) -> int:
+        """Rollouts to run: num_rollout, else num_epoch passes over the data (slime's rule), else one epoch."""
+        if self.rollout.num_rollout is not None:
+            return self.rollout.num_rollout
+        return (self.rollout.num_epoch or 1) * math.ceil(dataset_size / self.rollout.rollout_batch_size)
+
+
+def _engines_split_unevenly(rollout: RolloutConfig, sglang: SglangConfig, perf: PerfConfig) -> bool:
+    if not perf.colocate or rollout.engine != "sglang":
+        return False
+    return (perf.actor_num_nodes * perf.actor_num_gpus_per_node) % sglang.rollout_num_gpus_per_engine != 0

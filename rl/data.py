@@ -1,0 +1,175 @@
+"""Prompt data: a JSONL file of prompts and labels, and a cursor over it that a checkpoint can save.
+
+Each line is a JSON object with the prompt under `input_key`, the label under `label_key` and optional
+metadata under `metadata_key`. With `apply_chat_template` the prompt is a list of OpenAI-format messages
+(a bare string is taken as one user message) rendered by the tokenizer's chat template. Every line is
+checked when the file is read; a bad one is an error naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+class DataError(ValueError):
+    """A bad prompt file or line; the message names the file and line."""
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> str: ...
+
+
+@dataclass(frozen=True)
+class Prompt:
+    index: int
+    """Position in the file (0-based), stable across shuffles: the identity of the prompt."""
+    text: str
+    """What the engine is given: the prompt, rendered by the chat template when that is on."""
+    label: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None
+    """The OpenAI-format messages the text was rendered from, when a chat template was applied."""
+
+
+class PromptDataset:
+    """All prompts of one JSONL file, read and checked up front."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        input_key: str = "input",
+        label_key: str | None = None,
+        metadata_key: str = "metadata",
+        tokenizer: ChatTokenizer | None = None,
+        apply_chat_template: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ):
+        self.path = Path(path)
+        if apply_chat_template and tokenizer is None:
+            raise ValueError("apply_chat_template needs a tokenizer")
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise DataError(f"{self.path}: prompt data file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.path}: cannot read the prompt data: {e}") from None
+        self.prompts: list[Prompt] = []
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{self.path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            self.prompts.append(
+                _prompt(
+                    row, len(self.prompts), where, input_key, label_key, metadata_key,
+                    tokenizer if apply_chat_template else None, chat_template_kwargs or {},
+                )
+            )
+        if not self.prompts:
+            raise DataError(f"{self.path}: no prompts in the file")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> Prompt:
+        return self.prompts[i]
+
+
+def _prompt(
+    row: dict[str, Any],
+    index: int,
+    where: str,
+    input_key: str,
+    label_key: str | None,
+    metadata_key: str,
+    tokenizer: ChatTokenizer | None,
+    template_kwargs: dict[str, Any],
+) -> Prompt:
+    if input_key not in row:
+        raise DataError(f"{where}: missing the prompt key {input_key!r} (keys: {', '.join(row) or 'none'})")
+    if label_key is not None and label_key not in row:
+        raise DataError(f"{where}: missing the label key {label_key!r} (keys: {', '.join(row)})")
+    metadata = row.get(metadata_key) or {}
+    if not isinstance(metadata, dict):
+        raise DataError(f"{where}: {metadata_key!r} must be a JSON object")
+    raw = row[input_key]
+    label = row.get(label_key) if label_key is not None else None
+    if tokenizer is None:
+        if not isinstance(raw, str):
+            raise DataError(f"{where}: {input_key!r} must be a string (or set apply_chat_template for messages)")
+        if not raw.strip():
+            raise DataError(f"{where}: empty prompt")
+        return Prompt(index, raw, label, metadata)
+    messages = _messages(raw, where, input_key)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+    return Prompt(index, text, label, metadata, messages)
+
+
+def _messages(raw: Any, where: str, key: str) -> list[dict[str, Any]]:
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of messages or a string")
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: message {i} must be {{\"role\": one of {sorted(ROLES)}, \"content\": str}}")
+    if not any(m["content"].strip() for m in raw):
+        raise DataError(f"{where}: empty prompt")
+    return raw
+
+
+class PromptCursor:
+    """Which prompts come next: epoch by epoch, each epoch a fresh seeded shuffle (when shuffling).
+
+    The state is (epoch, offset); restoring it makes the next batch exactly the one an uninterrupted run
+    would have drawn, because the order of an epoch depends only on (seed, epoch).
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int):
+        if size <= 0:
+            raise ValueError("an empty dataset has no prompts to draw")
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch, self.offset = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[int]:
+        """The next n dataset indices, crossing into the next epoch when this one runs out."""
+        out: list[int] = []
+        while len(out) < n:
+            if self.offset == self.size:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(n - len(out), self.size - self.offset)
+            out.extend(self._order[self.offset : self.offset + take])
+            self.offset += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size or state["seed"] != self.seed:
+            raise ValueError(
+                f"the saved data position is for {state['size']} prompts with seed {state['seed']}, but this run "
+                f"has {self.size} prompts with seed {self.seed}: the prompt file or rollout_seed changed"
+            )
+        self.epoch, self.offset = state["epoch"], state["offset"]
+        self._order = self._epoch_order(self.epoch)

@@ -1,0 +1,89 @@
+"""Rewards: the rule-based graders slime names (`rm_type`), custom functions and a remote reward model.
+
+`score(rm_type, response, label, metadata)` grades one response with a built-in rule;
+`compute_rewards(rollout_config, samples)` grades a batch the way the config says (custom_rm_path, then
+remote_rm, then the rule).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from rl.rewards.dapo import dapo_reward
+from rl.rewards.deepscaler import deepscaler_reward
+from rl.rewards.f1 import f1_reward
+from rl.rewards.gpqa import gpqa_reward
+from rl.rewards.math import last_boxed, math_reward
+
+RULES: dict[str, Callable[..., float]] = {
+    "math": math_reward,
+    "deepscaler": deepscaler_reward,
+    "dapo": dapo_reward,
+    "f1": f1_reward,
+    "gpqa": gpqa_reward,
+}
+_READS_LAST_BOXED = {"math", "deepscaler"}
+
+
+def score(rm_type: str, response: str, label: Any, metadata: dict[str, Any] | None = None) -> float:
+    """Grade one response with a built-in rule.
+
+    - `math`: 1 if the last `\\boxed{}` answer is equivalent to the label (math-verify), else 0.
+    - `deepscaler`: as `math`, on the text after `</think>` only; no `</think>` scores 0.
+    - `dapo`: +1 if the last `Answer: ...` in the final 300 characters is equivalent to the label, else −1.
+    - `f1`: SQuAD token F1 between response and label.
+    - `gpqa`: 1 if the chosen option letter is the correct one (see `rl.rewards.gpqa`).
+    - `boxed_<type>`: the response is cut down to its last `\\boxed{}` content ("" if none) before grading;
+      for `math` and `deepscaler`, which read the last box themselves, the prefix changes nothing.
+    """
+    base = rm_type.removeprefix("boxed_")
+    if base not in RULES:
+        raise ValueError(f"unknown rm_type {rm_type!r}; known: {', '.join(RULES)} (optionally boxed_*), remote_rm")
+    if base != rm_type and base not in _READS_LAST_BOXED:
+        response = last_boxed(response) or ""
+    if base == "gpqa":  # the only rule that reads the options from metadata
+        return gpqa_reward(response, label, metadata)
+    return float(RULES[base](response, label))
+
+
+async def compute_rewards(rollout: Any, samples: list[Any]) -> list[float]:
+    """Rewards of a batch of `rl.sample.Sample`s under a `[rollout]` config section.
+
+    A custom function (`custom_rm_path`) is called as `f(rollout, sample)` per sample, or `f(rollout, samples)`
+    once with `group_rm`; it may be sync or async. `remote_rm` posts each sample to `rm_url`.
+    """
+    if rollout.custom_rm_path:
+        from rl.hooks import load_function
+
+        fn = load_function(rollout.custom_rm_path)
+        if rollout.group_rm:
+            rewards = await _maybe_await(fn(rollout, samples))
+            if len(rewards) != len(samples):
+                raise ValueError(f"{rollout.custom_rm_path} returned {len(rewards)} rewards for {len(samples)} samples")
+            return [float(r) for r in rewards]
+        return [float(r) for r in await asyncio.gather(*(_maybe_await(fn(rollout, s)) for s in samples))]
+    rm_type = rollout.rm_type
+    if rm_type == "remote_rm":
+        from rl.rewards.remote import remote_reward
+
+        return list(
+            await asyncio.gather(
+                *(
+                    remote_reward(
+                        rollout.rm_url,
+                        {"prompt": s.prompt, "response": s.response, "label": s.label},
+                        timeout_s=rollout.rm_timeout_s,
+                        max_retries=rollout.rm_max_retries,
+                    )
+                    for s in samples
+                )
+            )
+        )
+    return [score(s.metadata.get("rm_type") or rm_type, s.response, s.label, s.metadata) for s in samples]
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value

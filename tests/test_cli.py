@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CONFIGS, MINIMAL
+from rlhpc.cli import app
+
+runner = CliRunner()
+COMMANDS = ["validate", "config", "submit", "run", "status", "logs", "cancel", "resume", "render", "cluster", "doctor"]
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert f" {command} " in result.output
+
+
+def test_cli_start_up_imports_no_heavy_library():
+    code = (
+        "import sys; from rlhpc.cli import app; "
+        "heavy = [m for m in ('torch', 'ray', 'megatron', 'sglang', 'transformers') if m in sys.modules]; "
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_validate_accepts_the_shipped_configs():
+    for name in ("qwen3_4b.toml", "glm4_9b.toml", "tiny_cpu.toml"):
+        result = runner.invoke(app, ["validate", str(CONFIGS / name)])
+        assert result.exit_code == 0, result.output
+        assert "ok" in result.output
+
+
+def test_validate_reports_missing_paths_and_strict_fails_on_them():
+    result = runner.invoke(app, ["validate", str(CONFIGS / "qwen3_4b.toml")])
+    assert "warning" in result.output and "ckpt.hf_checkpoint" in result.output
+    result = runner.invoke(app, ["validate", "--strict", str(CONFIGS / "qwen3_4b.toml")])
+    assert result.exit_code == 2 and "error" in result.output
+
+
+def test_validate_fails_on_a_broken_batch_constraint(write_config):
+    path = write_config(MINIMAL + "global_batch_size = 5\n")
+    result = runner.invoke(app, ["validate", str(path)], terminal_width=400)
+    assert result.exit_code == 2
+    for field in ("rollout_batch_size", "n_samples_per_prompt", "global_batch_size", "num_steps_per_rollout"):
+        assert f"rollout.{field}" in result.output
+
+
+def test_validate_takes_overrides(write_config):
+    path = write_config(MINIMAL)
+    assert runner.invoke(app, ["validate", str(path), "--set", "rollout.temperature=0.7"]).exit_code == 0
+    result = runner.invoke(app, ["validate", str(path), "--set", "rollout.temperture=0.7"], terminal_width=400)
+    assert result.exit_code == 2 and "did you mean 'rollout.rollout_temperature'" in result.output
+
+
+def test_config_show_prints_the_resolved_toml(write_config):
+    result = runner.invoke(app, ["config", "show", str(write_config(MINIMAL)), "--set", "optimizer.lr=3e-6"])
+    assert result.exit_code == 0
+    assert "global_batch_size = 8" in result.output and "lr = 3e-06" in result.output
+    assert "adam_beta2 = 0.98" in result.output  # defaults filled
+
+
+def test_config_schema_is_json(tmp_path):
+    result = runner.invoke(app, ["config", "schema"])
+    assert result.exit_code == 0 and "rollout" in json.loads(result.output)["properties"]
+    out = tmp_path / "schema.json"
+    assert runner.invoke(app, ["config", "schema", "-o", str(out)]).exit_code == 0
+    assert json.loads(out.read_text())["title"] == "Config"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["status"], ["logs", "r"], ["cancel", "r"], ["resume", "r"], ["cluster", "up"], ["doctor"]],
+)
+def test_commands_of_later_issues_say_so(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "not available yet" in result.output
+
+
+def test_submit_refuses_an_invalid_config_before_anything_else(write_config):
+    result = runner.invoke(app, ["submit", str(write_config(MINIMAL + "global_batch_size = 5\n")), "--nodes", "2"])
+    assert result.exit_code == 2 and "batch constraint" in result.output

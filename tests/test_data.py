@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT
+from rl.data import DataError, PromptCursor, PromptDataset
+
+
+def write_lines(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_reads_prompts_labels_and_metadata(tmp_path):
+    path = write_lines(tmp_path, [
+        json.dumps({"prompt": "1+1=", "label": "2", "metadata": {"level": 1}}),
+        "",
+        json.dumps({"prompt": "2+2=", "label": 4}),
+    ])
+    ds = PromptDataset(path, input_key="prompt", label_key="label")
+    assert len(ds) == 2
+    assert (ds[0].text, ds[0].label, ds[0].metadata) == ("1+1=", "2", {"level": 1})
+    assert (ds[1].index, ds[1].label, ds[1].metadata) == (1, 4, {})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"question": "x", "label": "1"}', "missing the prompt key 'prompt'"),
+        ('{"prompt": "x"}', "missing the label key 'label'"),
+        ('{"prompt": "   ", "label": "1"}', "empty prompt"),
+        ('{"prompt": "x", "label": "1", "metadata": 3}', "'metadata' must be a JSON object"),
+    ],
+)
+def test_bad_line_names_file_and_line(tmp_path, line, message):
+    path = write_lines(tmp_path, ['{"prompt": "ok", "label": "1"}', line])
+    with pytest.raises(DataError) as e:
+        PromptDataset(path, input_key="prompt", label_key="label")
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        PromptDataset(tmp_path / "none.jsonl")
+    with pytest.raises(DataError, match="no prompts"):
+        PromptDataset(write_lines(tmp_path, [""]))
+
+
+def test_chat_template_renders_openai_messages(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ds = PromptDataset(ROOT / "data/math/sample.jsonl", input_key="prompt", label_key="label",
+                       tokenizer=tokenizer, apply_chat_template=True)
+    assert ds[0].text.startswith("<|im_start|>user\nWhat is the sum")
+    assert ds[0].text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert ds[2].text.startswith("<|im_start|>system\nReason step by step.<|im_end|>\n<|im_start|>user\n")
+    assert ds[2].metadata == {"source": "sample"} and ds[1].label == "\\frac{1}{2}"
+
+
+def test_chat_template_checks_messages(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_lines(tmp_path, [json.dumps({"input": [{"role": "robot", "content": "hi"}]})])
+    with pytest.raises(DataError, match=r"d.jsonl:1: message 0 must be"):
+        PromptDataset(path, tokenizer=tokenizer, apply_chat_template=True)
+    path = write_lines(tmp_path, [json.dumps({"input": "plain question"})])
+    assert "user\nplain question" in PromptDataset(path, tokenizer=tokenizer, apply_chat_template=True)[0].text
+
+
+def test_cursor_covers_each_epoch_once_and_reshuffles():
+    cursor = PromptCursor(10, shuffle=True, seed=7)
+    first, second = cursor.next_batch(10), cursor.next_batch(10)
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second and first != list(range(10))
+    assert PromptCursor(5, shuffle=False, seed=7).next_batch(7) == [0, 1, 2, 3, 4, 0, 1]
+
+
+def test_restored_cursor_continues_with_the_exact_next_prompt():
+    straight = PromptCursor(7, shuffle=True, seed=3)
+    expected = [straight.next_batch(3) for _ in range(6)]
+    interrupted = PromptCursor(7, shuffle=True, seed=3)
+    got = [interrupted.next_batch(3) for _ in range(4)]
+    resumed = PromptCursor(7, shuffle=True, seed=3)
+    resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+    got += [resumed.next_batch(3) for _ in range(2)]
+    assert got == expected
+
+
+def test_cursor_refuses_a_state_from_other_data():
+    cursor = PromptCursor(7, shuffle=True, seed=3)
+    with pytest.raises(ValueError, match="prompt file or rollout_seed changed"):
+        cursor.load_state_dict(PromptCursor(8, shuffle=True, seed=3).state_dict())
