@@ -1,0 +1,64 @@
+"""The rollout-engine interface every engine implements: the torch engine here, SGLang on GPUs.
+
+Shaped after SGLang's server API so the SGLang engine is a thin client: `generate` is `/generate` with
+`return_logprob` (token ids in, output ids, per-token log-probs and finish reason out), `update_weights` is
+`update_weights_from_tensor` (colocated) / `update_weights_from_distributed` (decoupled), and
+`release_memory` / `resume_memory` are `release_memory_occupation` / `resume_memory_occupation`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1: off."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Generation of a sample ends after any of these (the EOS token included by the caller)."""
+
+
+@dataclass
+class Generation:
+    output_ids: list[int]
+    """The sampled tokens, the stop token included when one ended the sample."""
+    log_probs: list[float] = field(default_factory=list)
+    """log π(token) under the temperature-scaled distribution the token was drawn from (before top-p/k)."""
+    finish_reason: Literal["stop", "length", "abort"] = "length"
+    weight_version: int = 0
+    """Version of the weights that generated the sample."""
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
+        """One response per prompt (repeat a prompt for n samples); `seeds[i]` fixes sample i's randomness."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Load new policy weights (all or some, by Hugging Face parameter name)."""
+        ...
+
+    def health(self) -> bool: ...
+
+    def release_memory(self) -> None:
+        """Free weights and caches so a colocated trainer can use the memory; weights must be sent again."""
+        ...
+
+    def resume_memory(self) -> None: ...
+
+
+def sample_seed(run_seed: int, rollout_id: int, sample_index: int) -> int:
+    """The seed of one sample: a function of (run seed, rollout id, sample index) alone, so a resumed run
+    draws exactly what an uninterrupted one would, whatever engine or batch the sample lands in."""
+    digest = hashlib.blake2b(f"{run_seed}:{rollout_id}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

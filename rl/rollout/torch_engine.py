@@ -1,0 +1,124 @@
+"""The rollout engine of the CPU path: batched sampling with a KV cache over a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from rl.rollout.engine import Generation, SamplingParams
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Mask (to −inf) the tokens outside the top-k and outside the smallest set whose probability reaches
+    top_p; the most likely token always stays."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already enough
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class TorchEngine:
+    """Generates with a `transformers` model on CPU or one GPU. Finished samples leave the batch (their
+    rows are dropped from the KV cache), so they stop costing compute."""
+
+    def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.shapes = {name: p.shape for name, p in self.model.named_parameters()}
+        self.weight_version = 0
+        self.needs_weights = False
+        """True between release_memory and the update_weights that brings every parameter back."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
+        from transformers import DynamicCache
+
+        if self.needs_weights:
+            raise RuntimeError("the engine's memory was released: resume_memory, then update_weights first")
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            return []
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
+        out = [Generation([], [], "length", self.weight_version) for _ in prompts]
+
+        cache = DynamicCache()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True).logits[:, -1]
+        active = torch.arange(n)
+        for _ in range(params.max_new_tokens):
+            scaled = logits.float().cpu() / params.temperature
+            log_probs = scaled.log_softmax(-1)
+            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
+            tokens = torch.cat([torch.multinomial(probs[j], 1, generator=generators[int(i)])
+                                for j, i in enumerate(active)])
+            token_log_probs = log_probs.gather(-1, tokens[:, None])[:, 0]
+            finished = torch.isin(tokens, stop)
+            for j, i in enumerate(active.tolist()):
+                out[i].output_ids.append(int(tokens[j]))
+                out[i].log_probs.append(float(token_log_probs[j]))
+                if finished[j]:
+                    out[i].finish_reason = "stop"
+            keep = (~finished).nonzero()[:, 0]
+            if len(keep) == 0:
+                break
+            if len(keep) < len(active):
+                cache.batch_select_indices(keep.to(self.device))
+                active, tokens, mask, positions = active[keep], tokens[keep], mask[keep], positions[keep]
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            positions = positions[:, -1:] + 1
+            logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=mask,
+                                position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        return out
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+        params = dict(self.model.named_parameters())
+        received = set()
+        for name, tensor in named_tensors:
+            if name not in params:
+                raise KeyError(f"the engine's model has no parameter {name!r}")
+            if self.shapes[name] != tensor.shape:
+                raise ValueError(f"{name}: engine shape {tuple(self.shapes[name])}, got {tuple(tensor.shape)}")
+            params[name].data = tensor.detach().to(params[name].device, params[name].dtype, copy=True)
+            received.add(name)
+        if self.needs_weights and received != set(params):
+            missing = sorted(set(params) - received)
+            raise ValueError(f"after release_memory every parameter must be sent; missing {missing[:3]}...")
+        self.weight_version = version
+        self.needs_weights = False
+
+    def health(self) -> bool:
+        return True
+
+    def release_memory(self) -> None:
+        for p in self.model.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.needs_weights = True
+
+    def resume_memory(self) -> None:
+        """Take the memory back; the weights arrive with the next `update_weights`."""
+        for name, p in self.model.named_parameters():
+            if p.numel() == 0:
+                p.data = torch.empty(self.shapes[name], dtype=p.dtype, device=p.device)

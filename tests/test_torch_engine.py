@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rl.rollout.engine import SamplingParams, sample_seed
+from rl.rollout.torch_engine import TorchEngine, filter_logits
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return TorchEngine(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def prompts_of(tokenizer, texts):
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def test_generates_with_log_probs_and_finish_reasons(engine, tokenizer):
+    prompts = prompts_of(tokenizer, ["3+4=", "12+30=", "9-1="])
+    params = SamplingParams(max_new_tokens=6, stop_token_ids=(tokenizer.eos_token_id,))
+    gens = engine.generate(prompts, params, seeds=[1, 2, 3])
+    assert len(gens) == 3
+    for g in gens:
+        assert 1 <= len(g.output_ids) <= 6 and len(g.log_probs) == len(g.output_ids)
+        assert all(lp <= 0 for lp in g.log_probs)
+        assert g.finish_reason == ("stop" if g.output_ids[-1] == tokenizer.eos_token_id else "length")
+        assert g.finish_reason == "stop" or len(g.output_ids) == 6
+
+
+def test_log_probs_are_those_of_the_model(engine, tokenizer):
+    """The returned log-prob of each token equals a plain forward pass over prompt + response."""
+    prompt = prompts_of(tokenizer, ["7+2="])[0]
+    gen = engine.generate([prompt], SamplingParams(max_new_tokens=5, temperature=0.8), seeds=[5])[0]
+    full = torch.tensor([prompt + gen.output_ids])
+    with torch.no_grad():
+        logits = engine.model(full).logits[0, len(prompt) - 1 : -1] / 0.8
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(gen.output_ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(gen.log_probs), expected, atol=1e-5)
+
+
+def test_samples_depend_only_on_their_seed(engine, tokenizer):
+    """Same seed, same sample, whatever batch it is generated in (left padding and early finishers)."""
+    a, b = prompts_of(tokenizer, ["1+1=", "123+456+789="])
+    params = SamplingParams(max_new_tokens=8, stop_token_ids=(tokenizer.eos_token_id,))
+    alone = engine.generate([a], params, seeds=[42])[0]
+    batched = engine.generate([b, a, b], params, seeds=[7, 42, 8])[1]
+    assert alone.output_ids == batched.output_ids
+    assert torch.allclose(torch.tensor(alone.log_probs), torch.tensor(batched.log_probs), atol=1e-5)
+    other = engine.generate([a] * 4, params, seeds=[1, 2, 3, 4])
+    assert len({tuple(g.output_ids) for g in other}) > 1
+
+
+def test_sample_seed_is_a_pure_function():
+    assert sample_seed(1, 2, 3) == sample_seed(1, 2, 3)
+    assert len({sample_seed(1, r, i) for r in range(10) for i in range(10)}) == 100
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, 2, 1.0)).tolist() == [[True, False, False, True]]
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    assert torch.isinf(filter_logits(p, -1, 0.8)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(p, -1, 0.1)).tolist() == [[False, True, True, True]]
+
+
+def test_greedy_top_k_one(engine, tokenizer):
+    prompt = prompts_of(tokenizer, ["5+5="])[0]
+    params = SamplingParams(max_new_tokens=4, top_k=1)
+    first, second = (engine.generate([prompt], params, seeds=[s])[0].output_ids for s in (1, 2))
+    assert first == second
+
+
+def test_weight_update_release_and_resume(tiny_model_dir, tokenizer):
+    engine = TorchEngine(tiny_model_dir)
+    prompt = prompts_of(tokenizer, ["2+2="])[0]
+    params = SamplingParams(max_new_tokens=4)
+    before = engine.generate([prompt], params, seeds=[0])[0]
+    saved = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    engine.update_weights(((n, torch.zeros_like(t)) for n, t in saved.items()), version=1)
+    zeroed = engine.generate([prompt], params, seeds=[0])[0]
+    assert zeroed.weight_version == 1 and zeroed.log_probs != before.log_probs
+    engine.release_memory()
+    with pytest.raises(RuntimeError, match="released"):
+        engine.generate([prompt], params, seeds=[0])
+    engine.resume_memory()
+    with pytest.raises(ValueError, match="every parameter must be sent"):
+        engine.update_weights([next(iter(saved.items()))], version=2)
+    engine.update_weights(saved.items(), version=2)
+    again = engine.generate([prompt], params, seeds=[0])[0]
+    assert again.output_ids == before.output_ids and again.weight_version == 2
+    with pytest.raises(KeyError, match="no parameter 'nope'"):
+        engine.update_weights([("nope", torch.zeros(1))], version=3)
+
+
+def test_finished_samples_leave_the_batch(engine, tokenizer):
+    prompt = prompts_of(tokenizer, ["1+1="])[0]
+    hot = SamplingParams(max_new_tokens=1, temperature=5.0)
+    first = {seed: engine.generate([prompt], hot, seeds=[seed])[0].output_ids[0] for seed in range(8)}
+    seed_b = next(seed for seed in first if first[seed] != first[0])
+    batch_sizes = []
+    hook = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        params = SamplingParams(max_new_tokens=4, temperature=5.0, stop_token_ids=(first[0],))
+        gens = engine.generate([prompt, prompt], params, seeds=[0, seed_b])
+    finally:
+        hook.remove()
+    assert gens[0].output_ids == [first[0]] and gens[0].finish_reason == "stop"
+    assert len(gens[1].output_ids) > 1
+    assert batch_sizes[0] == 2 and batch_sizes[1:] == [1] * (len(batch_sizes) - 1)
