@@ -1,0 +1,58 @@
+"""Training samples and how a global batch is cut into micro-batches.
+
+With `use_dynamic_batch_size`, consecutive sequences are packed into micro-batches of at most
+`max_tokens_per_gpu` tokens (a longer sequence forms its own micro-batch, never truncated); otherwise
+micro-batches hold `micro_batch_size` sequences. Either way the loss is reduced with the global batch's
+denominators, so the split changes nothing but memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainSample:
+    tokens: list[int]
+    """Prompt and response token ids."""
+    response_length: int
+    loss_mask: list[int]
+    """1 on each response token that gets a loss (0 on tool output, say); length response_length."""
+    reward: float
+    rollout_log_probs: list[float]
+    advantages: list[float] | None = None
+    """Per response token; filled in by the driver."""
+    weight_version: int = 0
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.tokens) - self.response_length
+
+
+def micro_batches(lengths: list[int], max_tokens: int | None, micro_batch_size: int = 1) -> list[list[int]]:
+    """Indices of the sequences of each micro-batch, in order.
+
+    max_tokens set: fill each micro-batch with consecutive sequences while their total length stays within
+    max_tokens; a sequence longer than max_tokens alone. Otherwise: groups of micro_batch_size.
+    """
+    if max_tokens is None:
+        return [list(range(i, min(i + micro_batch_size, len(lengths)))) for i in range(0, len(lengths), micro_batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if current and used + n > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def split_for_ranks(n: int, world_size: int) -> list[range]:
+    """Contiguous shares of a global batch of n samples for each data-parallel rank (sizes differ by ≤ 1)."""
+    base, extra = divmod(n, world_size)
+    starts = [r * base + min(r, extra) for r in range(world_size + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(world_size)]

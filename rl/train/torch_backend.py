@@ -1,0 +1,187 @@
+"""The training backend of the CPU path (and single-node GPUs): a `transformers` model in plain PyTorch,
+data-parallel with DDP when several workers share the work.
+
+Every micro-batch is one packed row: its sequences concatenated with no padding, positions restarting
+at each sequence, so attention stays within each sequence (transformers derives the block-diagonal mask
+from the position ids) — the same THD layout Megatron's packed batches use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from rl.batch import TrainSample, micro_batches
+from rl.losses import entropy_from_logits
+from rl.train.objective import policy_objective
+from rl.train.schedule import lr_at
+
+if TYPE_CHECKING:
+    from rl.config import RLConfig
+
+
+def _pad(rows: list[Tensor], width: int) -> Tensor:
+    out = rows[0].new_zeros((len(rows), width))
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+class TorchBackend:
+    def __init__(self, cfg: RLConfig, *, init_from: str | Path, total_steps: int, device: str = "cpu"):
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.device, self.total_steps = cfg, torch.device(device), total_steps
+        self.model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).to(self.device)
+        self.model.config.use_cache = False
+        self.ref = None
+        if cfg.grpo.use_kl_loss or cfg.grpo.kl_coef:
+            self.ref = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).to(self.device).eval()
+            self.ref.requires_grad_(False)
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.module = self.model
+        if self.world_size > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+        o = cfg.optimizer
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if o.optimizer == "adam":
+            self.optimizer = torch.optim.AdamW(
+                params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.step = 0
+        """Optimizer steps taken."""
+        autocast_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.perf.bf16 and autocast_ok else nullcontext
+        )
+
+    # --- forward ---------------------------------------------------------------------------------------
+
+    def _packed_forward(self, model: torch.nn.Module, samples: list[TrainSample], with_entropy: bool
+                        ) -> tuple[list[Tensor], list[Tensor]]:
+        """Response-token log-probs (and entropies) of each sample, from one packed forward pass."""
+        tokens = torch.tensor([t for s in samples for t in s.tokens], device=self.device)[None]
+        positions = torch.cat([torch.arange(len(s.tokens)) for s in samples]).to(self.device)[None]
+        with self.autocast():
+            logits = model(input_ids=tokens, position_ids=positions).logits[0]
+        log_probs, entropies, start = [], [], 0
+        for s in samples:
+            # logits at position t predict token t + 1
+            lo, hi = start + s.prompt_length - 1, start + len(s.tokens) - 1
+            scaled = logits[lo:hi].float() / self.cfg.rollout.rollout_temperature
+            target = tokens[0, lo + 1 : hi + 1]
+            log_probs.append(scaled.log_softmax(-1).gather(-1, target[:, None])[:, 0])
+            if with_entropy:
+                entropies.append(entropy_from_logits(scaled))
+            start += len(s.tokens)
+        return log_probs, entropies
+
+    def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
+        p = self.cfg.perf
+        max_tokens = p.max_tokens_per_gpu if p.use_dynamic_batch_size else None
+        return micro_batches([len(s.tokens) for s in samples], max_tokens, p.micro_batch_size)
+
+    @torch.no_grad()
+    def compute_log_probs(self, samples: list[TrainSample], *, ref: bool = False) -> list[list[float]]:
+        """Response log-probs of each sample under the policy (or the reference model)."""
+        model = self.ref if ref else self.model
+        if model is None:
+            raise ValueError("no reference model: set grpo.use_kl_loss or grpo.kl_coef")
+        out: list[list[float]] = [[] for _ in samples]
+        for batch in self._micro_batches(samples):
+            lps, _ = self._packed_forward(model, [samples[i] for i in batch], with_entropy=False)
+            for i, lp in zip(batch, lps):
+                out[i] = lp.tolist()
+        return out
+
+    # --- update ----------------------------------------------------------------------------------------
+
+    def train_step(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
+                   old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
+        """One optimizer step on this rank's share of a global batch of `num_samples` samples holding
+        `num_tokens` loss tokens. `old_log_probs` are needed when the policy moved since the rollout
+        (several steps per rollout); for the first step they equal the current ones."""
+        o = self.cfg.optimizer
+        lr = lr_at(self.step, lr=o.lr, min_lr=o.min_lr, style=o.lr_decay_style, warmup=o.lr_warmup_iters,
+                   decay_steps=o.lr_decay_iters or self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self.accumulate_gradients(samples, num_samples=num_samples, num_tokens=num_tokens,
+                                            old_log_probs=old_log_probs)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf"))
+        self.optimizer.step()
+        self.step += 1
+        return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+
+    def accumulate_gradients(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
+                             old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
+        """Backward of the loss over all micro-batches of `samples`; returns the summed metrics."""
+        self.model.train()
+        totals: dict[str, float] = {}
+        batches = self._micro_batches(samples)
+        for k, batch in enumerate(batches):
+            sync = k == len(batches) - 1 or self.world_size == 1
+            with nullcontext() if sync else self.module.no_sync():
+                loss, metrics = self._micro_batch_loss([samples[i] for i in batch], batch, old_log_probs,
+                                                       num_samples, num_tokens)
+                # DDP averages gradients over ranks; the losses already use global denominators.
+                (loss * self.world_size).backward()
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
+
+    def _micro_batch_loss(self, samples: list[TrainSample], indices: list[int],
+                          old_log_probs: list[list[float]] | None, num_samples: int, num_tokens: int
+                          ) -> tuple[Tensor, dict[str, Tensor]]:
+        log_probs, entropies = self._packed_forward(self.module, samples, with_entropy=True)
+        width = max(s.response_length for s in samples)
+
+        def rows(values: list[list[float]]) -> Tensor:
+            return _pad([torch.tensor(v, dtype=torch.float32, device=self.device) for v in values], width)
+
+        lp = _pad(log_probs, width)
+        ref = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref = _pad(self._packed_forward(self.ref, samples, with_entropy=False)[0], width)
+        old = lp.detach() if old_log_probs is None else rows([old_log_probs[i] for i in indices])
+        return policy_objective(
+            self.cfg.grpo,
+            log_probs=lp,
+            entropy=_pad(entropies, width),
+            old_log_probs=old,
+            advantages=rows([s.advantages for s in samples]),
+            mask=rows([s.loss_mask for s in samples]),
+            ref_log_probs=ref,
+            rollout_log_probs=rows([s.rollout_log_probs for s in samples]),
+            num_samples=num_samples,
+            num_tokens=num_tokens,
+        )
+
+    # --- weights and state -----------------------------------------------------------------------------
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """The policy's parameters by Hugging Face name, for the rollout engines."""
+        for name, p in self.model.named_parameters():
+            yield name, p.detach()
+
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.step = int(state["step"])

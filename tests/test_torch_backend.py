@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import MINIMAL
+from rl.batch import TrainSample, micro_batches, split_for_ranks
+from rl.train.objective import policy_objective
+from rl.train.schedule import lr_at
+from rl.train.torch_backend import TorchBackend, _pad
+from rlhpc.config import load_config
+
+
+def make_samples(n=6, vocab=90, seed=0):
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(2, 7))]
+        response_len = rng.randint(1, 6)
+        response = [rng.randrange(4, vocab) for _ in range(response_len)]
+        mask = [1] * response_len
+        if response_len > 2:
+            mask[1] = 0  # a tool-output token: no loss
+        samples.append(TrainSample(prompt + response, response_len, mask, reward=rng.random(),
+                                   rollout_log_probs=[-1.0] * response_len,
+                                   advantages=[rng.uniform(-1, 1)] * response_len))
+    return samples
+
+
+def backend_for(write_config, tiny_model_dir, *extra):
+    cfg = load_config(write_config(MINIMAL), ["grpo.use_kl_loss=true", "grpo.kl_loss_coef=0.1",
+                                               "grpo.entropy_coef=0.01", *extra])
+    return TorchBackend(cfg, init_from=tiny_model_dir, total_steps=10)
+
+
+def padded_reference_grads(backend, samples):
+    """The unpacked computation: a right-padded batch with an attention mask, one forward for all."""
+    model, width = backend.model, max(len(s.tokens) for s in samples)
+    ids = torch.zeros((len(samples), width), dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.tokens)] = torch.tensor(s.tokens)
+        attn[i, : len(s.tokens)] = 1
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    ref_logits = backend.ref(input_ids=ids, attention_mask=attn).logits.float()
+    t = backend.cfg.rollout.rollout_temperature
+    lps, refs, ents = [], [], []
+    for i, s in enumerate(samples):
+        lo, hi = s.prompt_length - 1, len(s.tokens) - 1
+        target = ids[i, lo + 1 : hi + 1, None]
+        lps.append((logits[i, lo:hi] / t).log_softmax(-1).gather(-1, target)[:, 0])
+        refs.append((ref_logits[i, lo:hi] / t).log_softmax(-1).gather(-1, target)[:, 0].detach())
+        p = (logits[i, lo:hi] / t).softmax(-1)
+        ents.append(-(p * p.clamp_min(1e-30).log()).sum(-1))
+    r = max(s.response_length for s in samples)
+    lp = _pad(lps, r)
+    rows = lambda vs: _pad([torch.tensor(v) for v in vs], r)  # noqa: E731
+    mask = rows([s.loss_mask for s in samples])
+    loss, _ = policy_objective(
+        backend.cfg.grpo, log_probs=lp, entropy=_pad(ents, r), old_log_probs=lp.detach(),
+        advantages=rows([s.advantages for s in samples]), mask=mask, ref_log_probs=_pad(refs, r),
+        rollout_log_probs=rows([s.rollout_log_probs for s in samples]),
+        num_samples=len(samples), num_tokens=int(mask.sum()))
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_packed_micro_batches_give_the_unpacked_gradient(write_config, tiny_model_dir, per_token):
+    samples = make_samples()
+    num_tokens = sum(sum(s.loss_mask) for s in samples)
+    flags = [f"grpo.calculate_per_token_loss={str(per_token).lower()}"]
+    expected = padded_reference_grads(backend_for(write_config, tiny_model_dir, *flags), samples)
+    for packing in (["perf.use_dynamic_batch_size=true", "perf.max_tokens_per_gpu=20"],
+                    ["perf.micro_batch_size=4"]):
+        backend = backend_for(write_config, tiny_model_dir, *flags, *packing)
+        assert len(backend._micro_batches(samples)) > 1
+        backend.model.zero_grad()
+        backend.accumulate_gradients(samples, num_samples=len(samples), num_tokens=num_tokens)
+        for name, p in backend.model.named_parameters():
+            assert torch.allclose(p.grad, expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_train_step_moves_the_policy_and_reports(write_config, tiny_model_dir):
+    backend = backend_for(write_config, tiny_model_dir, "optimizer.lr=1e-3")
+    samples = make_samples()
+    before = [p.detach().clone() for p in backend.model.parameters()]
+    metrics = backend.train_step(samples, num_samples=len(samples), num_tokens=sum(sum(s.loss_mask) for s in samples))
+    assert {"loss", "pg_loss", "entropy", "clipfrac", "kl", "grad_norm", "lr"} <= set(metrics)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and metrics["clipfrac"] == 0.0  # on-policy, ref = init
+    assert metrics["lr"] == 1e-3 and metrics["grad_norm"] > 0 and backend.step == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, backend.model.parameters()))
+    lps = backend.compute_log_probs(samples)
+    assert [len(x) for x in lps] == [s.response_length for s in samples]
+    assert backend.compute_log_probs(samples, ref=True) != lps
+
+
+def test_micro_batches_never_truncate_and_respect_the_limit():
+    assert micro_batches([3, 4, 5, 20, 1, 1], 10) == [[0, 1], [2], [3], [4, 5]]
+    assert micro_batches([3, 4, 5], None, 2) == [[0, 1], [2]]
+    assert [list(r) for r in split_for_ranks(5, 2)] == [[0, 1, 2], [3, 4]]
+
+
+def test_lr_schedules():
+    kw = dict(lr=1.0, min_lr=0.1, warmup=2, decay_steps=12)
+    assert [lr_at(s, style="constant", **kw) for s in (0, 1, 2, 50)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_at(7, style="linear", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(7, style="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(12, style="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(4, style="cosine", **kw) == pytest.approx(0.1 + 0.45 * (1 + 0.8090169943749475))
