@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest
 
-demo: install
+artifacts/tiny-qwen3/config.json: | install
+	$(PY) -m rl.tiny_model artifacts/tiny-qwen3
+
+demo: install artifacts/tiny-qwen3/config.json
 	$(VENV)/bin/rlhpc run configs/tiny_cpu.toml
 
 clean:

@@ -77,6 +77,7 @@ class CkptConfig(Section):
     load: ConfigPath | None = None
     """Actor checkpoint to resume from; usually equal to `save`."""
     save: ConfigPath | None = None
+    """Checkpoint folder; the run folder's checkpoints/ when unset."""
     save_interval: PositiveInt | None = None
     """Rollouts between checkpoint saves."""
     keep_last: PositiveInt | None = None
@@ -321,7 +322,7 @@ class RLConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistency(self) -> RLConfig:
-        r, g, p, c, e = self.rollout, self.grpo, self.perf, self.ckpt, self.eval
+        r, g, p, e = self.rollout, self.grpo, self.perf, self.eval
         checks: list[tuple[bool, tuple[str, ...], str]] = [
             (
                 g.eps_clip_high is not None and g.eps_clip_high < g.eps_clip,
@@ -339,11 +340,6 @@ class RLConfig(BaseModel):
                 p.use_dynamic_batch_size and p.max_tokens_per_gpu is None,
                 ("perf.max_tokens_per_gpu", "perf.use_dynamic_batch_size"),
                 "max_tokens_per_gpu must be set when use_dynamic_batch_size is on",
-            ),
-            (
-                c.save_interval is not None and c.save is None,
-                ("ckpt.save", "ckpt.save_interval"),
-                "save_interval is set but save (the checkpoint folder) is not",
             ),
             (
                 e.eval_interval is not None and not e.eval_prompt_data,

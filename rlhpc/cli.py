@@ -99,9 +99,71 @@ def config_schema(
 
 @app.command()
 def run(config: ConfigArg, overrides: SetOpt = None) -> None:
-    """Run the GRPO loop on this machine (Ray started locally)."""
-    _load(config, overrides)
-    _not_yet("run", 4, "the GRPO loop on CPU")
+    """Run the GRPO loop on this machine (Ray started locally); resumes from the run's latest checkpoint."""
+    cfg = _load(config, overrides)
+    from rl.data import DataError
+    from rl.loop import RunError, run_dir_of
+    from rl.loop import run as run_loop
+    from rlhpc.config import dump_toml
+
+    run_dir = run_dir_of(cfg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # The resolved config is frozen in the run folder: what ran is what is recorded.
+        (run_dir / "config.toml").write_text(dump_toml(cfg))
+        out.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
+        result = run_loop(cfg, run_dir)
+    except (RunError, DataError, OSError) as e:
+        err.print(f"[bold red]error[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    rows = result["rows"]
+    if rows:
+        first = sum(r["reward_mean"] for r in rows[:5]) / len(rows[:5])
+        last = sum(r["reward_mean"] for r in rows[-5:]) / len(rows[-5:])
+        out.print(f"reward: first 5 rollouts {first:.3f} → last 5 rollouts {last:.3f}", highlight=False)
+
+
+def _run_folder(run_: str) -> Path:
+    path = Path(run_)
+    if not path.is_dir() and (Path("runs") / run_).is_dir():
+        path = Path("runs") / run_
+    if not (path / "config.toml").exists():
+        err.print(f"[bold red]error[/] {escape(run_)}: not a run folder (no config.toml)", highlight=False)
+        raise typer.Exit(2)
+    return path.absolute()
+
+
+@app.command()
+def export(
+    run_: RunArg,
+    hf: Annotated[Path, typer.Option("--hf", help="Hugging Face folder to write.", show_default=False)],
+) -> None:
+    """Export a run's latest complete checkpoint as a Hugging Face model folder."""
+    from rl.export import export_hf
+
+    run_dir = _run_folder(run_)
+    cfg = _load(run_dir / "config.toml", [])
+    from rl.loop import save_dir_of
+
+    try:
+        folder = export_hf(save_dir_of(cfg, run_dir), cfg.ckpt.hf_checkpoint, hf)
+    except FileNotFoundError as e:
+        err.print(f"[bold red]error[/] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2) from None
+    out.print(f"exported {folder} → {hf}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def plot(
+    run_: RunArg,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG to write (default RUN/curves.png).")] = None,
+) -> None:
+    """Plot reward, response length and KL over rollouts to a PNG."""
+    from rl.plot import plot_run
+
+    run_dir = _run_folder(run_)
+    png = plot_run(run_dir / "metrics.jsonl", output or run_dir / "curves.png")
+    out.print(f"wrote {png}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -104,7 +104,6 @@ def test_unknown_section_gets_did_you_mean(write_config):
         (["grpo.kl_loss_type='k4'"], "grpo.kl_loss_type", "'k1', 'k2', 'k3' or 'low_var_kl'"),
         (["perf.colocate=true", "rollout.async_train=true"], "perf.colocate / rollout.async_train", "not supported"),
         (["perf.use_dynamic_batch_size=true"], "perf.max_tokens_per_gpu", "must be set"),
-        (["ckpt.save_interval=5"], "ckpt.save / ckpt.save_interval", "save (the checkpoint folder) is not"),
         (["grpo.kl_coef=0.1", "grpo.kl_loss_coef=0.1"], "grpo.kl_coef / grpo.kl_loss_coef", "only one of"),
         (["rollout.over_sampling_batch_size=2"], "rollout.over_sampling_batch_size", "at least rollout_batch_size"),
         (["rollout.rm_type='remote_rm'"], "rollout.rm_url", "needs rm_url"),

@@ -9,7 +9,7 @@ Shaped after SGLang's server API so the SGLang engine is a thin client: `generat
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -44,7 +44,7 @@ class RolloutEngine(Protocol):
         """One response per prompt (repeat a prompt for n samples); `seeds[i]` fixes sample i's randomness."""
         ...
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+    def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
         """Load new policy weights (all or some, by Hugging Face parameter name)."""
         ...
 

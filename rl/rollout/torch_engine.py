@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -93,10 +93,11 @@ class TorchEngine:
         return out
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], version: int) -> None:
+    def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
         params = dict(self.model.named_parameters())
         received = set()
-        for name, tensor in named_tensors:
+        pairs = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        for name, tensor in pairs:
             if name not in params:
                 raise KeyError(f"the engine's model has no parameter {name!r}")
             if self.shapes[name] != tensor.shape:

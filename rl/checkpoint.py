@@ -1,0 +1,144 @@
+"""Checkpoint folders that are either complete or ignored.
+
+A checkpoint is written into a temporary folder beside the others, its files listed with sizes and
+checksums in `manifest.json`, made durable (fsync), renamed to `iter_NNNNNNN` (N = rollouts completed),
+and only then recorded in `latest_checkpointed_iteration.txt` (Megatron's convention), itself replaced
+atomically. A folder whose manifest does not match its files is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+LATEST = "latest_checkpointed_iteration.txt"
+MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
+
+def save_model_state(state: dict[str, Any], folder: Path) -> None:
+    """Write a training state with torch.distributed.checkpoint into folder/model (every rank calls this)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # one process without a process group is a valid way to run
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=Path(folder) / "model")
+
+
+def load_model_state(state: dict[str, Any], folder: Path) -> None:
+    """Fill `state` in place from folder/model; only its keys are read."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=Path(folder) / "model")
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def begin(root: Path, iteration: int) -> Path:
+    """A fresh temporary folder to write the checkpoint of `iteration` into."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".iter_{iteration:07d}.tmp"
+    if tmp.exists():  # left by a save that died
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def commit(root: Path, tmp: Path, iteration: int, keep_last: int | None = None) -> Path:
+    """Seal the temporary folder: manifest, fsync, rename, then record it as the latest."""
+    root, tmp = Path(root), Path(tmp)
+    manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
+    (tmp / MANIFEST).write_text(json.dumps({"iteration": iteration, "files": manifest}, indent=1))
+    for p in [*tmp.rglob("*"), tmp]:
+        _fsync(p)
+    final = iteration_dir(root, iteration)
+    if final.exists():  # the same iteration saved again (a resumed run redoing it)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    latest_tmp = root / f".{LATEST}.tmp"
+    latest_tmp.write_text(f"{iteration}\n")
+    _fsync(latest_tmp)
+    os.replace(latest_tmp, root / LATEST)
+    _fsync(root)
+    if keep_last:
+        for old in complete_iterations(root)[:-keep_last]:
+            shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
+    return final
+
+
+def verify(folder: Path) -> str | None:
+    """None if the folder's files match its manifest, else what is wrong."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return "no readable manifest"
+    present = {str(p.relative_to(folder)) for p in _files(Path(folder))}
+    if missing := sorted(set(manifest) - present):
+        return f"missing {missing[0]}"
+    for name, meta in manifest.items():
+        path = Path(folder) / name
+        if path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
+            return f"{name} does not match its manifest"
+    return None
+
+
+def complete_iterations(root: Path) -> list[int]:
+    """Iterations with a sealed folder (a manifest), oldest first; contents not checked."""
+    found = []
+    for p in Path(root).glob("iter_*"):
+        if p.is_dir() and (p / MANIFEST).exists() and p.name[5:].isdigit():
+            found.append(int(p.name[5:]))
+    return sorted(found)
+
+
+def latest(root: Path | None) -> Path | None:
+    """The newest checkpoint that verifies: the recorded latest, else the newest sealed folder that
+    checks out (a warning names each one skipped). None when there is none."""
+    if root is None or not Path(root).is_dir():
+        return None
+    root = Path(root)
+    candidates = complete_iterations(root)[::-1]
+    try:
+        recorded = int((root / LATEST).read_text().strip())
+        candidates = [recorded] + [c for c in candidates if c != recorded]
+    except (OSError, ValueError):
+        pass
+    for iteration in candidates:
+        folder = iteration_dir(root, iteration)
+        problem = verify(folder) if folder.is_dir() else "folder missing"
+        if problem is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s", folder, problem)
+    return None

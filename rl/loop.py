@@ -1,0 +1,352 @@
+"""The GRPO driver: rollout → reward → advantage → train → weight sync, once per rollout, on Ray.
+
+The same driver runs on a laptop (`rlhpc run`, Ray started locally) and inside a Slurm allocation (Ray
+started across its nodes). It resumes from the newest complete checkpoint of its `load` folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rl import checkpoint
+from rl.advantages import group_normalize, reinforce_plus_plus_baseline_advantages, reinforce_plus_plus_returns, whiten
+from rl.batch import TrainSample, split_for_ranks
+from rl.config import RLConfig
+from rl.data import PromptCursor, PromptDataset
+from rl.evaluate import summarize
+from rl.losses import approx_kl
+from rl.metrics import MetricsLog, Progress
+from rl.rewards import compute_rewards
+from rl.rollout.engine import Generation, SamplingParams, sample_seed
+from rl.sample import Sample
+
+WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "TOKENIZERS_PARALLELISM": "false"}
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message names the cause."""
+
+
+def run_dir_of(cfg: RLConfig) -> Path:
+    """`run.output_dir`, else runs/<run name> under the working directory."""
+    return Path(cfg.run.output_dir or Path("runs") / (cfg.run.name or "run")).absolute()
+
+
+def save_dir_of(cfg: RLConfig, run_dir: Path) -> Path:
+    """`ckpt.save`, else the run folder's checkpoints/."""
+    return Path(cfg.ckpt.save) if cfg.ckpt.save else Path(run_dir) / "checkpoints"
+
+
+def _check_inputs(cfg: RLConfig) -> None:
+    problems = [f"{field}: {path} does not exist" for field, path in cfg.missing_paths()]
+    if not problems and not (cfg.ckpt.hf_checkpoint / "config.json").exists():
+        problems.append(f"ckpt.hf_checkpoint: {cfg.ckpt.hf_checkpoint} is not a Hugging Face model folder "
+                        "(no config.json)")
+    if cfg.grpo.advantage_estimator == "ppo":
+        problems.append("grpo.advantage_estimator: 'ppo' needs a critic, which arrives with issue #8")
+    if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
+        problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
+    if problems:
+        raise RunError("; ".join(problems))
+
+
+def _writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to {folder}: {e.strerror}") from None
+
+
+class Driver:
+    def __init__(self, cfg: RLConfig, run_dir: Path):
+        from transformers import AutoTokenizer
+
+        _check_inputs(cfg)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.save_dir = save_dir_of(cfg, self.run_dir)
+        self.load_dir = Path(cfg.ckpt.load) if cfg.ckpt.load else self.save_dir
+        _writable(self.run_dir)
+        _writable(self.save_dir)
+        r = cfg.rollout
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.ckpt.hf_checkpoint)
+        self.dataset = PromptDataset(
+            r.prompt_data, input_key=r.input_key, label_key=r.label_key, metadata_key=r.metadata_key,
+            tokenizer=self.tokenizer, apply_chat_template=r.apply_chat_template,
+            chat_template_kwargs=r.apply_chat_template_kwargs)
+        self.eval_sets = {
+            name: PromptDataset(
+                path, input_key=cfg.eval.eval_input_key or r.input_key,
+                label_key=cfg.eval.eval_label_key or r.label_key, metadata_key=r.metadata_key,
+                tokenizer=self.tokenizer, apply_chat_template=r.apply_chat_template,
+                chat_template_kwargs=r.apply_chat_template_kwargs)
+            for name, path in cfg.eval.eval_prompt_data.items()
+        }
+        self.cursor = PromptCursor(len(self.dataset), shuffle=r.rollout_shuffle, seed=r.rollout_seed)
+        self.num_rollout = cfg.num_rollout_for(len(self.dataset))
+        self.total_steps = self.num_rollout * r.num_steps_per_rollout
+        self.stop_ids = tuple(dict.fromkeys([*r.rollout_stop_token_ids, self.tokenizer.eos_token_id]))
+        ref = cfg.ckpt.ref_load
+        self.init_from = str(ref if ref is not None and (ref / "config.json").exists() else cfg.ckpt.hf_checkpoint)
+
+    # --- actors ----------------------------------------------------------------------------------------
+
+    def start_actors(self) -> None:
+        import ray
+
+        from rl.rollout.torch_engine import TorchEngine
+        from rl.train.worker import TrainWorker
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True,
+                     runtime_env={"env_vars": WORKER_ENV})
+        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        p = self.cfg.perf
+        world = p.actor_num_nodes * p.actor_num_gpus_per_node
+        n_engines = 0 if p.colocate else max(
+            1, (self.cfg.sglang.rollout_num_gpus or 1) // self.cfg.sglang.rollout_num_gpus_per_engine)
+        share = max(1, (cpus - n_engines) // world)
+        master = ray.util.get_node_ip_address()
+        port = _free_port()
+        worker_cls = ray.remote(TrainWorker)
+        self.workers = [
+            worker_cls.options(num_cpus=share).remote(
+                self.cfg, rank=rank, world_size=world, master_addr=master, master_port=port,
+                init_from=self.init_from, total_steps=self.total_steps, threads=share,
+                host_engine=p.colocate and rank == 0)
+            for rank in range(world)
+        ]
+        engine_cls = ray.remote(TorchEngine)
+        self.engines = [engine_cls.options(num_cpus=1).remote(self.init_from) for _ in range(n_engines)]
+        self.generators = [self.workers[0]] if p.colocate else self.engines
+        ray.get([w.node.remote() for w in self.workers])  # surface start-up errors here
+
+    def stop_actors(self) -> None:
+        import ray
+
+        for actor in [*getattr(self, "workers", []), *getattr(self, "engines", [])]:
+            ray.kill(actor)
+
+    # --- one rollout -----------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
+        import ray
+
+        shares = split_for_ranks(len(prompts), len(self.generators))
+        futures = [g.generate.remote([prompts[i] for i in s], params, [seeds[i] for i in s])
+                   for g, s in zip(self.generators, shares) if len(s)]
+        return [gen for part in ray.get(futures) for gen in part]
+
+    def sampling_params(self, *, evaluation: bool = False) -> SamplingParams:
+        r, e = self.cfg.rollout, self.cfg.eval
+        max_new = r.rollout_max_response_len or 1024
+        params = SamplingParams(max_new_tokens=max_new, temperature=r.rollout_temperature, top_p=r.rollout_top_p,
+                                top_k=r.rollout_top_k, stop_token_ids=self.stop_ids)
+        if not evaluation:
+            return params
+        return SamplingParams(
+            max_new_tokens=e.eval_max_response_len or max_new,
+            temperature=r.rollout_temperature if e.eval_temperature is None else e.eval_temperature,
+            top_p=r.rollout_top_p if e.eval_top_p is None else e.eval_top_p,
+            top_k=r.rollout_top_k if e.eval_top_k is None else e.eval_top_k,
+            stop_token_ids=self.stop_ids)
+
+    def sample(self, dataset: PromptDataset, indices: list[int], n: int, params: SamplingParams,
+               rollout_id: int, salt: int = 0) -> tuple[list[Sample], list[list[int]], list[Generation]]:
+        """n samples of each prompt, rewarded. Seeds depend on (run seed, rollout, sample index) only."""
+        prompts = [dataset[i] for i in indices]
+        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
+        requests = [ids for ids in prompt_ids for _ in range(n)]
+        seeds = [sample_seed(self.cfg.run.seed + salt, rollout_id, i) for i in range(len(requests))]
+        gens = self.generate(requests, params, seeds)
+        samples = [
+            Sample(prompt=prompts[g].text, label=prompts[g].label, metadata=dict(prompts[g].metadata),
+                   index=prompts[g].index, group_index=g,
+                   response=self.tokenizer.decode(gens[g * n + j].output_ids, skip_special_tokens=True))
+            for g in range(len(prompts)) for j in range(n)
+        ]
+        for s, reward in zip(samples, asyncio.run(compute_rewards(self.cfg.rollout, samples))):
+            s.reward = reward
+        return samples, requests, gens
+
+    def advantages(self, train: list[TrainSample]) -> None:
+        """Fill in each sample's per-token advantages for the configured estimator."""
+        g, n = self.cfg.grpo, self.cfg.rollout.n_samples_per_prompt
+        rewards = torch.tensor([s.reward for s in train], dtype=torch.float32)
+        width = max(s.response_length for s in train)
+        mask = torch.zeros(len(train), width)
+        for i, s in enumerate(train):
+            mask[i, : s.response_length] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        if g.advantage_estimator in ("grpo", "gspo"):
+            per_sample = group_normalize(rewards, n, std_normalize=not g.disable_grpo_std_normalization)
+            adv = per_sample[:, None] * mask
+        else:
+            old, ref = self.trainer_log_probs(train), self.trainer_log_probs(train, ref=True)
+            kl = approx_kl(_rows(old, width), _rows(ref, width), g.kl_loss_type) * mask
+            if g.advantage_estimator == "reinforce_plus_plus":
+                adv = reinforce_plus_plus_returns(rewards, kl, mask, g.kl_coef, g.gamma)
+            else:
+                adv = reinforce_plus_plus_baseline_advantages(rewards, kl, mask, g.kl_coef, n)
+        if g.normalize_advantages:
+            adv = whiten(adv, mask)
+        for i, s in enumerate(train):
+            s.advantages = adv[i, : s.response_length].tolist()
+
+    def trainer_log_probs(self, train: list[TrainSample], ref: bool = False) -> list[list[float]]:
+        import ray
+
+        shares = split_for_ranks(len(train), len(self.workers))
+        parts = ray.get([w.compute_log_probs.remote([train[i] for i in s], ref) for w, s in zip(self.workers, shares)])
+        return [lp for part in parts for lp in part]
+
+    def train(self, train: list[TrainSample]) -> dict[str, float]:
+        import ray
+
+        r = self.cfg.rollout
+        gbs = r.global_batch_size
+        old = self.trainer_log_probs(train) if r.num_steps_per_rollout > 1 else None
+        totals: dict[str, float] = {}
+        for step in range(r.num_steps_per_rollout):
+            batch = list(range(step * gbs, (step + 1) * gbs))
+            num_tokens = sum(sum(train[i].loss_mask) for i in batch)
+            shares = split_for_ranks(len(batch), len(self.workers))
+            results = ray.get([
+                w.train_step.remote([train[batch[i]] for i in s], len(batch), num_tokens,
+                                    None if old is None else [old[batch[i]] for i in s])
+                for w, s in zip(self.workers, shares)
+            ])
+            # Loss terms are partial sums of the global mean on each rank; norm and lr are the same on all.
+            step_metrics = {k: sum(m[k] for m in results) for k in results[0] if k not in ("grad_norm", "lr")}
+            step_metrics |= {"grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+            for k, v in step_metrics.items():
+                totals[k] = totals.get(k, 0.0) + v / r.num_steps_per_rollout
+        return totals
+
+    def sync_weights(self, version: int) -> float:
+        import ray
+
+        start = time.perf_counter()
+        if self.cfg.perf.colocate:
+            ray.get(self.workers[0].sync_engine.remote(version))
+        else:
+            weights = self.workers[0].weights.remote()
+            ray.get([e.update_weights.remote(weights, version) for e in self.engines])
+        return time.perf_counter() - start
+
+    def evaluate(self, rollout_id: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        n = self.cfg.eval.n_samples_per_eval_prompt
+        for k, (name, dataset) in enumerate(self.eval_sets.items()):
+            samples, _, _ = self.sample(dataset, list(range(len(dataset))), n, self.sampling_params(evaluation=True),
+                                        rollout_id, salt=1_000_003 * (k + 1))
+            out |= summarize(name, [s.reward for s in samples], n)
+        return out
+
+    def save(self, completed: int) -> Path:
+        import ray
+
+        tmp = checkpoint.begin(self.save_dir, completed)
+        ray.get([w.save.remote(str(tmp)) for w in self.workers])
+        state = {"rollout_id": completed, "data": self.cursor.state_dict(), "seed": self.cfg.run.seed}
+        (tmp / "state.json").write_text(json.dumps(state))
+        return checkpoint.commit(self.save_dir, tmp, completed, self.cfg.ckpt.keep_last)
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint, if any; returns the first rollout to run."""
+        import ray
+
+        folder = checkpoint.latest(self.load_dir)
+        if folder is None:
+            return 0
+        ray.get([w.load.remote(str(folder)) for w in self.workers])
+        state = json.loads((folder / "state.json").read_text())
+        self.cursor.load_state_dict(state["data"])
+        return int(state["rollout_id"])
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg, r = self.cfg, self.cfg.rollout
+        self.start_actors()
+        try:
+            start = self.resume()
+            log = MetricsLog(self.run_dir, tensorboard=cfg.run.use_tensorboard, resume_from=start)
+            progress = Progress(self.num_rollout, start)
+            self.sync_weights(start)
+            pending_eval: dict[str, float] = {}
+            if self.eval_sets and start == 0 and not cfg.eval.skip_eval_before_train:
+                pending_eval = {k.replace("eval/", "eval_before_train/", 1): v for k, v in self.evaluate(-1).items()}
+            params = self.sampling_params()
+            for rollout_id in range(start, self.num_rollout):
+                t0 = time.perf_counter()
+                indices = self.cursor.next_batch(r.rollout_batch_size)
+                samples, requests, gens = self.sample(self.dataset, indices, r.n_samples_per_prompt, params,
+                                                      rollout_id)
+                train = [TrainSample(tokens=req + gen.output_ids, response_length=len(gen.output_ids),
+                                     loss_mask=[1] * len(gen.output_ids), reward=s.reward,
+                                     rollout_log_probs=gen.log_probs, weight_version=gen.weight_version)
+                         for s, req, gen in zip(samples, requests, gens)]
+                self.advantages(train)
+                t1 = time.perf_counter()
+                train_metrics = self.train(train)
+                t2 = time.perf_counter()
+                sync_s = self.sync_weights(rollout_id + 1)
+                rewards = torch.tensor([s.reward for s in samples])
+                row: dict[str, Any] = {
+                    "rollout_id": rollout_id,
+                    "reward_mean": float(rewards.mean()),
+                    "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                    "response_len_mean": sum(len(g.output_ids) for g in gens) / len(gens),
+                    "truncated_frac": sum(g.finish_reason == "length" for g in gens) / len(gens),
+                    "kl": train_metrics.get("kl", 0.0),
+                    **{k: v for k, v in train_metrics.items() if k != "kl"},
+                    "time_rollout_s": t1 - t0,
+                    "time_train_s": t2 - t1,
+                    "time_sync_s": sync_s,
+                    "samples_per_s": len(samples) / (time.perf_counter() - t0),
+                    **pending_eval,
+                }
+                pending_eval = {}
+                if self.eval_sets and cfg.eval.eval_interval and (rollout_id + 1) % cfg.eval.eval_interval == 0:
+                    row |= self.evaluate(rollout_id)
+                completed = rollout_id + 1
+                if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0):
+                    row["checkpoint"] = str(self.save(completed))
+                log.write(row)
+                progress.update(row)
+            progress.close()
+            log.close()
+            rows = log.rows()
+            return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows}
+        finally:
+            self.stop_actors()
+
+
+def _rows(values: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(values), width)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = torch.tensor(v)
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def run(cfg: RLConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run (or resume) the GRPO loop of `cfg`, writing into its run folder."""
+    return Driver(cfg, run_dir or run_dir_of(cfg)).run()

@@ -1,0 +1,80 @@
+"""Where a run's numbers go: `metrics.jsonl` (one object per rollout), TensorBoard, and the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROLLOUT_COLUMNS = (
+    "rollout_id", "reward_mean", "reward_std", "response_len_mean", "kl", "clipfrac", "entropy", "grad_norm",
+    "lr", "time_rollout_s", "time_train_s", "time_sync_s", "samples_per_s",
+)
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_from: int = 0):
+        """Rows of rollouts at or after `resume_from` are dropped: a resumed run writes them again."""
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [row for row in self.rows() if row.get("rollout_id", -1) < resume_from]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_from)
+
+    def rows(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            step = row["rollout_id"]
+            for key, value in row.items():
+                if key != "rollout_id" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key if "/" in key else f"rollout/{key}", value, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A rich progress bar with ETA on a terminal; one plain line per rollout otherwise (logs, Slurm)."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.done, self.started = total, start, time.monotonic()
+        self.bar = None
+        if sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self.bar = Bar(TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[status]}"))
+            self.task = self.bar.add_task("", total=total, completed=start, status="")
+            self.bar.start()
+
+    def update(self, row: dict[str, Any]) -> None:
+        self.done = row["rollout_id"] + 1
+        status = f"reward {row['reward_mean']:.3f}  len {row['response_len_mean']:.1f}"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done, status=status)
+        else:
+            print(f"rollout {self.done}/{self.total}  {status}  {row['samples_per_s']:.1f} samples/s", flush=True)
+
+    def print(self, text: str) -> None:
+        (self.bar.console.print if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

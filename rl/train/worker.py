@@ -1,0 +1,74 @@
+"""One data-parallel rank of the training group, run as a Ray actor; with `colocate` on CPU the first rank
+also hosts the rollout engine, so weight sync is an in-process copy."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from rl import checkpoint
+from rl.batch import TrainSample
+from rl.rollout.engine import Generation, SamplingParams
+
+if TYPE_CHECKING:
+    from rl.config import RLConfig
+
+
+class TrainWorker:
+    def __init__(self, cfg: RLConfig, *, rank: int, world_size: int, master_addr: str, master_port: int,
+                 init_from: str, total_steps: int, threads: int, host_engine: bool):
+        from rl.train.torch_backend import TorchBackend
+
+        torch.set_num_threads(threads)
+        self.rank = rank
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        if world_size > 1:
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank,
+                                    world_size=world_size, init_method=f"tcp://{master_addr}:{master_port}")
+        self.backend = TorchBackend(cfg, init_from=init_from, total_steps=total_steps, device=device)
+        self.engine = None
+        if host_engine:
+            from rl.rollout.torch_engine import TorchEngine
+
+            self.engine = TorchEngine(init_from, device=device)
+
+    def node(self) -> tuple[str, int]:
+        import socket
+
+        return socket.gethostname(), os.getpid()
+
+    def compute_log_probs(self, samples: list[TrainSample], ref: bool = False) -> list[list[float]]:
+        return self.backend.compute_log_probs(samples, ref=ref)
+
+    def train_step(self, samples: list[TrainSample], num_samples: int, num_tokens: int,
+                   old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
+        return self.backend.train_step(samples, num_samples=num_samples, num_tokens=num_tokens,
+                                       old_log_probs=old_log_probs)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in self.backend.named_weights()}
+
+    # --- the hosted engine (colocated) ---
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
+        return self.engine.generate(prompts, params, seeds)
+
+    def sync_engine(self, version: int) -> float:
+        start = time.perf_counter()
+        self.engine.update_weights(self.backend.named_weights(), version)
+        return time.perf_counter() - start
+
+    # --- checkpoints ---
+
+    def save(self, folder: str) -> None:
+        checkpoint.save_model_state(self.backend.state_dict(), Path(folder))
+
+    def load(self, folder: str) -> None:
+        state = self.backend.state_dict()
+        checkpoint.load_model_state(state, Path(folder))
+        self.backend.load_state_dict(state)

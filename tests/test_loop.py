@@ -1,0 +1,153 @@
+"""The GRPO loop end to end on CPU, with Ray: resume exactness, checkpoints, bad inputs, export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import CONFIGS, ROOT
+from rl import checkpoint
+from rl.export import load_policy
+from rl.loop import RunError, run
+from rlhpc.config import load_config
+
+REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def odd_first_char(args, sample):
+    """A reward half the random policy's samples earn, so every rollout has a learning signal."""
+    return float(bool(sample.response) and ord(sample.response[0]) % 2 == 1)
+
+
+def tiny(tmp_path, tiny_model_dir, *overrides):
+    return load_config(CONFIGS / "tiny_cpu.toml", [
+        f"ckpt.hf_checkpoint='{tiny_model_dir}'", f"run.output_dir='{tmp_path}'", "rollout.num_rollout=6",
+        "rollout.rollout_batch_size=4", "rollout.n_samples_per_prompt=4", "rollout.num_steps_per_rollout=2",
+        "rollout.rollout_max_response_len=3", "rollout.custom_rm_path='test_loop:odd_first_char'",
+        "ckpt.save_interval=2", "eval.eval_interval=3", "run.use_tensorboard=false", *overrides])
+
+
+def final_weights(run_dir, model_dir):
+    folder = checkpoint.latest(run_dir / "checkpoints")
+    return folder, load_policy(folder, model_dir).state_dict()
+
+
+def reward_columns(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in REWARD_COLUMNS} for r in rows]
+
+
+def test_resumed_run_matches_the_uninterrupted_one_bitwise(ray_local, tmp_path, tiny_model_dir):
+    straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
+    result = run(tiny(straight_dir, tiny_model_dir))
+    rows = result["rows"]
+    assert [r["rollout_id"] for r in rows] == list(range(6))
+    assert {"reward_mean", "reward_std", "response_len_mean", "kl", "clipfrac", "entropy", "grad_norm", "lr",
+            "time_rollout_s", "time_train_s", "time_sync_s", "samples_per_s"} <= set(rows[0])
+    assert "eval/arith/pass@1" in rows[2] and "eval/arith/reward_mean" in rows[5]
+    assert "eval_before_train/arith/reward_mean" in rows[0]
+    assert checkpoint.complete_iterations(straight_dir / "checkpoints") == [2, 4, 6]
+
+    run(tiny(broken_dir, tiny_model_dir))
+    # Stop "after checkpoint 2": later checkpoints gone, the latest pointer back at 2, metrics rows of the
+    # lost rollouts still in metrics.jsonl (as after a crash).
+    for it in (4, 6):
+        shutil.rmtree(checkpoint.iteration_dir(broken_dir / "checkpoints", it))
+    (broken_dir / "checkpoints" / checkpoint.LATEST).write_text("2\n")
+    resumed = run(tiny(broken_dir, tiny_model_dir))
+    assert [r["rollout_id"] for r in resumed["rows"]] == list(range(6))
+
+    folder_a, weights_a = final_weights(straight_dir, tiny_model_dir)
+    folder_b, weights_b = final_weights(broken_dir, tiny_model_dir)
+    assert folder_a.name == folder_b.name == "iter_0000006"
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert reward_columns(straight_dir) == reward_columns(broken_dir)
+    # and training did move the weights
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(init[k], weights_a[k]) for k in weights_a)
+
+
+def test_an_incomplete_checkpoint_is_never_loaded(ray_local, tmp_path, tiny_model_dir):
+    run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=4"))
+    ckpts = tmp_path / "checkpoints"
+    # a save that died mid-way, and a sealed folder whose file was damaged afterwards
+    (ckpts / ".iter_0000006.tmp").mkdir()
+    damaged = checkpoint.iteration_dir(ckpts, 4) / "state.json"
+    damaged.write_text(damaged.read_text().replace("4", "5"))
+    assert checkpoint.latest(ckpts).name == "iter_0000002"
+
+
+def test_export_gives_a_loadable_hugging_face_folder(ray_local, tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from rlhpc.cli import app
+
+    cfg = tiny(tmp_path / "run", tiny_model_dir, "rollout.num_rollout=2")
+    run(cfg)
+    from rlhpc.config import dump_toml
+
+    (tmp_path / "run" / "config.toml").write_text(dump_toml(cfg))
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    _, trained = final_weights(tmp_path / "run", tiny_model_dir)
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|im_end|>"
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run")])
+    assert result.exit_code == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ckpt.hf_checkpoint='/nowhere/model'"], "ckpt.hf_checkpoint: /nowhere/model does not exist"),
+        (["ckpt.hf_checkpoint='{data}'"], "is not a Hugging Face model folder"),
+        (["rollout.prompt_data='{broken}'"], "broken.jsonl:2: not valid JSON"),
+        (["ckpt.save='/proc/rlhpc-cannot-write'"], "cannot write to /proc/rlhpc-cannot-write"),
+    ],
+)
+def test_bad_inputs_end_with_a_one_line_error(tmp_path, tiny_model_dir, overrides, message):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": \n')
+    overrides = [o.format(data=ROOT / "data", broken=broken) for o in overrides]
+    cfg = tiny(tmp_path / "run", tiny_model_dir, *overrides)
+    from rl.data import DataError
+
+    with pytest.raises((RunError, DataError)) as e:
+        run(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "checkpoints" / checkpoint.LATEST).exists()
+
+
+def test_rlhpc_run_freezes_the_config_and_reports_rewards(ray_local, tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from rlhpc.cli import app
+
+    result = CliRunner().invoke(app, [
+        "run", str(CONFIGS / "tiny_cpu.toml"), "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'",
+        "--set", f"run.output_dir='{tmp_path}'", "--set", "rollout.num_rollout=2",
+        "--set", "rollout.rollout_batch_size=4", "--set", "rollout.n_samples_per_prompt=2",
+        "--set", "rollout.num_steps_per_rollout=1", "--set", "eval.eval_interval=2"])
+    assert result.exit_code == 0, result.output
+    assert "reward: first 5 rollouts" in result.output
+    frozen = load_config(tmp_path / "config.toml")
+    assert frozen.rollout.num_rollout == 2 and frozen.ckpt.hf_checkpoint == tiny_model_dir
+    assert list((tmp_path / "tensorboard").iterdir())
