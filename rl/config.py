@@ -198,6 +198,9 @@ class PerfConfig(Section):
     use_distributed_optimizer: bool = False
     bf16: bool = True
     """bf16 where the device supports it."""
+    cpu_threads: PositiveInt | None = None
+    """Torch threads of each worker and engine on CPU; by default the node's CPUs shared among them.
+    Fixing it makes CPU runs bitwise reproducible across machines with different core counts."""
     # batching
     micro_batch_size: PositiveInt = 1
     """Ignored with use_dynamic_batch_size."""

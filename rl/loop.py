@@ -115,19 +115,23 @@ class Driver:
         world = p.actor_num_nodes * p.actor_num_gpus_per_node
         n_engines = 0 if p.colocate else max(
             1, (self.cfg.sglang.rollout_num_gpus or 1) // self.cfg.sglang.rollout_num_gpus_per_engine)
-        share = max(1, (cpus - n_engines) // world)
+        # Whole CPUs each where the node has enough, else fractions (Ray takes fractions below 1 only),
+        # so that any number of actors fits; torch threads are set explicitly.
+        slot = cpus // (world + n_engines) or cpus / (world + n_engines)
+        threads = p.cpu_threads or max(1, int(slot))
         master = ray.util.get_node_ip_address()
         port = _free_port()
         worker_cls = ray.remote(TrainWorker)
         self.workers = [
-            worker_cls.options(num_cpus=share).remote(
+            worker_cls.options(num_cpus=slot).remote(
                 self.cfg, rank=rank, world_size=world, master_addr=master, master_port=port,
-                init_from=self.init_from, total_steps=self.total_steps, threads=share,
+                init_from=self.init_from, total_steps=self.total_steps, threads=threads,
                 host_engine=p.colocate and rank == 0)
             for rank in range(world)
         ]
         engine_cls = ray.remote(TorchEngine)
-        self.engines = [engine_cls.options(num_cpus=1).remote(self.init_from) for _ in range(n_engines)]
+        self.engines = [engine_cls.options(num_cpus=slot).remote(self.init_from, threads=threads)
+                        for _ in range(n_engines)]
         self.generators = [self.workers[0]] if p.colocate else self.engines
         ray.get([w.node.remote() for w in self.workers])  # surface start-up errors here
 
@@ -308,6 +312,7 @@ class Driver:
                     "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                     "response_len_mean": sum(len(g.output_ids) for g in gens) / len(gens),
                     "truncated_frac": sum(g.finish_reason == "length" for g in gens) / len(gens),
+                    "weight_version": min(g.weight_version for g in gens),
                     "kl": train_metrics.get("kl", 0.0),
                     **{k: v for k, v in train_metrics.items() if k != "kl"},
                     "time_rollout_s": t1 - t0,

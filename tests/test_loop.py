@@ -83,6 +83,28 @@ def test_resumed_run_matches_the_uninterrupted_one_bitwise(ray_local, tmp_path, 
     assert any(not torch.equal(init[k], weights_a[k]) for k in weights_a)
 
 
+@pytest.fixture(scope="module")
+def one_worker_weights(ray_local, tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("one")
+    rows = run(tiny(out, tiny_model_dir, "rollout.num_rollout=2"))["rows"]
+    return rows, final_weights(out, tiny_model_dir)[1]
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [["perf.colocate=true"], ["perf.actor_num_gpus_per_node=2"]],
+    ids=["colocated-engine", "two-ddp-workers"],
+)
+def test_other_placements_train_the_same_policy(ray_local, tmp_path, tiny_model_dir, one_worker_weights, placement):
+    rows, expected = one_worker_weights
+    got = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=2", *placement))["rows"]
+    assert [r["weight_version"] for r in got] == [r["weight_version"] for r in rows] == [0, 1]
+    assert [r["reward_mean"] for r in got] == [r["reward_mean"] for r in rows]
+    _, weights = final_weights(tmp_path, tiny_model_dir)
+    for name, value in expected.items():
+        assert torch.allclose(weights[name], value, atol=1e-4), name
+
+
 def test_an_incomplete_checkpoint_is_never_loaded(ray_local, tmp_path, tiny_model_dir):
     run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=4"))
     ckpts = tmp_path / "checkpoints"

@@ -30,9 +30,12 @@ class TorchEngine:
     """Generates with a `transformers` model on CPU or one GPU. Finished samples leave the batch (their
     rows are dropped from the KV cache), so they stop costing compute."""
 
-    def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 threads: int | None = None):
         from transformers import AutoModelForCausalLM
 
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
