@@ -40,6 +40,8 @@ def run_rlhpc(model: Path, w: dict, out: Path) -> dict:
         f"rollout.num_steps_per_rollout={w['steps_per_rollout']}",
         f"rollout.rollout_max_response_len={w['response_len']}", f"optimizer.lr={w['lr']}",
         "eval.eval_interval=100000", "eval.skip_eval_before_train=true", "run.use_tensorboard=false",
+        # TRL runs in one process with no reference model (beta = 0): the same placement and work here.
+        "perf.colocate=true", "grpo.use_kl_loss=false",
         f"ckpt.save_interval={10 * w['rollouts']}"])
     t0 = time.perf_counter()
     result = Driver(cfg, out).run()

@@ -68,8 +68,9 @@ def padded_reference_grads(backend, samples):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("per_token", [False, True])
-def test_packed_micro_batches_give_the_unpacked_gradient(write_config, tiny_model_dir, per_token):
+@pytest.mark.parametrize("packed_rows", [False, True], ids=["padded-rows", "packed-rows"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+def test_packed_micro_batches_give_the_unpacked_gradient(write_config, tiny_model_dir, per_token, packed_rows):
     samples = make_samples()
     num_tokens = sum(sum(s.loss_mask) for s in samples)
     flags = [f"grpo.calculate_per_token_loss={str(per_token).lower()}"]
@@ -77,6 +78,7 @@ def test_packed_micro_batches_give_the_unpacked_gradient(write_config, tiny_mode
     for packing in (["perf.use_dynamic_batch_size=true", "perf.max_tokens_per_gpu=20"],
                     ["perf.micro_batch_size=4"]):
         backend = backend_for(write_config, tiny_model_dir, *flags, *packing)
+        backend.packed = packed_rows
         assert len(backend._micro_batches(samples)) > 1
         backend.model.zero_grad()
         backend.accumulate_gradients(samples, num_samples=len(samples), num_tokens=num_tokens)

@@ -62,7 +62,10 @@ class TorchEngine:
             mask[i, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        # Each sample's uniforms come from its own seed, drawn up front: inverse-CDF sampling with them
+        # makes a sample independent of the batch it is generated in.
+        uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))
+                                for s in seeds])
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
         out = [Generation([], [], "length", self.weight_version) for _ in prompts]
 
@@ -70,12 +73,12 @@ class TorchEngine:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits[:, -1]
         active = torch.arange(n)
-        for _ in range(params.max_new_tokens):
+        for step in range(params.max_new_tokens):
             scaled = logits.float().cpu() / params.temperature
             log_probs = scaled.log_softmax(-1)
-            probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1)
-            tokens = torch.cat([torch.multinomial(probs[j], 1, generator=generators[int(i)])
-                                for j, i in enumerate(active)])
+            cdf = filter_logits(scaled, params.top_k, params.top_p).softmax(-1).cumsum(-1)
+            u = uniforms[active, step : step + 1] * cdf[:, -1:]
+            tokens = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
             token_log_probs = log_probs.gather(-1, tokens[:, None])[:, 0]
             finished = torch.isin(tokens, stop)
             for j, i in enumerate(active.tolist()):

@@ -1,9 +1,10 @@
 """The training backend of the CPU path (and single-node GPUs): a `transformers` model in plain PyTorch,
 data-parallel with DDP when several workers share the work.
 
-Every micro-batch is one packed row: its sequences concatenated with no padding, positions restarting
-at each sequence, so attention stays within each sequence (transformers derives the block-diagonal mask
-from the position ids) — the same THD layout Megatron's packed batches use.
+Micro-batches are formed by token budget (`max_tokens_per_gpu`) or by count. With a variable-length
+attention kernel each micro-batch runs as one packed row — sequences concatenated without padding,
+positions restarting at each sequence (transformers derives the block-diagonal mask from the position
+ids), Megatron's THD layout; without one, as a right-padded batch.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class TorchBackend:
             self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
         self.step = 0
         """Optimizer steps taken."""
+        self.packed = self.model.config._attn_implementation.startswith("flash")
         autocast_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = (
             (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cfg.perf.bf16 and autocast_ok else nullcontext
@@ -64,24 +66,44 @@ class TorchBackend:
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def _packed_forward(self, model: torch.nn.Module, samples: list[TrainSample], with_entropy: bool
-                        ) -> tuple[list[Tensor], list[Tensor]]:
-        """Response-token log-probs (and entropies) of each sample, from one packed forward pass."""
-        tokens = torch.tensor([t for s in samples for t in s.tokens], device=self.device)[None]
-        positions = torch.cat([torch.arange(len(s.tokens)) for s in samples]).to(self.device)[None]
+    def _forward(self, model: torch.nn.Module, samples: list[TrainSample], with_entropy: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+        """Response-token log-probs (and entropies) of the samples, as [b, R] (R the longest response).
+
+        Packed layout (one row, positions restarting per sequence) where a variable-length attention
+        kernel makes it pay (flash attention); otherwise a right-padded batch, since dense attention over
+        a packed row costs the square of the whole micro-batch's length.
+        """
+        lengths = [len(s.tokens) for s in samples]
+        if self.packed:
+            tokens = torch.tensor([t for s in samples for t in s.tokens])[None]
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+            inputs = {"input_ids": tokens.to(self.device), "position_ids": positions.to(self.device)}
+        else:
+            width = max(lengths)
+            tokens = torch.zeros((len(samples), width), dtype=torch.long)
+            attention = torch.zeros_like(tokens)
+            for i, s in enumerate(samples):
+                tokens[i, : len(s.tokens)] = torch.tensor(s.tokens)
+                attention[i, : len(s.tokens)] = 1
+            starts = torch.arange(len(samples)) * width
+            inputs = {"input_ids": tokens.to(self.device), "attention_mask": attention.to(self.device)}
+        # Flat position of each response token's predicting logit (position t predicts token t + 1).
+        r = max(s.response_length for s in samples)
+        offsets = torch.arange(r)
+        first = torch.tensor([s.prompt_length - 1 for s in samples])
+        valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
+        at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
         with self.autocast():
-            logits = model(input_ids=tokens, position_ids=positions).logits[0]
-        log_probs, entropies, start = [], [], 0
-        for s in samples:
-            # logits at position t predict token t + 1
-            lo, hi = start + s.prompt_length - 1, start + len(s.tokens) - 1
-            scaled = logits[lo:hi].float() / self.cfg.rollout.rollout_temperature
-            target = tokens[0, lo + 1 : hi + 1]
-            log_probs.append(scaled.log_softmax(-1).gather(-1, target[:, None])[:, 0])
-            if with_entropy:
-                entropies.append(entropy_from_logits(scaled))
-            start += len(s.tokens)
-        return log_probs, entropies
+            logits = model(**inputs).logits
+        flat = logits.reshape(-1, logits.shape[-1])[at.flatten().to(self.device)].float()
+        scaled = flat / self.cfg.rollout.rollout_temperature
+        target = tokens.flatten()[(at + 1).flatten()].to(self.device)
+        log_probs = scaled.log_softmax(-1).gather(-1, target[:, None])[:, 0].view(len(samples), r)
+        valid = valid.to(self.device)
+        entropy = entropy_from_logits(scaled).view(len(samples), r) * valid if with_entropy else None
+        return log_probs * valid, entropy
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
         p = self.cfg.perf
@@ -96,9 +118,9 @@ class TorchBackend:
             raise ValueError("no reference model: set grpo.use_kl_loss or grpo.kl_coef")
         out: list[list[float]] = [[] for _ in samples]
         for batch in self._micro_batches(samples):
-            lps, _ = self._packed_forward(model, [samples[i] for i in batch], with_entropy=False)
-            for i, lp in zip(batch, lps):
-                out[i] = lp.tolist()
+            lps, _ = self._forward(model, [samples[i] for i in batch], with_entropy=False)
+            for row, i in zip(lps.tolist(), batch):
+                out[i] = row[: samples[i].response_length]
         return out
 
     # --- update ----------------------------------------------------------------------------------------
@@ -142,22 +164,21 @@ class TorchBackend:
     def _micro_batch_loss(self, samples: list[TrainSample], indices: list[int],
                           old_log_probs: list[list[float]] | None, num_samples: int, num_tokens: int
                           ) -> tuple[Tensor, dict[str, Tensor]]:
-        log_probs, entropies = self._packed_forward(self.module, samples, with_entropy=True)
-        width = max(s.response_length for s in samples)
+        lp, entropy = self._forward(self.module, samples, with_entropy=True)
+        width = lp.shape[1]
 
         def rows(values: list[list[float]]) -> Tensor:
             return _pad([torch.tensor(v, dtype=torch.float32, device=self.device) for v in values], width)
 
-        lp = _pad(log_probs, width)
         ref = None
         if self.ref is not None:
             with torch.no_grad():
-                ref = _pad(self._packed_forward(self.ref, samples, with_entropy=False)[0], width)
+                ref = self._forward(self.ref, samples, with_entropy=False)[0]
         old = lp.detach() if old_log_probs is None else rows([old_log_probs[i] for i in indices])
         return policy_objective(
             self.cfg.grpo,
             log_probs=lp,
-            entropy=_pad(entropies, width),
+            entropy=entropy,
             old_log_probs=old,
             advantages=rows([s.advantages for s in samples]),
             mask=rows([s.loss_mask for s in samples]),
