@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class TrainSample:
@@ -56,3 +58,12 @@ def split_for_ranks(n: int, world_size: int) -> list[range]:
     base, extra = divmod(n, world_size)
     starts = [r * base + min(r, extra) for r in range(world_size + 1)]
     return [range(starts[r], starts[r + 1]) for r in range(world_size)]
+
+
+def pad_rows(rows: list, width: int | None = None) -> torch.Tensor:
+    """[len(rows), width] float32 tensor of rows (lists or 1-D tensors) right-padded with zeros."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.float32)
+    return out

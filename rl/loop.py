@@ -17,7 +17,7 @@ import torch
 
 from rl import checkpoint
 from rl.advantages import group_normalize, reinforce_plus_plus_baseline_advantages, reinforce_plus_plus_returns, whiten
-from rl.batch import TrainSample, split_for_ranks
+from rl.batch import TrainSample, pad_rows, split_for_ranks
 from rl.config import RLConfig
 from rl.data import PromptCursor, PromptDataset
 from rl.evaluate import summarize
@@ -52,6 +52,16 @@ def _check_inputs(cfg: RLConfig) -> None:
                         "(no config.json)")
     if cfg.grpo.advantage_estimator == "ppo":
         problems.append("grpo.advantage_estimator: 'ppo' needs a critic, which arrives with issue #8")
+    r = cfg.rollout
+    later = {
+        "rollout.over_sampling_batch_size": r.over_sampling_batch_size is not None,
+        "rollout.dynamic_sampling_filter_path": r.dynamic_sampling_filter_path is not None,
+        "rollout.partial_rollout": r.partial_rollout,
+        "rollout.custom_generate_function_path": r.custom_generate_function_path is not None,
+        "rollout.async_train": r.async_train,
+    }
+    if unsupported := [field for field, on in later.items() if on]:
+        problems.append(f"{', '.join(unsupported)}: not supported by the loop yet (issue #8); unset to run")
     if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
         problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
     if problems:
@@ -187,16 +197,14 @@ class Driver:
         """Fill in each sample's per-token advantages for the configured estimator."""
         g, n = self.cfg.grpo, self.cfg.rollout.n_samples_per_prompt
         rewards = torch.tensor([s.reward for s in train], dtype=torch.float32)
-        width = max(s.response_length for s in train)
-        mask = torch.zeros(len(train), width)
-        for i, s in enumerate(train):
-            mask[i, : s.response_length] = torch.tensor(s.loss_mask, dtype=torch.float32)
+        mask = pad_rows([s.loss_mask for s in train])
+        width = mask.shape[1]
         if g.advantage_estimator in ("grpo", "gspo"):
             per_sample = group_normalize(rewards, n, std_normalize=not g.disable_grpo_std_normalization)
             adv = per_sample[:, None] * mask
         else:
             old, ref = self.trainer_log_probs(train), self.trainer_log_probs(train, ref=True)
-            kl = approx_kl(_rows(old, width), _rows(ref, width), g.kl_loss_type) * mask
+            kl = approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
             if g.advantage_estimator == "reinforce_plus_plus":
                 adv = reinforce_plus_plus_returns(rewards, kl, mask, g.kl_coef, g.gamma)
             else:
@@ -335,13 +343,6 @@ class Driver:
             return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows}
         finally:
             self.stop_actors()
-
-
-def _rows(values: list[list[float]], width: int) -> torch.Tensor:
-    out = torch.zeros(len(values), width)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = torch.tensor(v)
-    return out
 
 
 def _free_port() -> int:

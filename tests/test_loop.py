@@ -173,3 +173,9 @@ def test_rlhpc_run_freezes_the_config_and_reports_rewards(ray_local, tmp_path, t
     frozen = load_config(tmp_path / "config.toml")
     assert frozen.rollout.num_rollout == 2 and frozen.ckpt.hf_checkpoint == tiny_model_dir
     assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_modes_of_a_later_issue_are_refused_not_ignored(tmp_path, tiny_model_dir):
+    cfg = tiny(tmp_path, tiny_model_dir, "rollout.partial_rollout=true", "rollout.over_sampling_batch_size=8")
+    with pytest.raises(RunError, match="rollout.over_sampling_batch_size, rollout.partial_rollout: not supported"):
+        run(cfg)

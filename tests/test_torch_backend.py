@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import MINIMAL
-from rl.batch import TrainSample, micro_batches, split_for_ranks
+from rl.batch import TrainSample, micro_batches, pad_rows, split_for_ranks
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
-from rl.train.torch_backend import TorchBackend, _pad
+from rl.train.torch_backend import TorchBackend
 from rlhpc.config import load_config
 
 
@@ -55,13 +55,13 @@ def padded_reference_grads(backend, samples):
         p = (logits[i, lo:hi] / t).softmax(-1)
         ents.append(-(p * p.clamp_min(1e-30).log()).sum(-1))
     r = max(s.response_length for s in samples)
-    lp = _pad(lps, r)
-    rows = lambda vs: _pad([torch.tensor(v) for v in vs], r)  # noqa: E731
-    mask = rows([s.loss_mask for s in samples])
+    lp = torch.stack([torch.nn.functional.pad(x, (0, r - len(x))) for x in lps])
+    ent = torch.stack([torch.nn.functional.pad(x, (0, r - len(x))) for x in ents])
+    mask = pad_rows([s.loss_mask for s in samples], r)
     loss, _ = policy_objective(
-        backend.cfg.grpo, log_probs=lp, entropy=_pad(ents, r), old_log_probs=lp.detach(),
-        advantages=rows([s.advantages for s in samples]), mask=mask, ref_log_probs=_pad(refs, r),
-        rollout_log_probs=rows([s.rollout_log_probs for s in samples]),
+        backend.cfg.grpo, log_probs=lp, entropy=ent, old_log_probs=lp.detach(),
+        advantages=pad_rows([s.advantages for s in samples], r), mask=mask, ref_log_probs=pad_rows(refs, r),
+        rollout_log_probs=pad_rows([s.rollout_log_probs for s in samples], r),
         num_samples=len(samples), num_tokens=int(mask.sum()))
     model.zero_grad()
     loss.backward()

@@ -18,20 +18,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from rl.batch import TrainSample, micro_batches
+from rl.batch import TrainSample, micro_batches, pad_rows
 from rl.losses import entropy_from_logits
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
 
 if TYPE_CHECKING:
     from rl.config import RLConfig
-
-
-def _pad(rows: list[Tensor], width: int) -> Tensor:
-    out = rows[0].new_zeros((len(rows), width))
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
 
 
 class TorchBackend:
@@ -168,7 +161,7 @@ class TorchBackend:
         width = lp.shape[1]
 
         def rows(values: list[list[float]]) -> Tensor:
-            return _pad([torch.tensor(v, dtype=torch.float32, device=self.device) for v in values], width)
+            return pad_rows(values, width).to(self.device)
 
         ref = None
         if self.ref is not None:
