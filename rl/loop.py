@@ -59,9 +59,10 @@ def _check_inputs(cfg: RLConfig) -> None:
         "rollout.partial_rollout": r.partial_rollout,
         "rollout.custom_generate_function_path": r.custom_generate_function_path is not None,
         "rollout.async_train": r.async_train,
+        "perf.torch_data_parallel": cfg.perf.torch_data_parallel == "fsdp2",
     }
     if unsupported := [field for field, on in later.items() if on]:
-        problems.append(f"{', '.join(unsupported)}: not supported by the loop yet (issue #8); unset to run")
+        problems.append(f"{', '.join(unsupported)}: not supported by the loop yet (issues #4, #8); unset to run")
     if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
         problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
     if problems:

@@ -177,5 +177,5 @@ def test_rlhpc_run_freezes_the_config_and_reports_rewards(ray_local, tmp_path, t
 
 def test_modes_of_a_later_issue_are_refused_not_ignored(tmp_path, tiny_model_dir):
     cfg = tiny(tmp_path, tiny_model_dir, "rollout.partial_rollout=true", "rollout.over_sampling_batch_size=8")
-    with pytest.raises(RunError, match="rollout.over_sampling_batch_size, rollout.partial_rollout: not supported"):
+    with pytest.raises(RunError, match="rollout.over_sampling_batch_size, rollout.partial_rollout: not supported by the loop yet"):
         run(cfg)
