@@ -42,6 +42,8 @@ def run_rlhpc(model: Path, w: dict, out: Path) -> dict:
         "eval.eval_interval=100000", "eval.skip_eval_before_train=true", "run.use_tensorboard=false",
         # TRL runs in one process with no reference model (beta = 0): the same placement and work here.
         "perf.colocate=true", "grpo.use_kl_loss=false",
+        # TRL forwards each optimizer step's samples as one batch: the same micro-batch here.
+        f"perf.max_tokens_per_gpu={8 * w['prompts_per_rollout'] * w['group'] // w['steps_per_rollout']}",
         f"ckpt.save_interval={10 * w['rollouts']}"])
     t0 = time.perf_counter()
     result = Driver(cfg, out).run()
