@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,19 @@ MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def _single_process_is_fine():
+    # One process without a process group is a valid way to run; DCP warns about it every time.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_model_state(state: dict[str, Any], folder: Path) -> None:
     """Write a training state with torch.distributed.checkpoint into folder/model (every rank calls this)."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():  # one process without a process group is a valid way to run
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _single_process_is_fine():
         dcp.save(state, checkpoint_id=Path(folder) / "model")
 
 
@@ -35,8 +43,7 @@ def load_model_state(state: dict[str, Any], folder: Path) -> None:
     """Fill `state` in place from folder/model; only its keys are read."""
     import torch.distributed.checkpoint as dcp
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    with _single_process_is_fine():
         dcp.load(state, checkpoint_id=Path(folder) / "model")
 
 

@@ -91,16 +91,15 @@ class Driver:
         _writable(self.save_dir)
         r = cfg.rollout
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.ckpt.hf_checkpoint)
-        self.dataset = PromptDataset(
-            r.prompt_data, input_key=r.input_key, label_key=r.label_key, metadata_key=r.metadata_key,
-            tokenizer=self.tokenizer, apply_chat_template=r.apply_chat_template,
-            chat_template_kwargs=r.apply_chat_template_kwargs)
+
+        def prompts(path: Path, input_key: str, label_key: str | None) -> PromptDataset:
+            return PromptDataset(path, input_key=input_key, label_key=label_key, metadata_key=r.metadata_key,
+                                 tokenizer=self.tokenizer, apply_chat_template=r.apply_chat_template,
+                                 chat_template_kwargs=r.apply_chat_template_kwargs)
+
+        self.dataset = prompts(r.prompt_data, r.input_key, r.label_key)
         self.eval_sets = {
-            name: PromptDataset(
-                path, input_key=cfg.eval.eval_input_key or r.input_key,
-                label_key=cfg.eval.eval_label_key or r.label_key, metadata_key=r.metadata_key,
-                tokenizer=self.tokenizer, apply_chat_template=r.apply_chat_template,
-                chat_template_kwargs=r.apply_chat_template_kwargs)
+            name: prompts(path, cfg.eval.eval_input_key or r.input_key, cfg.eval.eval_label_key or r.label_key)
             for name, path in cfg.eval.eval_prompt_data.items()
         }
         self.cursor = PromptCursor(len(self.dataset), shuffle=r.rollout_shuffle, seed=r.rollout_seed)

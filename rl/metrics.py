@@ -5,15 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
-
-ROLLOUT_COLUMNS = (
-    "rollout_id", "reward_mean", "reward_std", "response_len_mean", "kl", "clipfrac", "entropy", "grad_norm",
-    "lr", "time_rollout_s", "time_train_s", "time_sync_s", "samples_per_s",
-)
-
 
 class MetricsLog:
     def __init__(self, run_dir: Path, *, tensorboard: bool, resume_from: int = 0):
@@ -54,7 +47,7 @@ class Progress:
     """A rich progress bar with ETA on a terminal; one plain line per rollout otherwise (logs, Slurm)."""
 
     def __init__(self, total: int, start: int):
-        self.total, self.done, self.started = total, start, time.monotonic()
+        self.total = total
         self.bar = None
         if sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
@@ -65,15 +58,12 @@ class Progress:
             self.bar.start()
 
     def update(self, row: dict[str, Any]) -> None:
-        self.done = row["rollout_id"] + 1
+        done = row["rollout_id"] + 1
         status = f"reward {row['reward_mean']:.3f}  len {row['response_len_mean']:.1f}"
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done, status=status)
+            self.bar.update(self.task, completed=done, status=status)
         else:
-            print(f"rollout {self.done}/{self.total}  {status}  {row['samples_per_s']:.1f} samples/s", flush=True)
-
-    def print(self, text: str) -> None:
-        (self.bar.console.print if self.bar is not None else print)(text)
+            print(f"rollout {done}/{self.total}  {status}  {row['samples_per_s']:.1f} samples/s", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -36,6 +36,10 @@ NodesOpt = Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes to al
 RunArg = Annotated[str, typer.Argument(help="Run name, run folder or Slurm job id.", show_default=False)]
 
 
+def _error(message: str) -> None:
+    err.print(f"[bold red]error[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _load(path: Path, overrides: list[str] | None) -> Config:
     from rlhpc.config import ConfigError, load_config
 
@@ -43,7 +47,7 @@ def _load(path: Path, overrides: list[str] | None) -> Config:
         return load_config(path, overrides or [])
     except ConfigError as e:
         for line in e.lines():
-            err.print(f"[bold red]error[/] {escape(line)}", highlight=False, soft_wrap=True)
+            _error(line)
         raise typer.Exit(2) from None
 
 
@@ -114,7 +118,7 @@ def run(config: ConfigArg, overrides: SetOpt = None) -> None:
         out.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
         result = run_loop(cfg, run_dir)
     except (RunError, DataError, OSError) as e:
-        err.print(f"[bold red]error[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _error(str(e))
         raise typer.Exit(2) from None
     rows = result["rows"]
     if rows:
@@ -128,7 +132,7 @@ def _run_folder(run_: str) -> Path:
     if not path.is_dir() and (Path("runs") / run_).is_dir():
         path = Path("runs") / run_
     if not (path / "config.toml").exists():
-        err.print(f"[bold red]error[/] {escape(run_)}: not a run folder (no config.toml)", highlight=False)
+        _error(f"{run_}: not a run folder (no config.toml)")
         raise typer.Exit(2)
     return path.absolute()
 
@@ -148,7 +152,7 @@ def export(
     try:
         folder = export_hf(save_dir_of(cfg, run_dir), cfg.ckpt.hf_checkpoint, hf)
     except FileNotFoundError as e:
-        err.print(f"[bold red]error[/] {escape(str(e))}", highlight=False)
+        _error(str(e))
         raise typer.Exit(2) from None
     out.print(f"exported {folder} → {hf}", highlight=False, soft_wrap=True)
 

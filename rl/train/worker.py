@@ -25,7 +25,6 @@ class TrainWorker:
         from rl.train.torch_backend import TorchBackend
 
         torch.set_num_threads(threads)
-        self.rank = rank
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         if world_size > 1:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank,
