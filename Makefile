@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install system-deps test demo clean
 
 install: $(STAMP)
 
@@ -14,7 +14,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: install
+# The Slurm tests run a real local cluster (`rlhpc cluster up`): as root, install Debian's packages for it.
+system-deps: install
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    $$($(PY) -c 'from hpc.local_cluster import PACKAGES; print(PACKAGES)') >/dev/null; \
+	fi
+
+test: install system-deps
 	$(PY) -m pytest
 
 artifacts/tiny-qwen3/config.json: | install
