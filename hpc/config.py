@@ -54,6 +54,8 @@ class SlurmConfig(Section):
     """Shell lines run on every node before rlhpc starts (module load, source an environment)."""
     additional_parameters: dict[str, str | int | bool] = {}
     """Other sbatch options, as `{ reservation = "rl" }`."""
+    env: dict[str, str] = {}
+    """Environment of every process of the job (NCCL_*, GLOO_*, ...); wins over what rlhpc computes."""
 
     @field_validator("time")
     @classmethod
@@ -90,5 +92,9 @@ class RayConfig(Section):
     """Interface for NCCL/Gloo/Ray traffic; the one routing to the other nodes when unset."""
     nccl_ib_hca: str | None = None
     nccl_debug: str | None = None
-    env: dict[str, str] = {}
-    """Extra environment for every process of the job (NCCL_*, GLOO_*, ...)."""
+
+    def network_env(self) -> dict[str, str]:
+        """The network variables this section sets explicitly (they win over computed ones)."""
+        named = {"NCCL_SOCKET_IFNAME": self.socket_ifname, "GLOO_SOCKET_IFNAME": self.socket_ifname,
+                 "NCCL_IB_HCA": self.nccl_ib_hca, "NCCL_DEBUG": self.nccl_debug}
+        return {k: v for k, v in named.items() if v is not None}

@@ -1,0 +1,317 @@
+"""Ray inside a Slurm allocation: one Ray node per Slurm node, the head on rank 0.
+
+Every task of the job calls `ray_cluster(...)`. Rank 0 starts the head on its address on the interface that
+routes to the other nodes and publishes that address in the attempt's folder (shared filesystem); the other
+ranks wait for it, start a worker node against it, then stay until rank 0 marks the attempt done. Rank 0
+returns once every node has joined the GCS with its CPUs and GPUs, detected by polling the GCS, never by
+sleeping a fixed time; a node that has not joined within `join_timeout_s` ends the job with an error naming it.
+Every rank stops exactly the Ray processes it started (never a global `ray stop`, which kills other users'
+Ray on shared nodes), whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hpc.allocation import Allocation, node_addresses
+from hpc.network import Route, address_of, job_env, route_to
+
+if TYPE_CHECKING:
+    from hpc.config import RayConfig
+
+log = logging.getLogger("rlhpc.ray")
+
+# Ray's longest AF_UNIX path below its temp dir: "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store".
+_SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
+_MAX_SOCKET_PATH = 107
+_MIN_OBJECT_STORE = 80 * 2**20  # Ray refuses less than 75 MiB
+HEAD_FILE = "ray-head.json"
+TOKEN_FILE = "ray-token"
+DONE_FILE = "done"
+POLL_S = 0.1
+
+
+class RayStartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PortBlock:
+    """The ports of one job's Ray, a contiguous block so that two jobs on one node never share one."""
+
+    base: int
+    SIZE = 200  # 10 fixed ports, the rest for worker processes
+
+    def ray_args(self, *, head: bool) -> list[str]:
+        b = self.base
+        args = [f"--node-manager-port={b + 1}", f"--object-manager-port={b + 2}",
+                f"--dashboard-agent-listen-port={b + 4}", f"--dashboard-agent-grpc-port={b + 5}",
+                f"--metrics-export-port={b + 6}", f"--runtime-env-agent-port={b + 8}",
+                f"--min-worker-port={b + 10}", f"--max-worker-port={b + self.SIZE - 1}"]
+        if head:
+            args += [f"--port={b}", f"--dashboard-port={b + 3}", f"--ray-client-server-port={b + 7}"]
+        return args
+
+
+def port_block(job_number: int, *, ephemeral: tuple[int, int], fixed: int | None = None,
+               low: int = 10000, high: int = 65000) -> PortBlock:
+    """Job k's block: the (k mod count)-th of the blocks in [low, high) that miss the kernel's ephemeral range
+    (`/proc/sys/net/ipv4/ip_local_port_range`), from which the kernel hands out ports that would clash.
+    With `fixed` (the `[ray] port` of the config) the block starts there, and must miss that range too."""
+    lo, hi = ephemeral
+    size = PortBlock.SIZE
+
+    def clear(base: int) -> bool:
+        return base + size <= lo or base > hi
+
+    if fixed is not None:
+        if not clear(fixed) or fixed + size > 65536:
+            raise RayStartError(f"ray.port = {fixed}: its block {fixed}-{fixed + size - 1} overlaps the kernel's "
+                                f"ephemeral ports {lo}-{hi} or passes 65535; choose a port below {lo - size}")
+        return PortBlock(fixed)
+    bases = [b for b in range(low, high - size + 1, size) if clear(b)]
+    if not bases:
+        raise RayStartError(f"no block of {size} ports in {low}-{high} misses the ephemeral range {lo}-{hi}")
+    return PortBlock(bases[job_number % len(bases)])
+
+
+def ephemeral_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    lo, hi = path.read_text().split()
+    return int(lo), int(hi)
+
+
+def temp_dir_for(alloc: Allocation, root: str | None) -> Path:
+    """A short node-local dir per job and node: Ray's socket paths below it must stay within 107 bytes."""
+    path = Path(root or "/tmp") / f"rlhpc-{alloc.job_id}-{alloc.node_rank}"
+    if len(str(path)) + _SOCKET_SUFFIX > _MAX_SOCKET_PATH:
+        raise RayStartError(f"Ray temp dir {path} is too long: socket paths below it would pass "
+                            f"{_MAX_SOCKET_PATH} bytes; set [ray] temp_dir to a short node-local path like /tmp")
+    return path
+
+
+def object_store_bytes(requested: int | None, *, memory: int, shm_free: int) -> tuple[int, bool]:
+    """(object-store size, whether it fits in /dev/shm). Ray's default takes 30% of memory, which overflows a
+    small /dev/shm (containers default to 64 MiB) and then silently spills to disk: size it against /dev/shm."""
+    want = requested or int(memory * 0.3)
+    room = int(shm_free * 0.9)
+    if want <= room:
+        return max(want, _MIN_OBJECT_STORE), want >= _MIN_OBJECT_STORE or room >= _MIN_OBJECT_STORE
+    if requested is not None:
+        raise RayStartError(f"ray.object_store_memory = {requested} bytes does not fit in /dev/shm "
+                            f"({shm_free} bytes free); lower it or unset it")
+    if room >= _MIN_OBJECT_STORE:
+        return room, True
+    return max(want, _MIN_OBJECT_STORE), False
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str
+    """host:port of the GCS, for `ray.init(address=...)`."""
+    nodes: dict[str, str]
+    """Slurm host -> the address its Ray node registered with."""
+    env: dict[str, str]
+
+
+class _Node:
+    """One `ray start --block` process and everything it spawned, stopped by its temp dir."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], temp_dir: Path, log_path: Path):
+        self.temp_dir = temp_dir
+        self.log = log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def check(self) -> None:
+        if self.proc.poll() is not None:
+            raise RayStartError(f"`ray start` exited with code {self.proc.returncode}; see {self.log.name}")
+
+    def stop(self) -> None:
+        """SIGTERM `ray start --block` (it stops its children), then kill whatever still runs in our temp dir."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        _kill_processes_using(self.temp_dir)
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _kill_processes_using(temp_dir: Path) -> None:
+    """Kill this job's stray Ray processes: those whose command line names our per-job temp dir."""
+    marker = str(temp_dir).encode()
+    mine = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker in (proc / "cmdline").read_bytes():
+                    mine.append(int(proc.name))
+    for pid in mine:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
+                extra_env: Mapping[str, str] | None = None) -> Iterator[RayCluster | None]:
+    """Bring Ray up on this task's node. Rank 0 yields the joined cluster; other ranks yield None once rank 0
+    has marked the attempt done. `extra_env` (the run's `[slurm.env]`) wins over the node's and computed variables."""
+    if "ray" in sys.modules:
+        # Ray reads its authentication settings when imported; the job's token must be in place first.
+        raise RayStartError("ray_cluster() must be entered before `ray` is imported in this process")
+    attempt_dir.mkdir(parents=True, exist_ok=True)
+    head = alloc.node_rank == 0
+    block = port_block(alloc.job_number, ephemeral=ephemeral_range(), fixed=ray_cfg.port)
+    if not head:
+        head_address = _wait_for_head(attempt_dir, alloc, ray_cfg.join_timeout_s)
+    if ray_cfg.socket_ifname:
+        route = Route(ray_cfg.socket_ifname, address_of(ray_cfg.socket_ifname))
+    elif not head:
+        route = route_to(head_address.rsplit(":", 1)[0])
+    elif peers := [h for h in alloc.hosts if h != alloc.host]:
+        route = route_to(node_addresses(peers)[peers[0]])
+    else:
+        route = Route("lo", "127.0.0.1")
+    if head:
+        head_address = f"{route.source}:{block.base}"
+    env, shown = job_env(route, environ=os.environ, settings={**ray_cfg.network_env(), **(extra_env or {})})
+    if head:
+        log.info("network environment: %s", ", ".join(f"{k}={v}" for k, v in shown.items()))
+    temp_dir = temp_dir_for(alloc, ray_cfg.temp_dir)
+    shm = shutil.disk_usage("/dev/shm").free if Path("/dev/shm").exists() else 0
+    store, in_shm = object_store_bytes(ray_cfg.object_store_memory, memory=alloc.memory_bytes, shm_free=shm)
+    if not in_shm:
+        log.warning("/dev/shm has %d MiB free: Ray's object store goes to %s (slower)", shm >> 20, temp_dir)
+    # The host resource tells the head which Slurm host a Ray node is, whatever address Ray registered.
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+           f"--num-cpus={alloc.cpus}", f"--num-gpus={alloc.gpus}",
+           f"--resources={json.dumps({host_resource(alloc.host): 1})}",
+           f"--temp-dir={temp_dir}", f"--object-store-memory={store}", *block.ray_args(head=head)]
+    if route.ifname != "lo":  # alone, Ray picks its own address; with peers, the one they reach us at
+        cmd.append(f"--node-ip-address={route.source}")
+    if not in_shm:
+        cmd.append(f"--plasma-directory={temp_dir}")
+    if head:
+        cmd += ["--head", f"--include-dashboard={str(ray_cfg.dashboard).lower()}",
+                f"--dashboard-host={ray_cfg.dashboard_host}"]
+    else:
+        cmd.append(f"--address={head_address}")
+    # GCS clients retry for longer: many nodes registering at once can slow the GCS (NeMo-RL's experience).
+    env.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "120")
+    # Anyone who reaches a Ray port can run code as this user: the job's Ray takes only its own token,
+    # made by rank 0 in the attempt folder (readable by the user alone) and read there by the other nodes.
+    token = attempt_dir / TOKEN_FILE
+    if head:
+        _write_token(token)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    node = _Node(cmd, env, temp_dir, attempt_dir / f"ray-{alloc.host}.log")
+    try:
+        (attempt_dir / "nodes").mkdir(exist_ok=True)
+        _write_json(attempt_dir / "nodes" / f"{alloc.host}.json",
+                    {"address": route.source, "ifname": route.ifname, "rank": alloc.node_rank,
+                     "cpus": alloc.cpus, "gpus": alloc.gpus, "pid": os.getpid()})
+        if head:
+            _wait_for_port(node, route.source, block.base, ray_cfg.join_timeout_s)
+            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver
+            _write_json(attempt_dir / HEAD_FILE, {"address": head_address})
+            nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node)
+            try:
+                yield RayCluster(head_address, nodes, env)
+            finally:
+                (attempt_dir / DONE_FILE).touch()
+        else:
+            _wait_until_done(node, attempt_dir)
+            yield None
+    finally:
+        node.stop()
+
+
+def host_resource(host: str) -> str:
+    return f"rlhpc-host-{host}"
+
+
+def _write_token(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def _wait_for_head(attempt_dir: Path, alloc: Allocation, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    path = attempt_dir / HEAD_FILE
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RayStartError(f"the Ray head ({alloc.hosts[0]}) did not start within {timeout_s:.0f}s")
+        time.sleep(POLL_S)
+    return json.loads(path.read_text())["address"]
+
+
+def _wait_for_port(node: _Node, host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node.check()
+        with socket.socket() as s:
+            s.settimeout(1.0)
+            if s.connect_ex((host, port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RayStartError(f"the Ray head did not listen on {host}:{port} within {timeout_s:.0f}s")
+        time.sleep(POLL_S)
+
+
+def wait_for_nodes(address: str, alloc: Allocation, attempt_dir: Path, timeout_s: float, node: _Node
+                   ) -> dict[str, str]:
+    """Poll the GCS until one alive Ray node per Slurm host has registered with the task's CPUs and GPUs."""
+    import ray
+
+    ray.init(address=address, configure_logging=False, log_to_driver=True, namespace="rlhpc")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        node.check()
+        hosts = {}
+        for n in ray.nodes():
+            res = n["Resources"]
+            host = next((h for h in alloc.hosts if host_resource(h) in res), None)
+            path = attempt_dir / "nodes" / f"{host}.json"
+            if n["Alive"] and host and path.exists():
+                info = json.loads(path.read_text())
+                if res.get("CPU", 0) >= info["cpus"] and res.get("GPU", 0) >= info["gpus"]:
+                    hosts[host] = n["NodeManagerAddress"]
+        if len(hosts) == alloc.num_nodes:
+            return hosts
+        if time.monotonic() > deadline:
+            missing = [h for h in alloc.hosts if h not in hosts]
+            ray.shutdown()
+            raise RayStartError(f"{len(missing)} of {alloc.num_nodes} nodes did not join Ray within "
+                                f"{timeout_s:.0f}s: {', '.join(missing)}")
+        time.sleep(POLL_S)
+
+
+def _wait_until_done(node: _Node, attempt_dir: Path) -> None:
+    done = attempt_dir / DONE_FILE
+    while not done.exists():
+        node.check()
+        time.sleep(POLL_S)
