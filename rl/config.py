@@ -401,6 +401,14 @@ class RLConfig(BaseModel):
         ]
         return [(f, p) for f, p in wanted if p is not None and not p.exists()]
 
+    def run_dir(self) -> Path:
+        """`run.output_dir`, else runs/<run name> under the working directory."""
+        return Path(self.run.output_dir or Path("runs") / (self.run.name or "run")).absolute()
+
+    def save_dir(self, run_dir: Path) -> Path:
+        """`ckpt.save`, else the run folder's checkpoints/."""
+        return Path(self.ckpt.save) if self.ckpt.save else Path(run_dir) / "checkpoints"
+
     def num_rollout_for(self, dataset_size: int) -> int:
         """Rollouts to run: num_rollout, else num_epoch passes over the data (slime's rule), else one epoch."""
         if self.rollout.num_rollout is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,18 +30,11 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_
               "TOKENIZERS_PARALLELISM": "false"}
 
 
+PLACEMENT_TIMEOUT_S = 120
+
+
 class RunError(RuntimeError):
     """A run that cannot start or go on; the message names the cause."""
-
-
-def run_dir_of(cfg: RLConfig) -> Path:
-    """`run.output_dir`, else runs/<run name> under the working directory."""
-    return Path(cfg.run.output_dir or Path("runs") / (cfg.run.name or "run")).absolute()
-
-
-def save_dir_of(cfg: RLConfig, run_dir: Path) -> Path:
-    """`ckpt.save`, else the run folder's checkpoints/."""
-    return Path(cfg.ckpt.save) if cfg.ckpt.save else Path(run_dir) / "checkpoints"
 
 
 def _check_inputs(cfg: RLConfig) -> None:
@@ -80,12 +72,12 @@ def _writable(folder: Path) -> None:
 
 
 class Driver:
-    def __init__(self, cfg: RLConfig, run_dir: Path):
+    def __init__(self, cfg: RLConfig, run_dir: Path, ray_address: str | None = None):
         from transformers import AutoTokenizer
 
         _check_inputs(cfg)
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.save_dir = save_dir_of(cfg, self.run_dir)
+        self.cfg, self.run_dir, self.ray_address = cfg, Path(run_dir), ray_address
+        self.save_dir = cfg.save_dir(self.run_dir)
         self.load_dir = Path(cfg.ckpt.load) if cfg.ckpt.load else self.save_dir
         _writable(self.run_dir)
         _writable(self.save_dir)
@@ -112,44 +104,68 @@ class Driver:
     # --- actors ----------------------------------------------------------------------------------------
 
     def start_actors(self) -> None:
+        """Training workers in a placement group of one bundle per node (`actor_num_nodes`; strictly spread
+        over nodes when several, strictly packed on one otherwise), rollout engines beside them."""
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from rl.rollout.torch_engine import TorchEngine
         from rl.train.worker import TrainWorker
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=True,
-                     runtime_env={"env_vars": WORKER_ENV})
-        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+            ray.init(address=self.ray_address, include_dashboard=False, configure_logging=False,
+                     log_to_driver=True)
         p = self.cfg.perf
         world = p.actor_num_nodes * p.actor_num_gpus_per_node
         n_engines = 0 if p.colocate else max(
             1, (self.cfg.sglang.rollout_num_gpus or 1) // self.cfg.sglang.rollout_num_gpus_per_engine)
-        # Whole CPUs each where the node has enough, else fractions (Ray takes fractions below 1 only),
-        # so that any number of actors fits; torch threads are set explicitly.
-        slot = cpus // (world + n_engines) or cpus / (world + n_engines)
+        alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+        if len(alive) < p.actor_num_nodes:
+            raise RunError(f"perf.actor_num_nodes = {p.actor_num_nodes} but Ray has {len(alive)} node(s)")
+        # Whole CPUs each where the nodes have enough, else fractions (Ray takes fractions below 1 only), so
+        # that any number of actors fits; torch threads are set explicitly.
+        node_cpus = min(int(r.get("CPU", 1)) for r in alive)
+        per_node = p.actor_num_gpus_per_node + -(-n_engines // p.actor_num_nodes)
+        slot = node_cpus // per_node or node_cpus / per_node
         threads = p.cpu_threads or max(1, int(slot))
-        master = ray.util.get_node_ip_address()
-        port = _free_port()
+        gpus = 1 if torch_cuda_available() else 0
+        bundle = {"CPU": slot * p.actor_num_gpus_per_node, **({"GPU": p.actor_num_gpus_per_node} if gpus else {})}
+        self.group = placement_group([bundle] * p.actor_num_nodes,
+                                     strategy="STRICT_SPREAD" if p.actor_num_nodes > 1 else "STRICT_PACK")
+        if not self.group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+            raise RunError(f"the training workers did not fit on the cluster within {PLACEMENT_TIMEOUT_S}s: "
+                           f"{p.actor_num_nodes} node(s) x {bundle} asked, nodes have {alive}")
+
+        def in_bundle(rank: int) -> dict[str, Any]:
+            return {"num_cpus": slot, "num_gpus": gpus, "runtime_env": {"env_vars": WORKER_ENV},
+                    "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                        self.group, placement_group_bundle_index=rank // p.actor_num_gpus_per_node)}
+
+        # torch.distributed's rendezvous lives with rank 0, wherever the group put it.
+        master, port = ray.get(ray.remote(_address_and_free_port).options(
+            **{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote())
         worker_cls = ray.remote(TrainWorker)
         self.workers = [
-            worker_cls.options(num_cpus=slot).remote(
+            worker_cls.options(**in_bundle(rank)).remote(
                 self.cfg, rank=rank, world_size=world, master_addr=master, master_port=port,
                 init_from=self.init_from, total_steps=self.total_steps, threads=threads,
                 host_engine=p.colocate and rank == 0)
             for rank in range(world)
         ]
         engine_cls = ray.remote(TorchEngine)
-        self.engines = [engine_cls.options(num_cpus=slot).remote(self.init_from, threads=threads)
-                        for _ in range(n_engines)]
+        self.engines = [engine_cls.options(num_cpus=slot, num_gpus=gpus, runtime_env={"env_vars": WORKER_ENV})
+                        .remote(self.init_from, threads=threads) for _ in range(n_engines)]
         self.generators = [self.workers[0]] if p.colocate else self.engines
-        ray.get([w.node.remote() for w in self.workers])  # surface start-up errors here
+        self.placement = ray.get([w.node.remote() for w in self.workers])  # also surfaces start-up errors
 
     def stop_actors(self) -> None:
         import ray
 
         for actor in [*getattr(self, "workers", []), *getattr(self, "engines", [])]:
             ray.kill(actor)
+        if getattr(self, "group", None) is not None:
+            ray.util.remove_placement_group(self.group)
 
     # --- one rollout -----------------------------------------------------------------------------------
 
@@ -328,6 +344,8 @@ class Driver:
                     "time_sync_s": sync_s,
                     "samples_per_s": len(samples) / (time.perf_counter() - t0),
                     **pending_eval,
+                    "num_rollout": self.num_rollout,
+                    "timestamp": time.time(),
                 }
                 pending_eval = {}
                 if self.eval_sets and cfg.eval.eval_interval and (rollout_id + 1) % cfg.eval.eval_interval == 0:
@@ -340,19 +358,28 @@ class Driver:
             progress.close()
             log.close()
             rows = log.rows()
-            return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows}
+            return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows, "workers": self.placement}
         finally:
             self.stop_actors()
 
 
-def _free_port() -> int:
+def _address_and_free_port() -> tuple[str, int]:
     import socket
+
+    import ray
 
     with socket.socket() as s:
         s.bind(("", 0))
-        return s.getsockname()[1]
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def run(cfg: RLConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run (or resume) the GRPO loop of `cfg`, writing into its run folder."""
-    return Driver(cfg, run_dir or run_dir_of(cfg)).run()
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(cfg: RLConfig, run_dir: Path | None = None, ray_address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) the GRPO loop of `cfg`, writing into its run folder; on the Ray cluster at `ray_address`
+    when given, else on a Ray started here."""
+    return Driver(cfg, run_dir or cfg.run_dir(), ray_address).run()

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+NOT_CURVES = {"rollout_id", "num_rollout", "timestamp"}
+"""Row fields that place a row (for `rlhpc status`) rather than measure training."""
+
+
 class MetricsLog:
     def __init__(self, run_dir: Path, *, tensorboard: bool, resume_from: int = 0):
         """Rows of rollouts at or after `resume_from` are dropped: a resumed run writes them again."""
@@ -34,7 +38,7 @@ class MetricsLog:
         if self.tb is not None:
             step = row["rollout_id"]
             for key, value in row.items():
-                if key != "rollout_id" and isinstance(value, (int, float)):
+                if key not in NOT_CURVES and isinstance(value, (int, float)):
                     self.tb.add_scalar(key if "/" in key else f"rollout/{key}", value, step)
             self.tb.flush()
 

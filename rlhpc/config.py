@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, model_validator
 
 from hpc.config import RayConfig, SlurmConfig
 from rl.config import ConfigFieldsError, RLConfig
@@ -26,6 +26,15 @@ class Config(RLConfig):
 
     slurm: SlurmConfig = SlurmConfig()
     ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _actors_fit_allocation(self) -> Config:
+        if self.perf.actor_num_nodes > self.slurm.nodes:
+            raise ConfigFieldsError(
+                ("perf.actor_num_nodes", "slurm.nodes"),
+                f"the training workers span {self.perf.actor_num_nodes} nodes but the job allocates "
+                f"{self.slurm.nodes}; raise slurm.nodes (--nodes) or lower perf.actor_num_nodes")
+        return self
 
 
 @dataclass(frozen=True)

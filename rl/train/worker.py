@@ -37,9 +37,10 @@ class TrainWorker:
             self.engine = TorchEngine(init_from, device=device)
 
     def node(self) -> tuple[str, int]:
-        import socket
+        """(address of this worker's Ray node, pid)."""
+        import ray
 
-        return socket.gethostname(), os.getpid()
+        return ray.util.get_node_ip_address(), os.getpid()
 
     def compute_log_probs(self, samples: list[TrainSample], ref: bool = False) -> list[list[float]]:
         return self.backend.compute_log_probs(samples, ref=ref)
