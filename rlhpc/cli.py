@@ -12,7 +12,10 @@ from rich.console import Console
 from rich.markup import escape
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from rlhpc.config import Config
+    from rlhpc.status import RunStatus
 
 app = typer.Typer(
     name="rlhpc",
@@ -106,15 +109,12 @@ def run(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Run the GRPO loop on this machine (Ray started locally); resumes from the run's latest checkpoint."""
     cfg = _load(config, overrides)
     from rl.data import DataError
-    from rl.loop import RunError, run_dir_of
+    from rl.loop import RunError
     from rl.loop import run as run_loop
-    from rlhpc.config import dump_toml
+    from rlhpc.run_folder import freeze
 
-    run_dir = run_dir_of(cfg)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # The resolved config is frozen in the run folder: what ran is what is recorded.
-        (run_dir / "config.toml").write_text(dump_toml(cfg))
+        run_dir = freeze(cfg)
         out.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
         result = run_loop(cfg, run_dir)
     except (RunError, DataError, OSError) as e:
@@ -147,10 +147,8 @@ def export(
 
     run_dir = _run_folder(run_)
     cfg = _load(run_dir / "config.toml", [])
-    from rl.loop import save_dir_of
-
     try:
-        folder = export_hf(save_dir_of(cfg, run_dir), cfg.ckpt.hf_checkpoint, hf)
+        folder = export_hf(cfg.save_dir(run_dir), cfg.ckpt.hf_checkpoint, hf)
     except FileNotFoundError as e:
         _error(str(e))
         raise typer.Exit(2) from None
@@ -170,36 +168,222 @@ def plot(
     out.print(f"wrote {png}", highlight=False, soft_wrap=True)
 
 
+def _slurm_flags(**flags: object) -> list[str]:
+    """`--partition gpu` and friends as `--set slurm.partition="gpu"`: one path, validated like the file."""
+    return [f"slurm.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+
+
+def _load_for_slurm(config: Path, overrides: list[str] | None, flags: list[str], nodes: int | None) -> Config:
+    cfg = _load(config, [*(overrides or []), *flags])
+    if nodes is not None and nodes > 1 and "actor_num_nodes" not in cfg.perf.model_fields_set:
+        # --nodes N with no explicit actor_num_nodes: the training workers use every node of the allocation.
+        cfg = _load(config, [*(overrides or []), *flags, f"perf.actor_num_nodes={nodes}"])
+    return cfg
+
+
+PartitionOpt = Annotated[str | None, typer.Option(help="Slurm partition.", show_default=False)]
+OptStr = Annotated[str | None, typer.Option(show_default=False)]
+OptInt = Annotated[int | None, typer.Option(min=0, show_default=False)]
+
+
 @app.command()
-def submit(config: ConfigArg, nodes: NodesOpt = 1, overrides: SetOpt = None) -> None:
+def submit(
+    config: ConfigArg,
+    nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")] = None,
+    partition: PartitionOpt = None,
+    account: OptStr = None,
+    qos: OptStr = None,
+    time: Annotated[str | None, typer.Option(help="Time limit (4:00:00, 2-00:00:00).", show_default=False)] = None,
+    gpus_per_node: OptInt = None,
+    cpus_per_task: OptInt = None,
+    mem: OptStr = None,
+    constraint: OptStr = None,
+    exclusive: Annotated[bool | None, typer.Option("--exclusive", help="Whole nodes.", show_default=False)] = None,
+    nodelist: OptStr = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sbatch script; submit nothing.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Run through submitit's local executor here.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end; exit non-zero if it failed.")] = False,
+    overrides: SetOpt = None,
+) -> None:
     """Submit a run to Slurm (or run it through the local executor where no Slurm is reachable)."""
-    _load(config, overrides)
-    _not_yet("submit", 5, "Slurm-native execution")
+    flags = _slurm_flags(nodes=nodes, partition=partition, account=account, qos=qos, time=time,
+                         gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task, mem=mem, constraint=constraint,
+                         exclusive=exclusive, nodelist=nodelist)
+    cfg = _load_for_slurm(config, overrides, flags, nodes)
+    from rlhpc import submit as submission
+
+    if dry_run:
+        out.print(submission.sbatch_script(cfg, cfg.run_dir()), highlight=False, markup=False, soft_wrap=True)
+        return
+    if not local and not submission.slurm_reachable():
+        local = True
+        out.print("no Slurm reachable here (sbatch/sinfo): running through submitit's local executor instead")
+    if local and cfg.slurm.nodes > 1:
+        _error(f"slurm.nodes = {cfg.slurm.nodes}: the local executor runs one node; submit to Slurm, or try "
+               "`rlhpc cluster up` for a local multi-node cluster")
+        raise typer.Exit(2)
+    done = submission.submit(cfg, local=local)
+    out.print(f"submitted job {done.job_id} ({done.executor}); run folder: {done.run_dir}", highlight=False,
+              soft_wrap=True)
+    if wait:
+        try:
+            result = submission.wait(done)
+        except submission.JobFailed as e:
+            _error(str(e))
+            raise typer.Exit(1) from None
+        out.print(f"job {done.job_id} finished: {result['rollouts']} rollouts, last reward "
+                  f"{result['last_reward']:.3f}", highlight=False)
 
 
 @app.command()
-def render(config: ConfigArg, nodes: NodesOpt = 1, overrides: SetOpt = None) -> None:
-    """Render a plain sbatch script that does what `rlhpc submit` does."""
-    _load(config, overrides)
-    _not_yet("render", 5, "Slurm-native execution")
+def render(
+    config: ConfigArg,
+    nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the script here (else stdout).")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Render a plain sbatch script that does what `rlhpc submit` does (and freeze the run's config)."""
+    cfg = _load_for_slurm(config, overrides, _slurm_flags(nodes=nodes), nodes)
+    from rlhpc.render import RenderError
+    from rlhpc.render import render as render_script
+
+    try:
+        script = render_script(cfg, output)
+    except RenderError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    if output is None:
+        out.print(script, highlight=False, markup=False, soft_wrap=True, end="")
+    else:
+        output.write_text(script)
+        err.print(f"wrote {output}; submit it with: sbatch {output}", highlight=False, soft_wrap=True)
+
+
+def _status_table(rows: list[RunStatus]) -> Table:
+    from rich.table import Table
+
+    from rlhpc.status import duration
+
+    table = Table(box=None, header_style="bold")
+    for col in ["run", "job", "state", "nodes", "elapsed", "left", "requeues", "rollout", "reward", "checkpoint",
+                "ETA"]:
+        table.add_column(col, justify="right" if col in {"nodes", "requeues", "reward"} else "left")
+    colors = {"RUNNING": "green", "COMPLETED": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "red",
+              "TIMEOUT": "red", "NODE_FAIL": "red", "PREEMPTED": "yellow"}
+    for r in rows:
+        state = f"[{colors.get(r.state, 'white')}]{r.state}[/]" + (f" ({escape(r.reason)})" if r.reason else "")
+        table.add_row(
+            escape(r.run), r.job_id or "-", state, str(r.nodes or "-"), duration(r.elapsed_s), duration(r.time_left_s),
+            str(r.requeues), f"{r.rollout}/{r.num_rollout}" if r.num_rollout else str(r.rollout),
+            f"{r.last_reward:.3f}" if r.last_reward is not None else "-",
+            f"{r.checkpoint} ({duration(r.checkpoint_age_s)} ago)" if r.checkpoint else "-", duration(r.eta_s))
+    return table
 
 
 @app.command()
-def status(run_: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Run name or job id.")] = None) -> None:
+def status(
+    run_: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Run name, run folder or job id.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every 5 s until Ctrl-C.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
     """Show runs: Slurm state joined with each run's own progress."""
-    _not_yet("status", 5, "Slurm-native execution")
+    import time
+
+    from rlhpc.status import collect, find_runs
+
+    try:
+        runs = find_runs(run_)
+    except LookupError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    if as_json:
+        out.print_json(json.dumps([r.as_dict() for r in collect(runs)]))
+        return
+    if not runs:
+        out.print("no runs in runs/ (give a run folder, name or job id)")
+        return
+    if not watch:
+        out.print(_status_table(collect(runs)))
+        return
+    from rich.live import Live
+
+    with Live(_status_table(collect(runs)), console=out, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(5)
+                live.update(_status_table(collect(runs)), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def _one_run(run_: str) -> Path:
+    from rlhpc.status import find_runs
+
+    try:
+        runs = find_runs(run_)
+    except LookupError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    if len(runs) != 1:
+        _error(f"{run_}: several runs match ({', '.join(p.name for p in runs)}); name one")
+        raise typer.Exit(2)
+    return runs[0].absolute()
+
+
+def _last_job(run_dir: Path) -> dict:
+    from rlhpc.run_folder import submissions
+
+    subs = submissions(run_dir)
+    if not subs:
+        _error(f"{run_dir}: the run was never submitted (no submissions.jsonl)")
+        raise typer.Exit(2)
+    return subs[-1]
 
 
 @app.command()
-def logs(run_: RunArg) -> None:
-    """Show a run's logs."""
-    _not_yet("logs", 5, "Slurm-native execution")
+def logs(
+    run_: RunArg,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing as the logs grow.")] = False,
+    node: Annotated[int, typer.Option("--node", min=0, help="Node rank of the allocation (0: the driver).")] = 0,
+) -> None:
+    """Print the logs of a run's current job on one node (stdout, then stderr)."""
+    import os
+
+    from rlhpc.run_folder import task_logs
+
+    run_dir = _one_run(run_)
+    job = _last_job(run_dir)
+    files = [str(p) for p in task_logs(run_dir, job["job_id"], node)]
+    if not any(Path(f).exists() for f in files) and not follow:
+        _error(f"no logs yet for job {job['job_id']} node {node} (looked for {files[0]} and .err)")
+        raise typer.Exit(1)
+    os.execvp("tail", ["tail", "-n", "+1", *(["-F"] if follow else []), *[f for f in files if follow or
+                                                                        Path(f).exists()]])
 
 
 @app.command()
 def cancel(run_: RunArg) -> None:
     """Cancel a run's current job and stop its requeueing."""
-    _not_yet("cancel", 5, "Slurm-native execution")
+    import os
+    import signal
+
+    from hpc.slurm import cancel as scancel
+    from rlhpc.run_folder import mark_cancelled
+
+    run_dir = _one_run(run_)
+    job = _last_job(run_dir)
+    mark_cancelled(run_dir)  # first: a requeue racing with the cancel finds the mark and stops
+    try:
+        if job["executor"] == "slurm":
+            scancel(job["job_id"])
+        else:
+            os.kill(int(job["job_id"]), signal.SIGTERM)  # submitit's local job id is its process id
+    except ProcessLookupError:
+        pass
+    except OSError as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    out.print(f"cancelled job {job['job_id']} of run {run_dir.name}; it will not be requeued", highlight=False)
 
 
 @app.command()
@@ -208,10 +392,70 @@ def resume(run_: RunArg) -> None:
     _not_yet("resume", 6, "preemption, requeue and fault tolerance")
 
 
-@app.command()
-def cluster(action: Annotated[str, typer.Argument(help="up, down or status.")]) -> None:
-    """Bring a real local Slurm cluster up or down on this machine (for tests and trying rlhpc)."""
-    _not_yet("cluster", 5, "Slurm-native execution")
+cluster_app = typer.Typer(help="A real local Slurm cluster on this machine (tests, CI, trying rlhpc).",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+StateDirOpt = Annotated[Path, typer.Option("--state-dir", help="Where the cluster keeps its config, state and logs.")]
+
+
+@cluster_app.command("up")
+def cluster_up(
+    nodes: NodesOpt = 2,
+    cpus_per_node: Annotated[
+        int | None, typer.Option(min=1, help="CPUs each node declares; the machine's by default.")] = None,
+    accounting: Annotated[bool, typer.Option(help="Add slurmdbd with a local MariaDB, so sacct works.")] = False,
+    state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster"),
+) -> None:
+    """Start munged, slurmctld and one slurmd per node, each node in its own network namespace."""
+    import os
+
+    from hpc.local_cluster import ClusterError, LocalCluster, Spec
+
+    c = LocalCluster(state_dir)
+    spec = Spec(nodes=nodes, cpus_per_node=cpus_per_node or os.cpu_count() or 1, accounting=accounting)
+    try:
+        started = c.up(spec)
+    except ClusterError as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    word = "up" if started else "already up"
+    out.print(f"local cluster {word}: {nodes} nodes, {spec.cpus_per_node} CPUs each, partitions batch (default) "
+              f"and urgent (preempts batch)", highlight=False)
+    out.print(f"use it with: export SLURM_CONF={c.conf}", highlight=False, soft_wrap=True)
+
+
+@cluster_app.command("down")
+def cluster_down(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
+    """Stop every daemon and job process of the local cluster and remove its namespaces and bridge."""
+    from hpc.local_cluster import ClusterError, LocalCluster, check_prerequisites
+
+    c = LocalCluster(state_dir)
+    try:
+        check_prerequisites()
+        c.down()
+    except ClusterError as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    if left := c.leftovers():
+        _error("still there after down: " + "; ".join(left))
+        raise typer.Exit(1)
+    out.print("local cluster down")
+
+
+@cluster_app.command("status")
+def cluster_status(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
+    """Say whether the local cluster is up, and the state of each node."""
+    from hpc.local_cluster import LocalCluster
+
+    c = LocalCluster(state_dir)
+    spec = c.spec()
+    if spec is None or not c.daemons_alive(spec):
+        out.print("local cluster down" + (" (daemons missing: run `rlhpc cluster up`)" if spec else ""))
+        raise typer.Exit(1)
+    out.print(f"local cluster up: SLURM_CONF={c.conf}", highlight=False, soft_wrap=True)
+    for node, state in c.node_states().items():
+        address = next(n.addr for n in spec.node_list() if n.name == node)
+        out.print(f"  {node}  {address}  {state}", highlight=False)
 
 
 @app.command()

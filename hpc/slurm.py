@@ -1,0 +1,186 @@
+"""Slurm's own view of jobs: `squeue` (JSON, else plain format) and `sacct` when accounting is on.
+
+Sites run every Slurm from 20.11 to 25.x, so the JSON is read across its schema versions: `job_state` is a
+string up to data parser v0.0.39 and a list after; numbers are plain before v0.0.39 and `{set, infinite,
+number}` objects from it. Without `--json` (before 21.08, or a site that built Slurm without it) the plain
+`--format` output is parsed. Nothing here depends on `sacct` being there: without accounting it fails, and a
+job that has left `squeue` is then known only from the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any
+
+_FORMAT = "%i|%j|%T|%r|%D|%N|%P|%l|%S|%V"
+_FORMAT_FIELDS = ("job_id", "name", "state", "reason", "nodes", "nodelist", "partition", "time_limit", "start",
+                  "submit")
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    name: str
+    state: str
+    """PENDING, RUNNING, COMPLETED, ... (the first of Slurm's flags when it gives several)."""
+    reason: str
+    nodes: int
+    nodelist: str
+    partition: str
+    time_limit_s: int | None
+    """None when unlimited."""
+    start_time: float | None
+    """Epoch seconds; None before the job starts (or its expected start when pending)."""
+    submit_time: float | None
+    restarts: int
+    exit_code: int | None = None
+
+    def elapsed_s(self, now: float | None = None) -> float | None:
+        if self.start_time is None or self.state == "PENDING":
+            return None
+        return max(0.0, (now or time.time()) - self.start_time)
+
+    def time_left_s(self, now: float | None = None) -> float | None:
+        elapsed = self.elapsed_s(now)
+        if elapsed is None or self.time_limit_s is None:
+            return None
+        return max(0.0, self.time_limit_s - elapsed)
+
+
+def number(value: Any) -> int | float | None:
+    """A number of any schema: plain, or `{set, infinite, number}` (None when unset or infinite)."""
+    if isinstance(value, dict):
+        if value.get("infinite") or not value.get("set", True):
+            return None
+        value = value.get("number")
+    if value is None or isinstance(value, bool):
+        return None
+    return value
+
+
+def state_of(value: Any) -> str:
+    """`job_state` of any schema: "RUNNING", or ["RUNNING"] / ["PENDING", "REQUEUED"]."""
+    if isinstance(value, list):
+        return str(value[0]) if value else "UNKNOWN"
+    return str(value or "UNKNOWN")
+
+
+def _epoch(value: Any) -> float | None:
+    n = number(value)
+    return float(n) if n else None
+
+
+def _exit_code(value: Any) -> int | None:
+    # Up to v0.0.38 the raw wait status (exit code << 8); newer: {"status": [...], "return_code": number}.
+    if isinstance(value, dict):
+        return number(value.get("return_code"))
+    raw = number(value)
+    return None if raw is None else (int(raw) >> 8) & 0xFF
+
+
+def jobs_from_json(data: dict[str, Any]) -> list[JobInfo]:
+    """Parse `squeue --json` or `sacct --json` output of any schema version."""
+    found = []
+    for j in data.get("jobs", []):
+        if isinstance(j.get("state"), dict):  # sacct: {"current": [...], "reason": ...}
+            state, reason = j["state"].get("current"), j["state"].get("reason", "")
+        else:
+            state, reason = j.get("job_state"), j.get("state_reason", "")
+        limit = number(j.get("time_limit"))
+        if isinstance(j.get("time"), dict):  # sacct: times nested under "time"
+            t = j["time"]
+            start, submit = _epoch(t.get("start")), _epoch(t.get("submission"))
+            limit = number(t.get("limit"))
+        else:
+            start, submit = _epoch(j.get("start_time")), _epoch(j.get("submit_time"))
+        array_task = number(j.get("array_task_id"))
+        job_id = str(number(j.get("job_id")))
+        if array_task is not None:
+            job_id = f"{number(j.get('array_job_id'))}_{array_task}"
+        nodelist = j.get("nodes") if isinstance(j.get("nodes"), str) else ""
+        count = number(j.get("node_count"))
+        if count is None and isinstance(j.get("allocation_nodes"), (int, dict)):
+            count = number(j.get("allocation_nodes"))
+        found.append(JobInfo(
+            job_id=job_id,
+            name=str(j.get("name", "")),
+            state=state_of(state),
+            reason="" if reason in (None, "None") else str(reason),
+            nodes=int(count or 0),
+            nodelist=nodelist,
+            partition=str(j.get("partition", "")),
+            time_limit_s=None if limit is None else int(limit) * 60,
+            start_time=start,
+            submit_time=submit,
+            restarts=int(number(j.get("restart_cnt")) or 0),
+            exit_code=_exit_code(j.get("exit_code")),
+        ))
+    return found
+
+
+def jobs_from_format(text: str) -> list[JobInfo]:
+    """Parse `squeue -h -o` with `_FORMAT` (the fallback where `--json` is missing)."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != len(_FORMAT_FIELDS):
+            continue
+        f = dict(zip(_FORMAT_FIELDS, parts, strict=True))
+        found.append(JobInfo(
+            job_id=f["job_id"], name=f["name"], state=f["state"], reason=f["reason"] if f["reason"] != "None" else "",
+            nodes=int(f["nodes"] or 0), nodelist=f["nodelist"], partition=f["partition"],
+            time_limit_s=_limit_seconds(f["time_limit"]), start_time=_timestamp(f["start"]),
+            submit_time=_timestamp(f["submit"]), restarts=0))
+    return found
+
+
+def _limit_seconds(value: str) -> int | None:
+    if value in {"UNLIMITED", "INVALID", "NOT_SET", ""}:
+        return None
+    days, _, clock = value.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    h, m, s = parts
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
+
+
+def _timestamp(value: str) -> float | None:
+    if value in {"N/A", "Unknown", "None", ""}:
+        return None
+    return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+
+
+def queue(job_ids: list[str] | None = None, env: dict[str, str] | None = None) -> list[JobInfo]:
+    """Jobs in `squeue` (all of the user's, or `job_ids`): JSON when this Slurm has it, else plain format."""
+    selector = ["--jobs", ",".join(job_ids)] if job_ids else ["--me"]
+    p = subprocess.run(["squeue", "--json", *selector], capture_output=True, text=True, env=env)
+    if p.returncode == 0 and p.stdout.lstrip().startswith("{"):
+        return jobs_from_json(json.loads(p.stdout))
+    p = subprocess.run(["squeue", "-h", "-o", _FORMAT, *selector], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        if "Invalid job id" in p.stderr:  # a finished job squeue has already forgotten
+            return []
+        raise OSError(f"squeue failed: {p.stderr.strip()}")
+    return jobs_from_format(p.stdout)
+
+
+def accounting(job_ids: list[str], env: dict[str, str] | None = None) -> list[JobInfo] | None:
+    """Jobs from `sacct --json`; None where accounting is off or sacct lacks --json."""
+    try:
+        p = subprocess.run(["sacct", "--json", "-X", "--jobs", ",".join(job_ids)], capture_output=True, text=True,
+                           env=env, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if p.returncode != 0 or not p.stdout.lstrip().startswith("{"):
+        return None
+    return jobs_from_json(json.loads(p.stdout))
+
+
+def cancel(job_id: str, env: dict[str, str] | None = None) -> None:
+    p = subprocess.run(["scancel", job_id], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise OSError(f"scancel {job_id} failed: {p.stderr.strip()}")

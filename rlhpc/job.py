@@ -1,0 +1,49 @@
+"""What every task of a run's job executes (one task per node), under Slurm or submitit's local executor:
+bring this node into the job's Ray cluster, run the GRPO driver on rank 0, take Ray down.
+
+This is where `hpc` (the allocation, Ray) meets `rl` (the loop); neither package knows the other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hpc import allocation
+from hpc.ray_cluster import ray_cluster
+from rlhpc.run_folder import attempt_dir, record_submission
+
+
+def run_job(run_dir: str) -> dict[str, Any] | None:
+    """Entry of every task. Rank 0 returns the run's summary; the other ranks return None."""
+    from rl.loop import run as run_loop
+    from rlhpc.config import load_config
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    folder = Path(run_dir)
+    cfg = load_config(folder / "config.toml")
+    alloc = allocation.current()
+    attempt = attempt_dir(folder, alloc.job_id, alloc.restart_count)
+    if alloc.node_rank == 0:
+        record_submission(folder, alloc.job_id, "slurm" if "SLURM_JOB_ID" in os.environ else "local", alloc.num_nodes)
+    logging.getLogger("rlhpc.job").info("job %s, node %s (rank %d of %d), attempt %s", alloc.job_id, alloc.host,
+                                        alloc.node_rank, alloc.num_nodes, attempt)
+    with ray_cluster(alloc, attempt, cfg.ray, cfg.slurm.env) as cluster:
+        if cluster is None:
+            return None
+        (attempt / "cluster.json").write_text(json.dumps({"address": cluster.address, "nodes": cluster.nodes}))
+        result = run_loop(cfg, folder, ray_address=cluster.address)
+        rows = result["rows"]
+        summary = {"run_dir": str(folder), "job_id": alloc.job_id, "rollouts": len(rows),
+                   "last_reward": rows[-1]["reward_mean"] if rows else None, "ray_nodes": cluster.nodes,
+                   "workers": result["workers"]}
+        (attempt / "result.json").write_text(json.dumps(summary))
+        return summary
+
+
+if __name__ == "__main__":  # `python -m rlhpc.job RUN_DIR`: the entry of rendered sbatch scripts
+    run_job(sys.argv[1])

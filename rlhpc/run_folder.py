@@ -1,0 +1,75 @@
+"""The run folder (`runs/<name>/`), the one place a run's state lives, read back by `status`, `logs`,
+`cancel` and `resume` even when Slurm has forgotten the jobs:
+
+    config.toml          the resolved config, frozen when the run was started or submitted
+    submissions.jsonl    one line per submitted job: job id, executor, nodes, time
+    jobs/<job id>/       submitit's pickles and each task's append-mode log (<job id>_<task>_log.out/err)
+    jobs/<job id>/attempt-<k>/   one folder per requeue: Ray rendezvous files and Ray's logs
+    cancelled            present once `rlhpc cancel` stopped the run: nothing requeues or resumes it
+    metrics.jsonl, checkpoints/  written by the loop
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rlhpc.config import Config
+
+FROZEN = "config.toml"
+SUBMISSIONS = "submissions.jsonl"
+CANCELLED = "cancelled"
+
+
+def freeze(cfg: Config) -> Path:
+    """Create the run folder and write the resolved config there, the run folder itself made explicit, so
+    editing the TOML later never changes a running or requeued job."""
+    from rlhpc.config import dump_toml
+
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frozen = cfg.model_copy(deep=True)
+    frozen.run.output_dir = run_dir
+    (run_dir / FROZEN).write_text(dump_toml(frozen))
+    return run_dir
+
+
+def jobs_dir(run_dir: Path) -> Path:
+    return run_dir / "jobs"
+
+
+def attempt_dir(run_dir: Path, job_id: str, restart_count: int) -> Path:
+    return jobs_dir(run_dir) / job_id / f"attempt-{restart_count}"
+
+
+def record_submission(run_dir: Path, job_id: str, executor: str, nodes: int) -> None:
+    """Append a job to the run's submissions, once (the job records itself too, for scripts run by sbatch)."""
+    if any(s["job_id"] == job_id for s in submissions(run_dir)):
+        return
+    entry = {"job_id": job_id, "executor": executor, "nodes": nodes, "submitted_at": time.time()}
+    with (run_dir / SUBMISSIONS).open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def submissions(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / SUBMISSIONS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def task_logs(run_dir: Path, job_id: str, task: int) -> list[Path]:
+    """submitit's stdout and stderr files of one task (one task per node: task k runs on node k)."""
+    folder = jobs_dir(run_dir) / job_id
+    return [folder / f"{job_id}_{task}_log.out", folder / f"{job_id}_{task}_log.err"]
+
+
+def mark_cancelled(run_dir: Path) -> None:
+    (run_dir / CANCELLED).write_text(f"{time.time()}\n")
+
+
+def is_cancelled(run_dir: Path) -> bool:
+    return (run_dir / CANCELLED).exists()

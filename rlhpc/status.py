@@ -1,0 +1,142 @@
+"""`rlhpc status`: Slurm's view of each run's current job joined with the run's own progress.
+
+Slurm forgets finished jobs (`MinJobAge`, 300 s by default) and many sites have no accounting, so every field
+that Slurm cannot give is read from the run folder: the attempt folders count requeues, `result.json` marks a
+completed run, `metrics.jsonl` gives rollout, reward and pace, the checkpoint folder the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hpc.slurm import JobInfo, accounting, queue
+from rlhpc.run_folder import FROZEN, jobs_dir, submissions
+
+
+@dataclass
+class RunStatus:
+    run: str
+    run_dir: str
+    job_id: str | None
+    executor: str | None
+    state: str
+    reason: str
+    nodes: int | None
+    elapsed_s: float | None
+    time_left_s: float | None
+    requeues: int
+    rollout: int
+    num_rollout: int | None
+    last_reward: float | None
+    checkpoint: str | None
+    checkpoint_age_s: float | None
+    eta_s: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def find_runs(target: str | None, root: Path = Path("runs")) -> list[Path]:
+    """Run folders: `target` as a folder, a run name under `root`, or a job id recorded by a run; all of
+    `root` when no target."""
+    candidates = sorted(p for p in root.glob("*") if (p / FROZEN).exists()) if root.is_dir() else []
+    if target is None:
+        return candidates
+    for path in (Path(target), root / target):
+        if (path / FROZEN).exists():
+            return [path]
+    by_job = [p for p in candidates if any(s["job_id"] == target for s in submissions(p))]
+    if by_job:
+        return by_job
+    raise LookupError(f"{target}: no run folder by that name or path, and no run in {root}/ submitted that job")
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _latest_checkpoint(rows: list[dict[str, Any]]) -> Path | None:
+    for row in reversed(rows):
+        if row.get("checkpoint") and Path(row["checkpoint"]).exists():
+            return Path(row["checkpoint"])
+    return None
+
+
+def _attempts(run_dir: Path, job_id: str) -> list[Path]:
+    return sorted((jobs_dir(run_dir) / job_id).glob("attempt-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def _state_from_folder(run_dir: Path, job_id: str) -> str:
+    """The end state of a job Slurm no longer knows, from the outcome submitit pickled for rank 0."""
+    result = jobs_dir(run_dir) / job_id / f"{job_id}_0_result.pkl"
+    if result.exists():
+        with result.open("rb") as f:
+            outcome = pickle.load(f)[0]  # ("success", value) or ("error", traceback), written by this run's job
+        return "COMPLETED" if outcome == "success" else "FAILED"
+    return "ENDED" if _attempts(run_dir, job_id) else "UNKNOWN"
+
+
+def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = None) -> RunStatus:
+    now = now or time.time()
+    subs = submissions(run_dir)
+    last = subs[-1] if subs else None
+    job_id = last["job_id"] if last else None
+    info = slurm.get(job_id) if job_id else None
+    rows = _metrics(run_dir)
+    done = len(rows)
+    total = rows[-1].get("num_rollout") if rows else None
+    ckpt = _latest_checkpoint(rows)
+    pace = None
+    stamped = [r["timestamp"] for r in rows if "timestamp" in r]
+    if len(stamped) >= 2:
+        pace = (stamped[-1] - stamped[0]) / (len(stamped) - 1)
+    if info is not None:
+        state, reason, nodes = info.state, info.reason, info.nodes
+        elapsed, left = info.elapsed_s(now), info.time_left_s(now)
+    else:
+        state = _state_from_folder(run_dir, job_id) if job_id else ("COMPLETED" if total and done >= total else "-")
+        reason, nodes, elapsed, left = "", last["nodes"] if last else None, None, None
+    attempts = _attempts(run_dir, job_id) if job_id else []
+    requeues = max(info.restarts if info else 0, len(attempts) - 1, 0) + max(len(subs) - 1, 0)
+    running = state in {"RUNNING", "PENDING", "CONFIGURING", "REQUEUED"}
+    return RunStatus(
+        run=run_dir.name, run_dir=str(run_dir), job_id=job_id, executor=last["executor"] if last else None,
+        state=state, reason=reason, nodes=nodes, elapsed_s=elapsed, time_left_s=left, requeues=requeues,
+        rollout=done, num_rollout=total, last_reward=rows[-1]["reward_mean"] if rows else None,
+        checkpoint=ckpt.name if ckpt else None,
+        checkpoint_age_s=now - ckpt.stat().st_mtime if ckpt else None,
+        eta_s=pace * (total - done) if pace is not None and total and running else None,
+    )
+
+
+def collect(runs: list[Path], env: dict[str, str] | None = None) -> list[RunStatus]:
+    """Status of each run, with one squeue call for all (and one sacct call for what squeue lacks)."""
+    wanted = [s[-1]["job_id"] for p in runs if (s := submissions(p)) and s[-1]["executor"] == "slurm"]
+    slurm: dict[str, JobInfo] = {}
+    if wanted:
+        try:
+            slurm = {j.job_id: j for j in queue(wanted, env=env)}
+        except OSError:  # no squeue here, or no controller answering
+            slurm = {}
+        missing = [j for j in wanted if j not in slurm]
+        if missing:
+            slurm |= {j.job_id: j for j in (accounting(missing, env=env) or [])}
+    return [run_status(p, slurm) for p in runs]
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}-" if d else "") + f"{h:02d}:{m:02d}:{s:02d}" if d or h else f"{m:d}:{s:02d}"

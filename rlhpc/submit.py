@@ -1,0 +1,137 @@
+"""`rlhpc submit`: freeze the run's config in its run folder (`rlhpc.run_folder`) and submit
+`rlhpc.job.run_job` through submitit, to Slurm when it is reachable, else through submitit's local executor."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhpc.config import Config
+from rlhpc.run_folder import freeze, jobs_dir, record_submission
+
+if TYPE_CHECKING:
+    import submitit
+
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@dataclass(frozen=True)
+class Submitted:
+    run_dir: Path
+    job_id: str
+    executor: str
+    """"slurm" or "local"."""
+    job: Any
+    """The submitit Job, for waiting on it."""
+
+
+def slurm_reachable() -> bool:
+    """Whether sbatch exists and a controller answers (`sinfo` within 10 s)."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=10).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def sbatch_parameters(cfg: Config) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for the `[slurm]` section: one task per node, requeue, a signal
+    `signal_grace_s` before the time limit, append-mode logs (submitit's default), and srun ending the whole
+    step when one node's task fails, so a dead node never leaves the others hanging."""
+    s = cfg.slurm
+    params: dict[str, Any] = {
+        "job_name": s.job_name or f"rlhpc-{cfg.run_dir().name}",
+        "nodes": s.nodes,
+        "ntasks_per_node": 1,
+        "signal_delay_s": s.signal_grace_s,
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "setup": list(s.setup),
+    }
+    params["time"] = s.time_minutes  # None: the partition's default (submitit would otherwise ask for 5 minutes)
+    optional = {"partition": s.partition, "account": s.account, "qos": s.qos,
+                "cpus_per_task": s.cpus_per_task, "mem": s.mem, "constraint": s.constraint, "nodelist": s.nodelist,
+                "gpus_per_node": s.gpus_per_node or None, "exclusive": s.exclusive or None}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    extra: dict[str, Any] = {"signal": f"{s.signal}@{s.signal_grace_s}"}
+    if s.requeue:
+        extra["requeue"] = True
+    params["additional_parameters"] = {**extra, **s.additional_parameters}
+    return params
+
+
+def slurm_executor(cfg: Config, run_dir: Path) -> submitit.SlurmExecutor:
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=jobs_dir(run_dir) / "%j", max_num_timeout=cfg.slurm.max_requeues)
+    ex.update_parameters(**sbatch_parameters(cfg))
+    return ex
+
+
+def sbatch_script(cfg: Config, run_dir: Path) -> str:
+    """The sbatch script `submit` would send, for --dry-run (nothing is written or submitted)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = sbatch_parameters(cfg)
+    command = f"{_python()} -u -m submitit.core._submit {run_dir / 'jobs' / '%j'}"
+    return _make_sbatch_string(command=command, folder=jobs_dir(run_dir) / "%j", **params)
+
+
+def _python() -> str:
+    import shlex
+    import sys
+
+    return shlex.quote(sys.executable)
+
+
+def submit(cfg: Config, *, local: bool = False) -> Submitted:
+    """Freeze and submit; `local` (or no reachable Slurm) runs through submitit's local executor."""
+    import submitit
+
+    from rlhpc.job import run_job
+
+    run_dir = freeze(cfg)
+    if local:
+        ex: Any = submitit.LocalExecutor(folder=jobs_dir(run_dir) / "%j")
+        ex.update_parameters(timeout_min=cfg.slurm.time_minutes or 60 * 24 * 365, nodes=1, tasks_per_node=1)
+        executor = "local"
+    else:
+        ex = slurm_executor(cfg, run_dir)
+        executor = "slurm"
+    job = ex.submit(run_job, str(run_dir))
+    pattern = jobs_dir(run_dir) / "%j"
+    if local and pattern.is_dir() and not any(pattern.iterdir()):
+        pattern.rmdir()  # submitit's LocalExecutor creates its folder pattern literally
+    record_submission(run_dir, str(job.job_id), executor, cfg.slurm.nodes)
+    return Submitted(run_dir, str(job.job_id), executor, job)
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def wait(done: Submitted, poll_s: float = 1.0) -> dict[str, Any]:
+    """Block until the job ends and return rank 0's result. Slurm jobs are followed in squeue, not through
+    submitit's `wait`, which relies on sacct and never ends where accounting is off."""
+    import submitit
+
+    from hpc.slurm import queue
+
+    job = done.job
+    if done.executor == "slurm":
+        while any(j.state not in TERMINAL for j in queue([done.job_id])):
+            time.sleep(poll_s)
+        deadline = time.monotonic() + 30  # the result file may reach a shared filesystem a little later
+        while not job.paths.result_pickle.exists() and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        if not job.paths.result_pickle.exists():
+            raise JobFailed(f"job {done.job_id} ended without a result; see {job.paths.stderr}")
+    try:
+        return job.results()[0]
+    except submitit.core.utils.UncompletedJobError as e:
+        raise JobFailed(f"job {done.job_id} failed; see {job.paths.stderr}\n{e}") from None

@@ -1,0 +1,139 @@
+"""End to end on a real Slurm: `rlhpc cluster up`, a 2-node `rlhpc submit` of the tiny run, `cluster down`.
+
+Needs root and Debian's Slurm packages (`make test` installs them where it runs as root)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS
+from hpc.local_cluster import COMMANDS, DEFAULT_STATE_DIR, LocalCluster
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(os.geteuid() != 0 or any(shutil.which(c) is None for c in COMMANDS),
+                       reason="needs root and the Slurm packages (apt-get install slurmctld slurmd slurm-client munge)"),
+]
+
+STATE = DEFAULT_STATE_DIR  # one local cluster per machine: its bridge and namespaces have fixed names
+RLHPC = [str(Path(sys.executable).with_name("rlhpc"))]
+
+
+def rlhpc(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*RLHPC, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = LocalCluster(STATE)
+    up = rlhpc("cluster", "up", "--nodes", "2", "--cpus-per-node", "2", "--state-dir", str(STATE))
+    assert up.returncode == 0, up.stderr
+    yield c
+    c.down()
+
+
+def test_cluster_up_is_idempotent_and_reports_its_nodes(cluster: LocalCluster) -> None:
+    again = rlhpc("cluster", "up", "--nodes", "2", "--cpus-per-node", "2", "--state-dir", str(STATE))
+    assert again.returncode == 0 and "already up" in again.stdout
+    other = rlhpc("cluster", "up", "--nodes", "3", "--state-dir", str(STATE))
+    assert other.returncode == 1 and "another shape" in other.stderr
+    status = rlhpc("cluster", "status", "--state-dir", str(STATE))
+    assert status.returncode == 0
+    assert "node1  10.87.0.11  idle" in status.stdout and "node2  10.87.0.12  idle" in status.stdout
+    sinfo = subprocess.run(["sinfo", "-h", "-o", "%P %D"], env=cluster.env, capture_output=True, text=True)
+    assert sinfo.stdout.split() == ["batch*", "2", "urgent", "2"]
+
+
+def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "--cpus-per-task", "2", "--wait",
+                 "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=3",
+                 "--set", "eval.eval_interval=2", "--set", f"run.output_dir='{run_dir}'", env=cluster.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "finished: 3 rollouts" in done.stdout
+
+    [sub] = [json.loads(line) for line in (run_dir / "submissions.jsonl").read_text().splitlines()]
+    assert sub["executor"] == "slurm" and sub["nodes"] == 2
+    attempt = run_dir / "jobs" / sub["job_id"] / "attempt-0"
+    ray_nodes = json.loads((attempt / "cluster.json").read_text())["nodes"]
+    assert ray_nodes == {"node1": "10.87.0.11", "node2": "10.87.0.12"}  # both nodes, distinct addresses
+    result = json.loads((attempt / "result.json").read_text())
+    assert {addr for addr, _pid in result["workers"]} == {"10.87.0.11", "10.87.0.12"}  # workers span both
+    frozen = (run_dir / "config.toml").read_text()
+    assert "actor_num_nodes = 2" in frozen and f'output_dir = "{run_dir}"' in frozen
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
+    leftovers = subprocess.run(["pgrep", "-f", f"rlhpc-{sub['job_id']}-"], capture_output=True, text=True)
+    assert leftovers.stdout == ""  # no Ray process of the job survives it
+
+    status = rlhpc("status", str(run_dir), "--json", env=cluster.env)
+    [row] = json.loads(status.stdout)
+    assert (row["job_id"], row["state"], row["nodes"], row["rollout"], row["num_rollout"]) == (
+        sub["job_id"], "COMPLETED", 2, 3, 3)
+    assert row["last_reward"] == result["last_reward"] and row["checkpoint"] == "iter_0000003"
+    table = rlhpc("status", str(run_dir), env={**cluster.env, "COLUMNS": "200"})
+    assert "COMPLETED" in table.stdout and f"{result['last_reward']:.3f}" in table.stdout
+
+
+def test_submit_dry_run_prints_the_script_and_submits_nothing(cluster: LocalCluster, tmp_path: Path) -> None:
+    out = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "--dry-run", "--partition", "urgent",
+                "--time", "1:30:00", "--set", f"run.output_dir='{tmp_path / 'dry'}'", env=cluster.env)
+    assert out.returncode == 0, out.stderr
+    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=urgent",
+                 "#SBATCH --time=90", "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append"]:
+        assert line in out.stdout
+    assert "--kill-on-bad-exit=1" in out.stdout
+    assert not (tmp_path / "dry").exists()
+
+
+def wait_gone(job_id: str, env: dict[str, str], timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True)
+        if q.stdout.strip() in {"", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
+            return
+        time.sleep(1)
+    raise TimeoutError(job_id)
+
+
+def test_rendered_sbatch_script_completes(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+    run_dir, script, pwned = tmp_path / "run", tmp_path / "run.sbatch", tmp_path / "pwned"
+    rendered = rlhpc("render", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "-o", str(script),
+                     "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=2",
+                     "--set", "eval.eval_interval=5", "--set", f"run.output_dir='{run_dir}'",
+                     "--set", "slurm.cpus_per_task=2",
+                     "--set", f"slurm.job_name='x; touch {pwned}'",
+                     "--set", f"slurm.env={{RLHPC_PROBE='$(touch {pwned})'}}", env=cluster.env)
+    assert rendered.returncode == 0, rendered.stderr
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], env=cluster.env, capture_output=True,
+                               text=True, check=True)
+    job_id = submitted.stdout.strip()
+    wait_gone(job_id, cluster.env)
+    result = json.loads((run_dir / "jobs" / job_id / "attempt-0" / "result.json").read_text())
+    assert result["rollouts"] == 2 and set(result["ray_nodes"]) == {"node1", "node2"}
+    assert not pwned.exists()  # config values reached the script quoted, never as commands
+    status = rlhpc("status", str(run_dir), "--json", env=cluster.env)
+    [row] = json.loads(status.stdout)
+    assert (row["job_id"], row["state"], row["rollout"]) == (job_id, "COMPLETED", 2)
+
+
+def test_a_newline_in_a_value_is_refused(cluster: LocalCluster, tmp_path: Path) -> None:
+    out = rlhpc("render", str(CONFIGS / "tiny_cpu.toml"), "--set", "slurm.partition='batch\necho hi'",
+                "--set", f"run.output_dir='{tmp_path / 'r'}'", env=cluster.env)
+    assert out.returncode == 2 and "slurm.partition" in out.stderr and "control character" in out.stderr
+
+
+def test_cluster_down_leaves_nothing(cluster: LocalCluster) -> None:
+    down = rlhpc("cluster", "down", "--state-dir", str(STATE))
+    assert down.returncode == 0, down.stderr
+    assert cluster.leftovers() == []
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("rlhpc-") == 0
+    again = rlhpc("cluster", "down", "--state-dir", str(STATE))
+    assert again.returncode == 0
