@@ -140,6 +140,16 @@ class _Node:
         if self.proc.poll() is not None:
             raise RayStartError(f"`ray start` exited with code {self.proc.returncode}; see {self.log.name}")
 
+    def wait_started(self, timeout_s: float) -> None:
+        """Until `ray start` has brought up every process of the node: it then writes the cluster's address
+        into the temp dir, just before it blocks."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.temp_dir / "ray_current_cluster").exists():
+            self.check()
+            if time.monotonic() > deadline:
+                raise RayStartError(f"`ray start` did not finish within {timeout_s:.0f}s; see {self.log.name}")
+            time.sleep(POLL_S)
+
     def stop(self) -> None:
         """SIGTERM `ray start --block` (it stops its children), then kill whatever still runs in our temp dir."""
         if self.proc.poll() is None:
@@ -220,6 +230,12 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
     token = attempt_dir / TOKEN_FILE
     if head:
         _write_token(token)
+        # Published before the head starts: the other nodes start as soon as its GCS port opens, so their
+        # start-up overlaps the head's instead of following it.
+        _write_json(attempt_dir / HEAD_FILE, {"address": head_address})
+    else:
+        host, port = head_address.rsplit(":", 1)
+        _wait_for_port(host, int(port), ray_cfg.join_timeout_s)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     node = _Node(cmd, env, temp_dir, attempt_dir / f"ray-{alloc.host}.log")
     try:
@@ -228,9 +244,8 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
                     {"address": route.source, "ifname": route.ifname, "rank": alloc.node_rank,
                      "cpus": alloc.cpus, "gpus": alloc.gpus, "pid": os.getpid()})
         if head:
-            _wait_for_port(node, route.source, block.base, ray_cfg.join_timeout_s)
+            node.wait_started(ray_cfg.join_timeout_s)
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver
-            _write_json(attempt_dir / HEAD_FILE, {"address": head_address})
             nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node)
             try:
                 yield RayCluster(head_address, nodes, env)
@@ -269,10 +284,9 @@ def _wait_for_head(attempt_dir: Path, alloc: Allocation, timeout_s: float) -> st
     return json.loads(path.read_text())["address"]
 
 
-def _wait_for_port(node: _Node, host: str, port: int, timeout_s: float) -> None:
+def _wait_for_port(host: str, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        node.check()
         with socket.socket() as s:
             s.settimeout(1.0)
             if s.connect_ex((host, port)) == 0:
