@@ -82,8 +82,9 @@ AccountingStorageType=accounting_storage/none
 {% for node in nodes %}
 NodeName={{ node.name }} NodeAddr={{ node.addr }} CPUs={{ cpus }} RealMemory={{ memory_mb }} State=UNKNOWN
 {%- endfor %}
-PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 OverSubscribe=NO
-PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 GraceTime={{ grace_s }}
+# GraceTime belongs to the partition of the preempted job: the time its signal handler has to checkpoint.
+PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={{ grace_s }}
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10
 """)
 
 

@@ -459,6 +459,44 @@ def cluster_status(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
 
 
 @app.command()
-def doctor() -> None:
+def doctor(
+    nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Also run a short job on N nodes: "
+                                               "all-reduce bandwidth and clock skew between them.")] = None,
+    partition: PartitionOpt = None,
+    time_limit: Annotated[str, typer.Option("--time", help="Time limit of that job.")] = "10",
+) -> None:
     """Check what breaks runs at sites: Slurm settings, Ray, CUDA, network, limits."""
-    _not_yet("doctor", 5, "Slurm-native execution")
+    from rich.table import Table
+
+    from hpc.doctor import allreduce_probe, login_node_checks
+
+    checks = login_node_checks()
+    table = Table(box=None, header_style="bold")
+    for col in ("check", "found", "meaning"):
+        table.add_column(col)
+    marks = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]", "info": "[blue]info[/]"}
+    for c in checks:
+        table.add_row(f"{marks[c.level]} {escape(c.name)}", escape(c.found), escape(c.detail))
+    out.print(table)
+    failed = any(c.level == "fail" for c in checks)
+    if nodes is None:
+        raise typer.Exit(1 if failed else 0)
+
+    from hpc.config import SlurmConfig
+    from rlhpc.submit import JobFailed, Submitted, slurm_executor, wait
+
+    folder = Path("runs") / "_doctor"
+    slurm = SlurmConfig(nodes=nodes, partition=partition, time=time_limit, requeue=False, max_requeues=0)
+    ex = slurm_executor(slurm, folder.absolute(), "rlhpc-doctor")
+    job = ex.submit(allreduce_probe)
+    out.print(f"submitted job {job.job_id} on {nodes} nodes: all-reduce bandwidth and clock skew ...")
+    try:
+        probe = wait(Submitted(folder, str(job.job_id), "slurm", job))
+    except JobFailed as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    for size, gbps in probe["busbw_GBps"].items():
+        out.print(f"  all-reduce {int(size) >> 20:>4} MiB ({probe['backend']}, {len(probe['nodes'])} nodes): "
+                  f"bus bandwidth {gbps:.2f} GB/s", highlight=False)
+    out.print(f"  clock skew across nodes: {probe['clock_skew_s'] * 1e3:.1f} ms", highlight=False)
+    raise typer.Exit(1 if failed else 0)

@@ -16,7 +16,7 @@ import jinja2
 
 from rlhpc.config import Config
 from rlhpc.run_folder import freeze, jobs_dir
-from rlhpc.submit import sbatch_parameters
+from rlhpc.submit import job_name, sbatch_parameters
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "sbatch"
 TEMPLATE = "rlhpc.sbatch.j2"
@@ -37,7 +37,7 @@ def _checked(field: str, value: object) -> str:
 
 
 def sbatch_lines(cfg: Config, run_dir: Path) -> list[str]:
-    params = sbatch_parameters(cfg)
+    params = sbatch_parameters(cfg.slurm, job_name(cfg))
     options = {k: v for k, v in params.items() if k not in _NOT_SBATCH and v is not None}
     options |= params["additional_parameters"]
     options |= {"output": f"{jobs_dir(run_dir)}/slurm-%j.out", "open_mode": "append"}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpc.config import SlurmConfig
 from rlhpc.config import Config
 from rlhpc.run_folder import freeze, jobs_dir, record_submission
 
@@ -30,6 +31,10 @@ class Submitted:
     """The submitit Job, for waiting on it."""
 
 
+def job_name(cfg: Config) -> str:
+    return f"rlhpc-{cfg.run_dir().name}"
+
+
 def slurm_reachable() -> bool:
     """Whether sbatch exists and a controller answers (`sinfo` within 10 s)."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
@@ -40,13 +45,12 @@ def slurm_reachable() -> bool:
         return False
 
 
-def sbatch_parameters(cfg: Config) -> dict[str, Any]:
+def sbatch_parameters(s: SlurmConfig, job_name: str) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters for the `[slurm]` section: one task per node, requeue, a signal
     `signal_grace_s` before the time limit, append-mode logs (submitit's default), and srun ending the whole
     step when one node's task fails, so a dead node never leaves the others hanging."""
-    s = cfg.slurm
     params: dict[str, Any] = {
-        "job_name": s.job_name or f"rlhpc-{cfg.run_dir().name}",
+        "job_name": s.job_name or job_name,
         "nodes": s.nodes,
         "ntasks_per_node": 1,
         "signal_delay_s": s.signal_grace_s,
@@ -65,11 +69,11 @@ def sbatch_parameters(cfg: Config) -> dict[str, Any]:
     return params
 
 
-def slurm_executor(cfg: Config, run_dir: Path) -> submitit.SlurmExecutor:
+def slurm_executor(s: SlurmConfig, run_dir: Path, job_name: str) -> submitit.SlurmExecutor:
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=jobs_dir(run_dir) / "%j", max_num_timeout=cfg.slurm.max_requeues)
-    ex.update_parameters(**sbatch_parameters(cfg))
+    ex = submitit.SlurmExecutor(folder=jobs_dir(run_dir) / "%j", max_num_timeout=s.max_requeues)
+    ex.update_parameters(**sbatch_parameters(s, job_name))
     return ex
 
 
@@ -77,7 +81,7 @@ def sbatch_script(cfg: Config, run_dir: Path) -> str:
     """The sbatch script `submit` would send, for --dry-run (nothing is written or submitted)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = sbatch_parameters(cfg)
+    params = sbatch_parameters(cfg.slurm, job_name(cfg))
     command = f"{_python()} -u -m submitit.core._submit {run_dir / 'jobs' / '%j'}"
     return _make_sbatch_string(command=command, folder=jobs_dir(run_dir) / "%j", **params)
 
@@ -101,7 +105,7 @@ def submit(cfg: Config, *, local: bool = False) -> Submitted:
         ex.update_parameters(timeout_min=cfg.slurm.time_minutes or 60 * 24 * 365, nodes=1, tasks_per_node=1)
         executor = "local"
     else:
-        ex = slurm_executor(cfg, run_dir)
+        ex = slurm_executor(cfg.slurm, run_dir, job_name(cfg))
         executor = "slurm"
     job = ex.submit(run_job, str(run_dir))
     pattern = jobs_dir(run_dir) / "%j"

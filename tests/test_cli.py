@@ -77,7 +77,7 @@ def test_config_schema_is_json(tmp_path):
 
 @pytest.mark.parametrize(
     "args",
-    [["resume", "r"], ["doctor"]],
+    [["resume", "r"]],
 )
 def test_commands_of_later_issues_say_so(args):
     result = runner.invoke(app, args)

@@ -34,7 +34,8 @@ def test_slurm_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, version: tu
     assert line in conf
     for expected in [
         "NodeName=node1 NodeAddr=10.87.0.11 CPUs=4 RealMemory=2048", "NodeName=node3 NodeAddr=10.87.0.13",
-        "PartitionName=batch Nodes=ALL Default=YES", "PartitionName=urgent Nodes=ALL", "PriorityTier=10",
+        "PartitionName=batch Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30",
+        "PartitionName=urgent Nodes=ALL", "PriorityTier=10",
         "PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE", "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none", "SelectType=select/cons_tres", f"StateSaveLocation={tmp_path}/state/ctld",
         "AccountingStorageType=accounting_storage/none",

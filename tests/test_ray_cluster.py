@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 
 from hpc.allocation import Allocation
-from hpc.config import RayConfig
 from hpc.ray_cluster import (
     PortBlock,
     RayStartError,
     object_store_bytes,
     port_block,
-    ray_cluster,
     temp_dir_for,
 )
 

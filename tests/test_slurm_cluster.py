@@ -130,6 +130,15 @@ def test_a_newline_in_a_value_is_refused(cluster: LocalCluster, tmp_path: Path) 
     assert out.returncode == 2 and "slurm.partition" in out.stderr and "control character" in out.stderr
 
 
+def test_doctor_measures_between_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
+    out = subprocess.run([*RLHPC, "doctor", "--nodes", "2"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**cluster.env, "COLUMNS": "200"}, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok PreemptMode" in out.stdout and "REQUEUE (preempt/partition_prio)" in out.stdout
+    assert "ok preemption signal" in out.stdout
+    assert "(gloo, 2 nodes): bus bandwidth" in out.stdout and "clock skew across nodes" in out.stdout
+
+
 def test_cluster_down_leaves_nothing(cluster: LocalCluster) -> None:
     down = rlhpc("cluster", "down", "--state-dir", str(STATE))
     assert down.returncode == 0, down.stderr

@@ -1,0 +1,93 @@
+"""`rlhpc status`, `logs` and `cancel` on run folders built here (Slurm's side is a JobInfo)."""
+
+import json
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hpc.slurm import JobInfo
+from rlhpc.cli import app
+from rlhpc.status import collect, duration, find_runs, run_status
+
+runner = CliRunner()
+
+
+def make_run(root: Path, name: str, job_id: str, executor: str = "slurm", rollouts: int = 3, total: int = 10,
+             outcome: str | None = None) -> Path:
+    run = root / "runs" / name
+    (run / "jobs" / job_id / "attempt-0").mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    (run / "submissions.jsonl").write_text(json.dumps({"job_id": job_id, "executor": executor, "nodes": 2,
+                                                       "submitted_at": 0}) + "\n")
+    ckpt = run / "checkpoints" / "iter_0000002"
+    ckpt.mkdir(parents=True)
+    rows = [{"rollout_id": i, "reward_mean": 0.1 * i, "num_rollout": total, "timestamp": 1000.0 + 60 * i}
+            for i in range(rollouts)]
+    rows[1]["checkpoint"] = str(ckpt)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if outcome:
+        with open(run / "jobs" / job_id / f"{job_id}_0_result.pkl", "wb") as f:
+            pickle.dump((outcome, {}), f)
+    (run / "jobs" / job_id / f"{job_id}_0_log.out").write_text("hello from rank 0\n")
+    (run / "jobs" / job_id / f"{job_id}_1_log.err").write_text("rank 1 says\n")
+    return run
+
+
+def test_running_job_joins_squeue_and_progress(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a", "41")
+    (run / "jobs" / "41" / "attempt-1").mkdir()
+    info = JobInfo("41", "rlhpc-a", "RUNNING", "", 2, "node[1-2]", "batch", 3600, 5000.0, 4900.0, 1)
+    s = run_status(run, {"41": info}, now=5600.0)
+    assert (s.state, s.nodes, s.elapsed_s, s.time_left_s, s.requeues) == ("RUNNING", 2, 600.0, 3000.0, 1)
+    assert (s.rollout, s.num_rollout, s.last_reward) == (3, 10, pytest.approx(0.2))
+    assert s.checkpoint == "iter_0000002" and s.eta_s == 7 * 60.0
+
+
+def test_finished_jobs_are_read_from_the_run_folder(tmp_path: Path) -> None:
+    done = make_run(tmp_path, "done", "7", rollouts=10, outcome="success")
+    failed = make_run(tmp_path, "failed", "8", outcome="error")
+    left = make_run(tmp_path, "left", "9")
+    got = {s.run: s for s in collect([done, failed, left], env={"PATH": ""})}  # no squeue, no sacct
+    assert got["done"].state == "COMPLETED" and got["done"].eta_s is None
+    assert got["failed"].state == "FAILED"
+    assert got["left"].state == "ENDED"
+
+
+def test_find_runs_by_name_folder_or_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = make_run(tmp_path, "a", "41"), make_run(tmp_path, "b", "42")
+    monkeypatch.chdir(tmp_path)
+    assert find_runs(None) == [Path("runs/a"), Path("runs/b")]
+    assert find_runs("b") == [Path("runs/b")] and find_runs(str(a)) == [a] and find_runs("42") == [Path("runs/b")]
+    with pytest.raises(LookupError, match="no run folder"):
+        find_runs("nope")
+    result = runner.invoke(app, ["status", "--json"], env={"PATH": ""})
+    assert [r["run"] for r in json.loads(result.output)] == ["a", "b"]
+
+
+def test_logs_of_a_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_run(tmp_path, "a", "41")
+    monkeypatch.chdir(tmp_path)
+    out = subprocess.run([str(Path(os.sys.executable).with_name("rlhpc")), "logs", "a"], capture_output=True,
+                         text=True)
+    assert "hello from rank 0" in out.stdout
+    out = subprocess.run([str(Path(os.sys.executable).with_name("rlhpc")), "logs", "a", "--node", "1"],
+                         capture_output=True, text=True)
+    assert "rank 1 says" in out.stdout
+
+
+def test_cancel_a_local_run_marks_it_and_stops_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    run = make_run(tmp_path, "a", str(sleeper.pid), executor="local")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cancel", "a"])
+    assert result.exit_code == 0 and "will not be requeued" in result.output
+    assert sleeper.wait(timeout=10) == -15
+    assert (run / "cancelled").exists()
+
+
+def test_duration() -> None:
+    assert [duration(s) for s in (None, 59, 61, 3600, 90061)] == ["-", "0:59", "1:01", "01:00:00", "1-01:01:01"]
