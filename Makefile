@@ -14,11 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# The Slurm tests run a real local cluster (`rlhpc cluster up`): as root, install Debian's packages for it.
+# The Slurm tests run a real local cluster (`rlhpc cluster up --accounting`): as root, install Debian's
+# packages for it.
 system-deps: install
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then \
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmdbd >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    $$($(PY) -c 'from hpc.local_cluster import PACKAGES; print(PACKAGES)') >/dev/null; \
+	    $$($(PY) -c 'from hpc import local_accounting as a, local_cluster as c; print(c.PACKAGES, a.PACKAGES)') \
+	    >/dev/null; \
 	fi
 
 test: install system-deps

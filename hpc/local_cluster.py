@@ -30,6 +30,7 @@ COMMANDS = ("munged", "slurmctld", "slurmd", "sinfo", "scontrol", "ip", "nsenter
 BRIDGE = "rlhpcbr0"
 CTLD_PORT = 16817
 SLURMD_PORT = 16818
+DBD_PORT = 16819
 READY_TIMEOUT_S = 30.0
 
 SLURM_CONF = jinja2.Template("""\
@@ -76,6 +77,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost={{ ctld_addr }}
 AccountingStoragePort={{ dbd_port }}
+# For auth/munge this names the munge socket of connections to slurmdbd (sacct, sacctmgr, slurmctld).
+AccountingStoragePass={{ state }}/munge/munge.socket
 {%- else %}
 AccountingStorageType=accounting_storage/none
 {%- endif %}
@@ -168,7 +171,7 @@ class LocalCluster:
             if spec.accounting:
                 from hpc.local_accounting import start_accounting
 
-                start_accounting(self, spec)
+                start_accounting(self, spec, DBD_PORT)
             self._start_slurmctld()
             for node in spec.node_list():
                 self._start_slurmd(node)
@@ -185,25 +188,25 @@ class LocalCluster:
         (s / "munge").chmod(0o700)
         memory = spec.memory_mb or max(1024, _machine_memory_mb() // spec.nodes)
         self.conf.write_text(SLURM_CONF.render(
-            host=_short_hostname(), ctld_addr=spec.ctld_addr, ctld_port=CTLD_PORT, slurmd_port=SLURMD_PORT,
+            host=short_hostname(), ctld_addr=spec.ctld_addr, ctld_port=CTLD_PORT, slurmd_port=SLURMD_PORT,
             state=s, nodes=spec.node_list(), cpus=spec.cpus_per_node, memory_mb=memory,
-            grace_s=spec.grace_s, version=slurm_version(), accounting=spec.accounting, dbd_port=CTLD_PORT + 2))
+            grace_s=spec.grace_s, version=slurm_version(), accounting=spec.accounting, dbd_port=DBD_PORT))
         (s / "spec.json").write_text(json.dumps(asdict(spec)))
 
     def _network(self, spec: Spec) -> None:
-        _run("ip", "link", "add", BRIDGE, "type", "bridge")
-        _run("ip", "addr", "add", f"{spec.ctld_addr}/24", "dev", BRIDGE)
-        _run("ip", "link", "set", BRIDGE, "up")
+        run_command("ip", "link", "add", BRIDGE, "type", "bridge")
+        run_command("ip", "addr", "add", f"{spec.ctld_addr}/24", "dev", BRIDGE)
+        run_command("ip", "link", "set", BRIDGE, "up")
         for node in spec.node_list():
-            _run("ip", "netns", "add", node.netns)
-            _run("ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0", "netns", node.netns)
-            _run("ip", "link", "set", node.veth, "master", BRIDGE)
-            _run("ip", "link", "set", node.veth, "up")
+            run_command("ip", "netns", "add", node.netns)
+            run_command("ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0", "netns", node.netns)
+            run_command("ip", "link", "set", node.veth, "master", BRIDGE)
+            run_command("ip", "link", "set", node.veth, "up")
             inside = ("ip", "-n", node.netns)
-            _run(*inside, "addr", "add", f"{node.addr}/24", "dev", "eth0")
-            _run(*inside, "link", "set", "eth0", "up")
-            _run(*inside, "link", "set", "lo", "up")
-            _run(*inside, "route", "add", "default", "via", spec.ctld_addr)
+            run_command(*inside, "addr", "add", f"{node.addr}/24", "dev", "eth0")
+            run_command(*inside, "link", "set", "eth0", "up")
+            run_command(*inside, "link", "set", "lo", "up")
+            run_command(*inside, "route", "add", "default", "via", spec.ctld_addr)
 
     def _start_munge(self) -> None:
         m = self.state_dir / "munge"
@@ -211,15 +214,15 @@ class LocalCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
-        _run("munged", "--force", f"--socket={m}/munge.socket", f"--key-file={key}", f"--pid-file={m}/munged.pid",
+        run_command("munged", "--force", f"--socket={m}/munge.socket", f"--key-file={key}", f"--pid-file={m}/munged.pid",
              f"--log-file={self.state_dir}/log/munged.log", f"--seed-file={m}/munged.seed")
 
     def _start_slurmctld(self) -> None:
         # -i: ignore state from an earlier cluster of another shape; -c: start clean, no stale jobs.
-        _run("slurmctld", "-c", "-i", "-f", str(self.conf))
+        run_command("slurmctld", "-c", "-i", "-f", str(self.conf))
 
     def _start_slurmd(self, node: Node) -> None:
-        _run("nsenter", f"--net=/var/run/netns/{node.netns}", "slurmd", "-N", node.name, "-f", str(self.conf))
+        run_command("nsenter", f"--net=/var/run/netns/{node.netns}", "slurmd", "-N", node.name, "-f", str(self.conf))
 
     def wait_ready(self, spec: Spec, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Wait until every node reports idle (or allocated) to the controller."""
@@ -247,28 +250,28 @@ class LocalCluster:
         nodes = spec.node_list() if spec else []
         netns = set(_netns_list())
         for ns in sorted(n for n in netns if n.startswith("rlhpc-")):
-            _kill_all(_netns_pids(ns))
+            kill_all(_netns_pids(ns))
         for name in ("slurmdbd.pid", "slurmctld.pid"):
-            _kill_all(_pid_from(self.state_dir / "run" / name))
+            kill_all(pid_from(self.state_dir / "run" / name))
         if spec and spec.accounting:
             from hpc.local_accounting import stop_accounting
 
             stop_accounting(self)
-        _kill_all(_pid_from(self.state_dir / "munge" / "munged.pid"))
+        kill_all(pid_from(self.state_dir / "munge" / "munged.pid"))
         for ns in sorted(n for n in netns if n.startswith("rlhpc-")):
-            _run("ip", "netns", "delete", ns, check=False)
+            run_command("ip", "netns", "delete", ns, check=False)
         for node in nodes:
-            _run("ip", "link", "delete", node.veth, check=False, quiet=True)
+            run_command("ip", "link", "delete", node.veth, check=False, quiet=True)
         if _link_exists(BRIDGE):
-            _run("ip", "link", "delete", BRIDGE, check=False)
+            run_command("ip", "link", "delete", BRIDGE, check=False)
         (self.state_dir / "spec.json").unlink(missing_ok=True)
 
     # --- status ------------------------------------------------------------------------------------------
 
     def daemons_alive(self, spec: Spec) -> bool:
         run = self.state_dir / "run"
-        pids = [_pid_from(self.state_dir / "munge" / "munged.pid"), _pid_from(run / "slurmctld.pid"),
-                *(_pid_from(run / f"slurmd-{n.name}.pid") for n in spec.node_list())]
+        pids = [pid_from(self.state_dir / "munge" / "munged.pid"), pid_from(run / "slurmctld.pid"),
+                *(pid_from(run / f"slurmd-{n.name}.pid") for n in spec.node_list())]
         return all(p is not None and _alive(p) for p in pids)
 
     def leftovers(self) -> list[str]:
@@ -294,7 +297,7 @@ def check_prerequisites() -> None:
 
 def slurm_version() -> tuple[int, int]:
     """(major, minor) of the installed Slurm, from `slurmctld -V` ("slurm-wlm 22.05.8" or "slurm 23.11.4")."""
-    out = _run("slurmctld", "-V").stdout
+    out = run_command("slurmctld", "-V").stdout
     m = re.search(r"(\d+)\.(\d+)", out)
     if not m:
         raise ClusterError(f"cannot read Slurm's version from `slurmctld -V`: {out.strip()!r}")
@@ -305,7 +308,7 @@ def _usable(state: str) -> bool:
     return state.rstrip("*~#!%$@^-").lower() in {"idle", "allocated", "mixed", "completing"}
 
 
-def _run(*cmd: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+def run_command(*cmd: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise ClusterError(f"`{' '.join(cmd)}` failed ({p.returncode}): {(p.stderr or p.stdout).strip()}")
@@ -326,7 +329,7 @@ def _link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
 
 
-def _pid_from(path: Path) -> int | None:
+def pid_from(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -344,7 +347,7 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
 
 
-def _kill_all(pids: list[int] | int | None, timeout_s: float = 10.0) -> None:
+def kill_all(pids: list[int] | int | None, timeout_s: float = 10.0) -> None:
     """SIGTERM, then SIGKILL whatever is still there after `timeout_s`."""
     pids = [p for p in ([pids] if isinstance(pids, int) else pids or []) if p != os.getpid()]
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -371,7 +374,7 @@ def _processes() -> list[tuple[int, str]]:
     return found
 
 
-def _short_hostname() -> str:
+def short_hostname() -> str:
     return os.uname().nodename.split(".")[0]
 
 

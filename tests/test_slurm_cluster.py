@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS
+from hpc import local_accounting
 from hpc.local_cluster import COMMANDS, DEFAULT_STATE_DIR, LocalCluster
+from hpc.slurm import accounting
 
 pytestmark = [
     pytest.mark.slurm,
@@ -31,17 +33,21 @@ def rlhpc(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> 
     return subprocess.run([*RLHPC, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
+ACCOUNTING = all(shutil.which(c) for c in local_accounting.COMMANDS)
+SHAPE = ["--nodes", "2", "--cpus-per-node", "2", *(["--accounting"] if ACCOUNTING else []), "--state-dir", str(STATE)]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     c = LocalCluster(STATE)
-    up = rlhpc("cluster", "up", "--nodes", "2", "--cpus-per-node", "2", "--state-dir", str(STATE))
+    up = rlhpc("cluster", "up", *SHAPE)
     assert up.returncode == 0, up.stderr
     yield c
     c.down()
 
 
 def test_cluster_up_is_idempotent_and_reports_its_nodes(cluster: LocalCluster) -> None:
-    again = rlhpc("cluster", "up", "--nodes", "2", "--cpus-per-node", "2", "--state-dir", str(STATE))
+    again = rlhpc("cluster", "up", *SHAPE)
     assert again.returncode == 0 and "already up" in again.stdout
     other = rlhpc("cluster", "up", "--nodes", "3", "--state-dir", str(STATE))
     assert other.returncode == 1 and "another shape" in other.stderr
@@ -80,6 +86,11 @@ def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_model_dir: Path
     assert row["last_reward"] == result["last_reward"] and row["checkpoint"] == "iter_0000003"
     table = rlhpc("status", str(run_dir), env={**cluster.env, "COLUMNS": "200"})
     assert "COMPLETED" in table.stdout and f"{result['last_reward']:.3f}" in table.stdout
+    if ACCOUNTING:  # sacct knows the job too, as on sites with accounting
+        deadline = time.monotonic() + 30
+        while not (known := accounting([sub["job_id"]], env=cluster.env)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert [(j.job_id, j.state, j.nodes) for j in known] == [(sub["job_id"], "COMPLETED", 2)]
 
 
 def test_submit_dry_run_prints_the_script_and_submits_nothing(cluster: LocalCluster, tmp_path: Path) -> None:

@@ -60,3 +60,9 @@ def test_number_and_state_of_every_shape() -> None:
     assert number({"set": False, "number": 0}) is None and number({"set": True, "infinite": True}) is None
     assert state_of("RUNNING") == "RUNNING" and state_of(["PENDING", "REQUEUED"]) == "PENDING"
     assert state_of([]) == "UNKNOWN"
+
+
+def test_sacct_22_05_recorded() -> None:
+    jobs = {j.job_id: j for j in jobs_from_json(json.loads((DATA / "sacct-22.05.json").read_text()))}
+    assert {(j.state, j.nodes, j.nodelist, j.exit_code) for j in jobs.values()} == {("COMPLETED", 2, "node[1-2]", 0)}
+    assert all(j.start_time and j.time_limit_s is None for j in jobs.values())
