@@ -41,8 +41,9 @@ class Allocation:
 def current(environ: Mapping[str, str] = os.environ) -> Allocation:
     """The allocation of this process: from Slurm's variables inside a job step, else this machine alone."""
     if "SLURM_JOB_ID" not in environ or "SLURM_NODEID" not in environ:
-        return Allocation(environ.get("SUBMITIT_LOCAL_JOB_ID") or f"local-{os.getpid()}", 0, (os.uname().nodename,), len(os.sched_getaffinity(0)),
-                          _visible_gpus(environ), _physical_memory())
+        job = environ.get("SUBMITIT_LOCAL_JOB_ID") or f"local-{os.getpid()}"
+        return Allocation(job, 0, (os.uname().nodename,), len(os.sched_getaffinity(0)), _visible_gpus(environ),
+                          _physical_memory())
     job = environ["SLURM_JOB_ID"]
     if environ.get("SLURM_ARRAY_TASK_ID"):
         job = f"{environ.get('SLURM_ARRAY_JOB_ID', job)}_{environ['SLURM_ARRAY_TASK_ID']}"

@@ -214,8 +214,9 @@ class LocalCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             key.chmod(0o400)
-        run_command("munged", "--force", f"--socket={m}/munge.socket", f"--key-file={key}", f"--pid-file={m}/munged.pid",
-             f"--log-file={self.state_dir}/log/munged.log", f"--seed-file={m}/munged.seed")
+        run_command("munged", "--force", f"--socket={m}/munge.socket", f"--key-file={key}",
+                    f"--pid-file={m}/munged.pid", f"--log-file={self.state_dir}/log/munged.log",
+                    f"--seed-file={m}/munged.seed")
 
     def _start_slurmctld(self) -> None:
         # -i: ignore state from an earlier cluster of another shape; -c: start clean, no stale jobs.

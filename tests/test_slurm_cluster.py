@@ -22,7 +22,8 @@ from hpc.slurm import accounting
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(os.geteuid() != 0 or any(shutil.which(c) is None for c in COMMANDS),
-                       reason="needs root and the Slurm packages (apt-get install slurmctld slurmd slurm-client munge)"),
+                       reason="needs root and the Slurm packages (apt-get install slurmctld slurmd slurm-client "
+                              "munge)"),
 ]
 
 STATE = DEFAULT_STATE_DIR  # one local cluster per machine: its bridge and namespaces have fixed names

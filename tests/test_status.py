@@ -58,7 +58,8 @@ def test_finished_jobs_are_read_from_the_run_folder(tmp_path: Path) -> None:
 
 
 def test_find_runs_by_name_folder_or_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    a, b = make_run(tmp_path, "a", "41"), make_run(tmp_path, "b", "42")
+    a = make_run(tmp_path, "a", "41")
+    make_run(tmp_path, "b", "42")
     monkeypatch.chdir(tmp_path)
     assert find_runs(None) == [Path("runs/a"), Path("runs/b")]
     assert find_runs("b") == [Path("runs/b")] and find_runs(str(a)) == [a] and find_runs("42") == [Path("runs/b")]
