@@ -87,7 +87,7 @@ class RayConfig(Section):
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
     join_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    """How long every node has to join the head before the job fails naming the missing hosts."""
+    """How long, once the head is up, every node has to join it before the job fails naming the missing hosts."""
     socket_ifname: str | None = None
     """Interface for NCCL/Gloo/Ray traffic; the one routing to the other nodes when unset."""
     nccl_ib_hca: str | None = None

@@ -12,6 +12,7 @@ Ray on shared nodes), whatever the outcome.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -43,6 +44,9 @@ HEAD_FILE = "ray-head.json"
 TOKEN_FILE = "ray-token"
 DONE_FILE = "done"
 POLL_S = 0.1
+START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5.0
+"""How long one node's `ray start` may take; the join timeout counts from the head being up."""
 
 
 class RayStartError(RuntimeError):
@@ -132,9 +136,13 @@ class _Node:
 
     def __init__(self, cmd: list[str], env: dict[str, str], temp_dir: Path, log_path: Path):
         self.temp_dir = temp_dir
+        # A requeued job keeps its id, hence its temp dir and ports: clear what an earlier attempt left here.
+        _kill_processes_using(temp_dir)
         self.log = log_path.open("ab")
+        # If this task dies before it can stop Ray (SIGKILL after scancel, or the driver aborted by Ray's own
+        # signal handler), the kernel kills `ray start`, and Ray's reaper then stops the processes it spawned.
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     def check(self) -> None:
         if self.proc.poll() is not None:
@@ -155,13 +163,20 @@ class _Node:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                # Ray drains for up to 30 s on SIGTERM; the job has nothing left to drain, and Slurm's KillWait
+                # (30 s by default) must not run out first.
+                self.proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
         _kill_processes_using(self.temp_dir)
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _kill_processes_using(temp_dir: Path) -> None:
@@ -190,7 +205,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
     head = alloc.node_rank == 0
     block = port_block(alloc.job_number, ephemeral=ephemeral_range(), fixed=ray_cfg.port)
     if not head:
-        head_address = _wait_for_head(attempt_dir, alloc, ray_cfg.join_timeout_s)
+        head_address = _wait_for_head(attempt_dir, alloc, START_TIMEOUT_S + ray_cfg.join_timeout_s)
     if ray_cfg.socket_ifname:
         route = Route(ray_cfg.socket_ifname, address_of(ray_cfg.socket_ifname))
     elif not head:
@@ -235,7 +250,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
         _write_json(attempt_dir / HEAD_FILE, {"address": head_address})
     else:
         host, port = head_address.rsplit(":", 1)
-        _wait_for_port(host, int(port), ray_cfg.join_timeout_s)
+        _wait_for_port(host, int(port), START_TIMEOUT_S + ray_cfg.join_timeout_s)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     node = _Node(cmd, env, temp_dir, attempt_dir / f"ray-{alloc.host}.log")
     try:
@@ -244,7 +259,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
                     {"address": route.source, "ifname": route.ifname, "rank": alloc.node_rank,
                      "cpus": alloc.cpus, "gpus": alloc.gpus, "pid": os.getpid()})
         if head:
-            node.wait_started(ray_cfg.join_timeout_s)
+            node.wait_started(START_TIMEOUT_S)
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver
             nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node)
             try:

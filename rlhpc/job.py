@@ -6,16 +6,22 @@ This is where `hpc` (the allocation, Ray) meets `rl` (the loop); neither package
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from hpc import allocation
 from hpc.ray_cluster import ray_cluster
-from rlhpc.run_folder import attempt_dir, record_submission
+from rlhpc.run_folder import attempt_dir, jobs_dir, record_submission
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_job(run_dir: str) -> dict[str, Any] | None:
@@ -28,10 +34,17 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     cfg = load_config(folder / "config.toml")
     alloc = allocation.current()
     attempt = attempt_dir(folder, alloc.job_id, alloc.restart_count)
+    in_slurm = "SLURM_JOB_ID" in os.environ
     if alloc.node_rank == 0:
-        record_submission(folder, alloc.job_id, "slurm" if "SLURM_JOB_ID" in os.environ else "local", alloc.num_nodes)
+        record_submission(folder, alloc.job_id, "slurm" if in_slurm else "local", alloc.num_nodes)
+    if not in_slurm:
+        with contextlib.suppress(OSError):  # submitit's local executor creates its folder pattern literally
+            (jobs_dir(folder) / "%j").rmdir()
     logging.getLogger("rlhpc.job").info("job %s, node %s (rank %d of %d), attempt %s", alloc.job_id, alloc.host,
                                         alloc.node_rank, alloc.num_nodes, attempt)
+    # scancel, a node failure or the end of the step sends SIGTERM before SIGKILL (submitit ignores it):
+    # unwind, so that Ray is stopped on this node instead of outliving the job.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with ray_cluster(alloc, attempt, cfg.ray, cfg.slurm.env) as cluster:
         if cluster is None:
             return None

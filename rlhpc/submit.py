@@ -108,9 +108,6 @@ def submit(cfg: Config, *, local: bool = False) -> Submitted:
         ex = slurm_executor(cfg.slurm, run_dir, job_name(cfg))
         executor = "slurm"
     job = ex.submit(run_job, str(run_dir))
-    pattern = jobs_dir(run_dir) / "%j"
-    if local and pattern.is_dir() and not any(pattern.iterdir()):
-        pattern.rmdir()  # submitit's LocalExecutor creates its folder pattern literally
     record_submission(run_dir, str(job.job_id), executor, cfg.slurm.nodes)
     return Submitted(run_dir, str(job.job_id), executor, job)
 

@@ -142,6 +142,40 @@ def test_a_newline_in_a_value_is_refused(cluster: LocalCluster, tmp_path: Path) 
     assert out.returncode == 2 and "slurm.partition" in out.stderr and "control character" in out.stderr
 
 
+def node_processes(env: dict[str, str]) -> list[str]:
+    """Every process in the nodes' network namespaces but the slurmds themselves."""
+    found = []
+    for ns in ("rlhpc-node1", "rlhpc-node2"):
+        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmd and not cmd.startswith("slurmd "):
+                found.append(f"{ns} {pid}: {cmd[:100]}")
+    return found
+
+
+def test_cancel_mid_run_leaves_no_process(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    submitted = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "--cpus-per-task", "2",
+                      "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", f"run.output_dir='{run_dir}'",
+                      env=cluster.env)
+    assert submitted.returncode == 0, submitted.stderr
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training under way
+        time.sleep(0.5)
+    assert node_processes(cluster.env)
+    cancelled = rlhpc("cancel", str(run_dir), env=cluster.env)
+    assert cancelled.returncode == 0 and (run_dir / "cancelled").exists()
+    deadline = time.monotonic() + 30
+    while (left := node_processes(cluster.env)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert left == []  # Ray, its workers and the tasks: all gone with the job
+    [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
+    assert row["state"] == "CANCELLED"
+
+
 def test_doctor_measures_between_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
     out = subprocess.run([*RLHPC, "doctor", "--nodes", "2"], cwd=tmp_path, capture_output=True, text=True,
                          env={**cluster.env, "COLUMNS": "200"}, timeout=300)
