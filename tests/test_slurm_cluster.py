@@ -172,7 +172,12 @@ def test_cancel_mid_run_leaves_no_process(cluster: LocalCluster, tiny_model_dir:
     while (left := node_processes(cluster.env)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == []  # Ray, its workers and the tasks: all gone with the job
-    [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # Slurm may still be COMPLETING the job
+        [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
+        if row["state"] != "COMPLETING":
+            break
+        time.sleep(0.5)
     assert row["state"] == "CANCELLED"
 
 
