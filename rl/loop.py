@@ -209,15 +209,16 @@ class Driver:
             s.reward = reward
         return samples, requests, gens
 
-    def advantages(self, train: list[TrainSample]) -> None:
-        """Fill in each sample's per-token advantages for the configured estimator."""
+    def advantages(self, train: list[TrainSample]) -> list[list[float]] | None:
+        """Fill in each sample's per-token advantages for the configured estimator; return the policy's
+        log-probs when the estimator needed them, so that training does not compute them again."""
         g, n = self.cfg.grpo, self.cfg.rollout.n_samples_per_prompt
         rewards = torch.tensor([s.reward for s in train], dtype=torch.float32)
         mask = pad_rows([s.loss_mask for s in train])
         width = mask.shape[1]
         if g.advantage_estimator in ("grpo", "gspo"):
             per_sample = group_normalize(rewards, n, std_normalize=not g.disable_grpo_std_normalization)
-            adv = per_sample[:, None] * mask
+            adv, old = per_sample[:, None] * mask, None
         else:
             old, ref = self.trainer_log_probs(train), self.trainer_log_probs(train, ref=True)
             kl = approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
@@ -229,6 +230,7 @@ class Driver:
             adv = whiten(adv, mask)
         for i, s in enumerate(train):
             s.advantages = adv[i, : s.response_length].tolist()
+        return old
 
     def trainer_log_probs(self, train: list[TrainSample], ref: bool = False) -> list[list[float]]:
         import ray
@@ -237,12 +239,16 @@ class Driver:
         parts = ray.get([w.compute_log_probs.remote([train[i] for i in s], ref) for w, s in zip(self.workers, shares)])
         return [lp for part in parts for lp in part]
 
-    def train(self, train: list[TrainSample]) -> dict[str, float]:
+    def train(self, train: list[TrainSample], old: list[list[float]] | None = None) -> dict[str, float]:
+        """`num_steps_per_rollout` optimizer steps; `old` are the policy's log-probs if already computed."""
         import ray
 
         r = self.cfg.rollout
         gbs = r.global_batch_size
-        old = self.trainer_log_probs(train) if r.num_steps_per_rollout > 1 else None
+        if r.num_steps_per_rollout == 1:
+            old = None  # one step: the ratio is 1 at the step's start, nothing to compare against
+        elif old is None:
+            old = self.trainer_log_probs(train)
         totals: dict[str, float] = {}
         for step in range(r.num_steps_per_rollout):
             batch = list(range(step * gbs, (step + 1) * gbs))
@@ -324,9 +330,9 @@ class Driver:
                                      loss_mask=[1] * len(gen.output_ids), reward=s.reward,
                                      rollout_log_probs=gen.log_probs, weight_version=gen.weight_version)
                          for s, req, gen in zip(samples, requests, gens)]
-                self.advantages(train)
+                old = self.advantages(train)
                 t1 = time.perf_counter()
-                train_metrics = self.train(train)
+                train_metrics = self.train(train, old)
                 t2 = time.perf_counter()
                 sync_s = self.sync_weights(rollout_id + 1)
                 rewards = torch.tensor([s.reward for s in samples])

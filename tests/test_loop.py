@@ -179,3 +179,24 @@ def test_modes_of_a_later_issue_are_refused_not_ignored(tmp_path, tiny_model_dir
     cfg = tiny(tmp_path, tiny_model_dir, "rollout.partial_rollout=true", "rollout.over_sampling_batch_size=8")
     with pytest.raises(RunError, match="rollout.over_sampling_batch_size, rollout.partial_rollout: not supported by the loop yet"):
         run(cfg)
+
+
+def test_reinforce_pp_computes_log_probs_once_and_keep_last_prunes(ray_local, tmp_path, tiny_model_dir, monkeypatch):
+    from rl.loop import Driver
+
+    calls = []
+    original = Driver.trainer_log_probs
+
+    def counted(self, train, ref=False):
+        calls.append(ref)
+        return original(self, train, ref)
+
+    monkeypatch.setattr(Driver, "trainer_log_probs", counted)
+    rows = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=3", "ckpt.save_interval=1", "ckpt.keep_last=2",
+                    "grpo.advantage_estimator='reinforce_plus_plus_baseline'", "grpo.normalize_advantages=true",
+                    "grpo.kl_coef=0.01",
+                    "eval.eval_interval=10"))["rows"]
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    # per rollout: the policy's and the reference's log-probs for the advantages, reused as old log-probs
+    assert calls == [False, True] * 3
+    assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [2, 3]
