@@ -262,7 +262,7 @@ class LocalCluster:
         for ns in sorted(n for n in netns if n.startswith("rlhpc-")):
             run_command("ip", "netns", "delete", ns, check=False)
         for node in nodes:
-            run_command("ip", "link", "delete", node.veth, check=False, quiet=True)
+            run_command("ip", "link", "delete", node.veth, check=False)
         if _link_exists(BRIDGE):
             run_command("ip", "link", "delete", BRIDGE, check=False)
         (self.state_dir / "spec.json").unlink(missing_ok=True)
@@ -309,7 +309,7 @@ def _usable(state: str) -> bool:
     return state.rstrip("*~#!%$@^-").lower() in {"idle", "allocated", "mixed", "completing"}
 
 
-def run_command(*cmd: str, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess[str]:
+def run_command(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if check and p.returncode != 0:
         raise ClusterError(f"`{' '.join(cmd)}` failed ({p.returncode}): {(p.stderr or p.stdout).strip()}")

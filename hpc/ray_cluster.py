@@ -128,7 +128,6 @@ class RayCluster:
     """host:port of the GCS, for `ray.init(address=...)`."""
     nodes: dict[str, str]
     """Slurm host -> the address its Ray node registered with."""
-    env: dict[str, str]
 
 
 class _Node:
@@ -263,7 +262,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver
             nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node)
             try:
-                yield RayCluster(head_address, nodes, env)
+                yield RayCluster(head_address, nodes)
             finally:
                 (attempt_dir / DONE_FILE).touch()
         else:
