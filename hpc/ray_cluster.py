@@ -133,7 +133,8 @@ class RayCluster:
 class _Node:
     """One `ray start --block` process and everything it spawned, stopped by its temp dir."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], temp_dir: Path, log_path: Path):
+    def __init__(self, cmd: list[str], env: dict[str, str], temp_dir: Path, log_path: Path,
+                 ignore_signals: tuple[int, ...]):
         self.temp_dir = temp_dir
         # A requeued job keeps its id, hence its temp dir and ports: clear what an earlier attempt left here.
         _kill_processes_using(temp_dir)
@@ -141,7 +142,7 @@ class _Node:
         # If this task dies before it can stop Ray (SIGKILL after scancel, or the driver aborted by Ray's own
         # signal handler), the kernel kills `ray start`, and Ray's reaper then stops the processes it spawned.
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=lambda: _prepare_child(ignore_signals))
 
     def check(self) -> None:
         if self.proc.poll() is not None:
@@ -173,9 +174,13 @@ class _Node:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
+def _prepare_child(ignore_signals: tuple[int, ...]) -> None:
+    """In `ray start` before it runs: die with the task, and ignore the job's own signals. Slurm signals every
+    process of a step, and Ray's processes (which inherit the ignored disposition) would die of USR2."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    for sig in ignore_signals:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _kill_processes_using(temp_dir: Path) -> None:
@@ -194,9 +199,11 @@ def _kill_processes_using(temp_dir: Path) -> None:
 
 @contextlib.contextmanager
 def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
-                extra_env: Mapping[str, str] | None = None) -> Iterator[RayCluster | None]:
+                extra_env: Mapping[str, str] | None = None,
+                ignore_signals: tuple[int, ...] = ()) -> Iterator[RayCluster | None]:
     """Bring Ray up on this task's node. Rank 0 yields the joined cluster; other ranks yield None once rank 0
-    has marked the attempt done. `extra_env` (the run's `[slurm.env]`) wins over the node's and computed variables."""
+    has marked the attempt done. `extra_env` (the run's `[slurm.env]`) wins over the node's and computed variables.
+    Ray's processes ignore `ignore_signals`: those the job handles itself (Slurm sends them to every process)."""
     if "ray" in sys.modules:
         # Ray reads its authentication settings when imported; the job's token must be in place first.
         raise RayStartError("ray_cluster() must be entered before `ray` is imported in this process")
@@ -251,7 +258,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
         host, port = head_address.rsplit(":", 1)
         _wait_for_port(host, int(port), START_TIMEOUT_S + ray_cfg.join_timeout_s)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
-    node = _Node(cmd, env, temp_dir, attempt_dir / f"ray-{alloc.host}.log")
+    node = _Node(cmd, env, temp_dir, attempt_dir / f"ray-{alloc.host}.log", ignore_signals)
     try:
         (attempt_dir / "nodes").mkdir(exist_ok=True)
         _write_json(attempt_dir / "nodes" / f"{alloc.host}.json",

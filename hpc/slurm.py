@@ -1,4 +1,5 @@
-"""Slurm's own view of jobs: `squeue` (JSON, else plain format) and `sacct` when accounting is on.
+"""Slurm's view of jobs and the actions on them: `squeue` (JSON, else plain format), `sacct` when accounting
+is on, `scancel`, `scontrol requeue`.
 
 Sites run every Slurm from 20.11 to 25.x, so the JSON is read across its schema versions: `job_state` is a
 string up to data parser v0.0.39 and a list after; numbers are plain before v0.0.39 and `{set, infinite,
@@ -184,3 +185,10 @@ def cancel(job_id: str, env: dict[str, str] | None = None) -> None:
     p = subprocess.run(["scancel", job_id], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise OSError(f"scancel {job_id} failed: {p.stderr.strip()}")
+
+
+def requeue(job_id: str, env: dict[str, str] | None = None) -> None:
+    """Put a job back in the queue (a running one is ended first); it keeps its id and counts a restart."""
+    p = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise OSError(f"scontrol requeue {job_id} failed: {p.stderr.strip()}")

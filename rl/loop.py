@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +73,13 @@ def _writable(folder: Path) -> None:
 
 
 class Driver:
-    def __init__(self, cfg: RLConfig, run_dir: Path, ray_address: str | None = None):
+    def __init__(self, cfg: RLConfig, run_dir: Path, ray_address: str | None = None,
+                 should_stop: Callable[[], bool] = lambda: False):
         from transformers import AutoTokenizer
 
         _check_inputs(cfg)
         self.cfg, self.run_dir, self.ray_address = cfg, Path(run_dir), ray_address
+        self.should_stop = should_stop
         self.save_dir = cfg.save_dir(self.run_dir)
         self.load_dir = Path(cfg.ckpt.load) if cfg.ckpt.load else self.save_dir
         _writable(self.run_dir)
@@ -321,7 +324,14 @@ class Driver:
             if self.eval_sets and start == 0 and not cfg.eval.skip_eval_before_train:
                 pending_eval = {k.replace("eval/", "eval_before_train/", 1): v for k, v in self.evaluate(-1).items()}
             params = self.sampling_params()
+            stopped_at = None
+            saved = start
             for rollout_id in range(start, self.num_rollout):
+                if self.should_stop():  # the safe point: between rollouts, the state is whole
+                    if saved != rollout_id:
+                        self.save(rollout_id)
+                    stopped_at = rollout_id
+                    break
                 t0 = time.perf_counter()
                 indices = self.cursor.next_batch(r.rollout_batch_size)
                 samples, requests, gens = self.sample(self.dataset, indices, r.n_samples_per_prompt, params,
@@ -359,12 +369,14 @@ class Driver:
                 completed = rollout_id + 1
                 if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0):
                     row["checkpoint"] = str(self.save(completed))
+                    saved = completed
                 log.write(row)
                 progress.update(row)
             progress.close()
             log.close()
             rows = log.rows()
-            return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows, "workers": self.placement}
+            return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows, "workers": self.placement,
+                    "stopped_at": stopped_at}
         finally:
             self.stop_actors()
 
@@ -385,7 +397,9 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def run(cfg: RLConfig, run_dir: Path | None = None, ray_address: str | None = None) -> dict[str, Any]:
+def run(cfg: RLConfig, run_dir: Path | None = None, ray_address: str | None = None,
+        should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
     """Run (or resume) the GRPO loop of `cfg`, writing into its run folder; on the Ray cluster at `ray_address`
-    when given, else on a Ray started here."""
-    return Driver(cfg, run_dir or cfg.run_dir(), ray_address).run()
+    when given, else on a Ray started here. When `should_stop()` turns true the loop checkpoints at the next
+    boundary between rollouts and returns with `stopped_at` set to the rollout it would have run next."""
+    return Driver(cfg, run_dir or cfg.run_dir(), ray_address, should_stop).run()

@@ -12,12 +12,15 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from hpc import allocation
 from hpc.ray_cluster import ray_cluster
-from rlhpc.run_folder import attempt_dir, jobs_dir, record_submission
+from hpc.slurm import requeue as requeue_job
+from rlhpc.run_folder import attempt_dir, is_cancelled, jobs_dir, record_submission
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -45,17 +48,30 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     # scancel, a node failure or the end of the step sends SIGTERM before SIGKILL (submitit ignores it):
     # unwind, so that Ray is stopped on this node instead of outliving the job.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    with ray_cluster(alloc, attempt, cfg.ray, cfg.slurm.env) as cluster:
+    # The signal Slurm sends before the time limit or on preemption (`[slurm] signal`): rank 0's loop
+    # checkpoints at the next boundary between rollouts, then the job requeues itself once Ray is down.
+    # It replaces submitit's handler, which would requeue at once, without a checkpoint.
+    stop = threading.Event()
+    stop_signal = getattr(signal, f"SIG{cfg.slurm.signal}")
+    signal.signal(stop_signal, (lambda signum, frame: stop.set()) if alloc.node_rank == 0 else signal.SIG_IGN)
+    with ray_cluster(alloc, attempt, cfg.ray, cfg.slurm.env, ignore_signals=(stop_signal,)) as cluster:
         if cluster is None:
             return None
         (attempt / "cluster.json").write_text(json.dumps({"address": cluster.address, "nodes": cluster.nodes}))
-        result = run_loop(cfg, folder, ray_address=cluster.address)
+        result = run_loop(cfg, folder, ray_address=cluster.address, should_stop=stop.is_set)
         rows = result["rows"]
         summary = {"run_dir": str(folder), "job_id": alloc.job_id, "rollouts": len(rows),
                    "last_reward": rows[-1]["reward_mean"] if rows else None, "ray_nodes": cluster.nodes,
-                   "workers": result["workers"]}
+                   "workers": result["workers"], "stopped_at": result["stopped_at"]}
         (attempt / "result.json").write_text(json.dumps(summary))
-        return summary
+    if result["stopped_at"] is not None:
+        requeue = in_slurm and not is_cancelled(folder) and alloc.restart_count < cfg.slurm.max_requeues
+        (attempt / "interrupted.json").write_text(json.dumps(
+            {"signal": cfg.slurm.signal, "stopped_at": result["stopped_at"], "time": time.time(),
+             "requeued": requeue}))
+        if requeue:
+            requeue_job(alloc.job_id)  # ends this job now and queues it again: the last thing it does
+    return summary
 
 
 if __name__ == "__main__":  # `python -m rlhpc.job RUN_DIR`: the entry of rendered sbatch scripts
