@@ -274,7 +274,8 @@ def _status_table(rows: list[RunStatus]) -> Table:
         state = f"[{colors.get(r.state, 'white')}]{r.state}[/]" + (f" ({escape(r.reason)})" if r.reason else "")
         table.add_row(
             escape(r.run), r.job_id or "-", state, str(r.nodes or "-"), duration(r.elapsed_s), duration(r.time_left_s),
-            str(r.requeues), f"{r.rollout}/{r.num_rollout}" if r.num_rollout else str(r.rollout),
+            str(r.requeues) + (f" ({escape(r.interruptions[-1])})" if r.interruptions else ""),
+            f"{r.rollout}/{r.num_rollout}" if r.num_rollout else str(r.rollout),
             f"{r.last_reward:.3f}" if r.last_reward is not None else "-",
             f"{r.checkpoint} ({duration(r.checkpoint_age_s)} ago)" if r.checkpoint else "-", duration(r.eta_s))
     return table

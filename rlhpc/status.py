@@ -30,6 +30,8 @@ class RunStatus:
     elapsed_s: float | None
     time_left_s: float | None
     requeues: int
+    interruptions: list[str]
+    """Each attempt that was stopped by a signal: "USR2 at rollout 3", oldest first."""
     rollout: int
     num_rollout: int | None
     last_reward: float | None
@@ -74,6 +76,15 @@ def _attempts(run_dir: Path, job_id: str) -> list[Path]:
     return sorted((jobs_dir(run_dir) / job_id).glob("attempt-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
+def _interruptions(run_dir: Path, subs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    found = []
+    for sub in subs:
+        for attempt in _attempts(run_dir, sub["job_id"]):
+            if (attempt / "interrupted.json").exists():
+                found.append(json.loads((attempt / "interrupted.json").read_text()))
+    return found
+
+
 def _state_from_folder(run_dir: Path, job_id: str) -> str:
     """The end state of a job Slurm no longer knows, from the outcome submitit pickled for rank 0."""
     result = jobs_dir(run_dir) / job_id / f"{job_id}_0_result.pkl"
@@ -106,10 +117,12 @@ def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = Non
         reason, nodes, elapsed, left = "", last["nodes"] if last else None, None, None
     attempts = _attempts(run_dir, job_id) if job_id else []
     requeues = max(info.restarts if info else 0, len(attempts) - 1, 0) + max(len(subs) - 1, 0)
+    interruptions = [f"{i['signal']} at rollout {i['stopped_at']}" for i in _interruptions(run_dir, subs)]
     running = state in {"RUNNING", "PENDING", "CONFIGURING", "REQUEUED"}
     return RunStatus(
         run=run_dir.name, run_dir=str(run_dir), job_id=job_id, executor=last["executor"] if last else None,
         state=state, reason=reason, nodes=nodes, elapsed_s=elapsed, time_left_s=left, requeues=requeues,
+        interruptions=interruptions,
         rollout=done, num_rollout=total, last_reward=rows[-1]["reward_mean"] if rows else None,
         checkpoint=ckpt.name if ckpt else None,
         checkpoint_age_s=now - ckpt.stat().st_mtime if ckpt else None,

@@ -216,6 +216,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes(cluster: LocalCl
     wait_gone(job, cluster.env)
     [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
     assert (row["state"], row["requeues"], row["rollout"]) == ("COMPLETED", 1, 8)
+    assert row["interruptions"] == [f"USR2 at rollout {interrupted['stopped_at']}"]
 
 
 def test_doctor_measures_between_nodes(cluster: LocalCluster, tmp_path: Path) -> None:

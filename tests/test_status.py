@@ -40,9 +40,12 @@ def make_run(root: Path, name: str, job_id: str, executor: str = "slurm", rollou
 def test_running_job_joins_squeue_and_progress(tmp_path: Path) -> None:
     run = make_run(tmp_path, "a", "41")
     (run / "jobs" / "41" / "attempt-1").mkdir()
+    (run / "jobs" / "41" / "attempt-0" / "interrupted.json").write_text(
+        json.dumps({"signal": "USR2", "stopped_at": 2, "time": 0, "requeued": True}))
     info = JobInfo("41", "rlhpc-a", "RUNNING", "", 2, "node[1-2]", "batch", 3600, 5000.0, 4900.0, 1)
     s = run_status(run, {"41": info}, now=5600.0)
     assert (s.state, s.nodes, s.elapsed_s, s.time_left_s, s.requeues) == ("RUNNING", 2, 600.0, 3000.0, 1)
+    assert s.interruptions == ["USR2 at rollout 2"]
     assert (s.rollout, s.num_rollout, s.last_reward) == (3, 10, pytest.approx(0.2))
     assert s.checkpoint == "iter_0000002" and s.eta_s == 7 * 60.0
 
