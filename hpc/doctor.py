@@ -139,8 +139,9 @@ def allreduce_probe(sizes: tuple[int, ...] = (1 << 20, 16 << 20, 64 << 20), iter
     alloc = current()
     master = node_addresses([alloc.hosts[0]])[alloc.hosts[0]] if alloc.num_nodes > 1 else "127.0.0.1"
     if alloc.num_nodes > 1:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", route_to(master).ifname)
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", route_to(master).ifname)
+        ifname = route_to(master).ifname
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", ifname)
     port = port_block(alloc.job_number, ephemeral=ephemeral_range()).base + 9  # a slot Ray's block leaves free
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{master}:{port}",

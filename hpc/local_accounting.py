@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jinja2
+
+from hpc.wait import port_open, until
 
 if TYPE_CHECKING:
     from hpc.local_cluster import LocalCluster, Spec
@@ -63,8 +63,8 @@ def start_accounting(cluster: LocalCluster, spec: Spec, dbd_port: int) -> None:
     subprocess.Popen(["mariadbd", "--user=root", f"--datadir={db}", f"--socket={sock}", f"--port={MARIADB_PORT}",
                       "--bind-address=127.0.0.1", "--skip-name-resolve", f"--pid-file={state}/run/mariadb.pid"],
                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    _until(lambda: run_command("mariadb-admin", f"--socket={sock}", "ping", check=False).returncode == 0,
-           "MariaDB", state / "log" / "mariadb.log")
+    _wait(lambda: run_command("mariadb-admin", f"--socket={sock}", "ping", check=False).returncode == 0,
+          "MariaDB", state / "log" / "mariadb.log")
     if not password_file.exists():
         password_file.write_text(secrets.token_hex(16))
         password_file.chmod(0o600)
@@ -79,7 +79,7 @@ def start_accounting(cluster: LocalCluster, spec: Spec, dbd_port: int) -> None:
     # slurmdbd reads slurmdbd.conf from the folder of $SLURM_CONF.
     subprocess.run(["slurmdbd"], env={**os.environ, "SLURM_CONF": str(cluster.conf)}, check=True,
                    capture_output=True)
-    _until(lambda: _listening(spec.ctld_addr, dbd_port), "slurmdbd", state / "log" / "slurmdbd.log")
+    _wait(lambda: port_open(spec.ctld_addr, dbd_port, timeout_s=0.5), "slurmdbd", state / "log" / "slurmdbd.log")
 
 
 def stop_accounting(cluster: LocalCluster) -> None:
@@ -88,17 +88,8 @@ def stop_accounting(cluster: LocalCluster) -> None:
     kill_all(pid_from(cluster.state_dir / "run" / "mariadb.pid"), timeout_s=30)
 
 
-def _listening(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _until(ready: Callable[[], bool], what: str, log: Path) -> None:
+def _wait(ready: Callable[[], bool], what: str, log: Path) -> None:
     from hpc.local_cluster import ClusterError
 
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while not ready():
-        if time.monotonic() > deadline:
-            raise ClusterError(f"{what} did not start within {READY_TIMEOUT_S:.0f}s; see {log}")
-        time.sleep(0.2)
+    if not until(ready, READY_TIMEOUT_S, poll_s=0.2):
+        raise ClusterError(f"{what} did not start within {READY_TIMEOUT_S:.0f}s; see {log}")

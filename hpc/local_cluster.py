@@ -28,6 +28,8 @@ DEFAULT_STATE_DIR = Path("/tmp/rlhpc-cluster")
 PACKAGES = "slurmctld slurmd slurm-client munge iproute2 util-linux"
 COMMANDS = ("munged", "slurmctld", "slurmd", "sinfo", "scontrol", "ip", "nsenter")
 BRIDGE = "rlhpcbr0"
+PREFIX = "rlhpc-"
+"""Of the nodes' namespaces and veth interfaces."""
 CTLD_PORT = 16817
 SLURMD_PORT = 16818
 DBD_PORT = 16819
@@ -102,11 +104,11 @@ class Node:
 
     @property
     def netns(self) -> str:
-        return f"rlhpc-{self.name}"
+        return f"{PREFIX}{self.name}"
 
     @property
     def veth(self) -> str:
-        return f"rlhpc-{self.name}"[:15]
+        return f"{PREFIX}{self.name}"[:15]
 
 
 @dataclass(frozen=True)
@@ -249,8 +251,8 @@ class LocalCluster:
         """Stop every daemon and process of the cluster and remove its namespaces and bridge; idempotent."""
         spec = self.spec()
         nodes = spec.node_list() if spec else []
-        netns = set(_netns_list())
-        for ns in sorted(n for n in netns if n.startswith("rlhpc-")):
+        netns = _cluster_netns()
+        for ns in netns:
             kill_all(_netns_pids(ns))
         for name in ("slurmdbd.pid", "slurmctld.pid"):
             kill_all(pid_from(self.state_dir / "run" / name))
@@ -259,7 +261,7 @@ class LocalCluster:
 
             stop_accounting(self)
         kill_all(pid_from(self.state_dir / "munge" / "munged.pid"))
-        for ns in sorted(n for n in netns if n.startswith("rlhpc-")):
+        for ns in netns:
             run_command("ip", "netns", "delete", ns, check=False)
         for node in nodes:
             run_command("ip", "link", "delete", node.veth, check=False)
@@ -277,7 +279,7 @@ class LocalCluster:
 
     def leftovers(self) -> list[str]:
         """What of a cluster remains on this machine: daemons, namespaces, bridge (empty after `down`)."""
-        found = [f"netns {n}" for n in _netns_list() if n.startswith("rlhpc-")]
+        found = [f"netns {n}" for n in _cluster_netns()]
         if _link_exists(BRIDGE):
             found.append(f"bridge {BRIDGE}")
         state = str(self.state_dir)
@@ -316,9 +318,11 @@ def run_command(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[st
     return p
 
 
-def _netns_list() -> list[str]:
+def _cluster_netns() -> list[str]:
+    """The nodes' namespaces of any local cluster on this machine (their names are fixed, like the bridge's)."""
     p = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    return [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
+    names = [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
+    return sorted(n for n in names if n.startswith(PREFIX))
 
 
 def _netns_pids(ns: str) -> list[int]:

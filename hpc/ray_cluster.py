@@ -19,7 +19,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from hpc.allocation import Allocation, node_addresses
 from hpc.network import Route, address_of, job_env, route_to
+from hpc.wait import port_open, until
 
 if TYPE_CHECKING:
     from hpc.config import RayConfig
@@ -113,7 +113,7 @@ def object_store_bytes(requested: int | None, *, memory: int, shm_free: int) -> 
     want = requested or int(memory * 0.3)
     room = int(shm_free * 0.9)
     if want <= room:
-        return max(want, _MIN_OBJECT_STORE), want >= _MIN_OBJECT_STORE or room >= _MIN_OBJECT_STORE
+        return max(want, _MIN_OBJECT_STORE), room >= _MIN_OBJECT_STORE
     if requested is not None:
         raise RayStartError(f"ray.object_store_memory = {requested} bytes does not fit in /dev/shm "
                             f"({shm_free} bytes free); lower it or unset it")
@@ -151,12 +151,13 @@ class _Node:
     def wait_started(self, timeout_s: float) -> None:
         """Until `ray start` has brought up every process of the node: it then writes the cluster's address
         into the temp dir, just before it blocks."""
-        deadline = time.monotonic() + timeout_s
-        while not (self.temp_dir / "ray_current_cluster").exists():
+
+        def started() -> bool:
             self.check()
-            if time.monotonic() > deadline:
-                raise RayStartError(f"`ray start` did not finish within {timeout_s:.0f}s; see {self.log.name}")
-            time.sleep(POLL_S)
+            return (self.temp_dir / "ray_current_cluster").exists()
+
+        if not until(started, timeout_s, POLL_S):
+            raise RayStartError(f"`ray start` did not finish within {timeout_s:.0f}s; see {self.log.name}")
 
     def stop(self) -> None:
         """SIGTERM `ray start --block` (it stops its children), then kill whatever still runs in our temp dir."""
@@ -296,25 +297,15 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _wait_for_head(attempt_dir: Path, alloc: Allocation, timeout_s: float) -> str:
-    deadline = time.monotonic() + timeout_s
     path = attempt_dir / HEAD_FILE
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RayStartError(f"the Ray head ({alloc.hosts[0]}) did not start within {timeout_s:.0f}s")
-        time.sleep(POLL_S)
+    if not until(path.exists, timeout_s, POLL_S):
+        raise RayStartError(f"the Ray head ({alloc.hosts[0]}) did not start within {timeout_s:.0f}s")
     return json.loads(path.read_text())["address"]
 
 
 def _wait_for_port(host: str, port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with socket.socket() as s:
-            s.settimeout(1.0)
-            if s.connect_ex((host, port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            raise RayStartError(f"the Ray head did not listen on {host}:{port} within {timeout_s:.0f}s")
-        time.sleep(POLL_S)
+    if not until(lambda: port_open(host, port), timeout_s, POLL_S):
+        raise RayStartError(f"the Ray head did not listen on {host}:{port} within {timeout_s:.0f}s")
 
 
 def wait_for_nodes(address: str, alloc: Allocation, attempt_dir: Path, timeout_s: float, node: _Node
@@ -347,6 +338,9 @@ def wait_for_nodes(address: str, alloc: Allocation, attempt_dir: Path, timeout_s
 
 def _wait_until_done(node: _Node, attempt_dir: Path) -> None:
     done = attempt_dir / DONE_FILE
-    while not done.exists():
+
+    def finished() -> bool:
         node.check()
-        time.sleep(POLL_S)
+        return done.exists()
+
+    until(finished, float("inf"), POLL_S)

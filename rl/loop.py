@@ -132,7 +132,7 @@ class Driver:
         per_node = p.actor_num_gpus_per_node + -(-n_engines // p.actor_num_nodes)
         slot = node_cpus // per_node or node_cpus / per_node
         threads = p.cpu_threads or max(1, int(slot))
-        gpus = 1 if torch_cuda_available() else 0
+        gpus = 1 if torch.cuda.is_available() else 0
         bundle = {"CPU": slot * p.actor_num_gpus_per_node, **({"GPU": p.actor_num_gpus_per_node} if gpus else {})}
         self.group = placement_group([bundle] * p.actor_num_nodes,
                                      strategy="STRICT_SPREAD" if p.actor_num_nodes > 1 else "STRICT_PACK")
@@ -389,12 +389,6 @@ def _address_and_free_port() -> tuple[str, int]:
     with socket.socket() as s:
         s.bind(("", 0))
         return ray.util.get_node_ip_address(), s.getsockname()[1]
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def run(cfg: RLConfig, run_dir: Path | None = None, ray_address: str | None = None,

@@ -127,14 +127,18 @@ def run(config: ConfigArg, overrides: SetOpt = None) -> None:
         out.print(f"reward: first 5 rollouts {first:.3f} → last 5 rollouts {last:.3f}", highlight=False)
 
 
-def _run_folder(run_: str) -> Path:
-    path = Path(run_)
-    if not path.is_dir() and (Path("runs") / run_).is_dir():
-        path = Path("runs") / run_
-    if not (path / "config.toml").exists():
-        _error(f"{run_}: not a run folder (no config.toml)")
+def _one_run(run_: str) -> Path:
+    from rlhpc.status import find_runs
+
+    try:
+        runs = find_runs(run_)
+    except LookupError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
+    if len(runs) != 1:
+        _error(f"{run_}: several runs match ({', '.join(p.name for p in runs)}); name one")
         raise typer.Exit(2)
-    return path.absolute()
+    return runs[0].absolute()
 
 
 @app.command()
@@ -145,7 +149,7 @@ def export(
     """Export a run's latest complete checkpoint as a Hugging Face model folder."""
     from rl.export import export_hf
 
-    run_dir = _run_folder(run_)
+    run_dir = _one_run(run_)
     cfg = _load(run_dir / "config.toml", [])
     try:
         folder = export_hf(cfg.save_dir(run_dir), cfg.ckpt.hf_checkpoint, hf)
@@ -163,7 +167,7 @@ def plot(
     """Plot reward, response length and KL over rollouts to a PNG."""
     from rl.plot import plot_run
 
-    run_dir = _run_folder(run_)
+    run_dir = _one_run(run_)
     png = plot_run(run_dir / "metrics.jsonl", output or run_dir / "curves.png")
     out.print(f"wrote {png}", highlight=False, soft_wrap=True)
 
@@ -315,20 +319,6 @@ def status(
                 live.update(_status_table(collect(runs)), refresh=True)
         except KeyboardInterrupt:
             pass
-
-
-def _one_run(run_: str) -> Path:
-    from rlhpc.status import find_runs
-
-    try:
-        runs = find_runs(run_)
-    except LookupError as e:
-        _error(str(e))
-        raise typer.Exit(2) from None
-    if len(runs) != 1:
-        _error(f"{run_}: several runs match ({', '.join(p.name for p in runs)}); name one")
-        raise typer.Exit(2)
-    return runs[0].absolute()
 
 
 def _last_job(run_dir: Path) -> dict:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc.config import SlurmConfig
+from hpc.wait import until
 from rlhpc.config import Config
 from rlhpc.run_folder import freeze, jobs_dir, record_submission
 
@@ -82,7 +82,7 @@ def sbatch_script(cfg: Config, run_dir: Path) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = sbatch_parameters(cfg.slurm, job_name(cfg))
-    command = f"{_python()} -u -m submitit.core._submit {run_dir / 'jobs' / '%j'}"
+    command = f"{_python()} -u -m submitit.core._submit {jobs_dir(run_dir) / '%j'}"
     return _make_sbatch_string(command=command, folder=jobs_dir(run_dir) / "%j", **params)
 
 
@@ -125,12 +125,9 @@ def wait(done: Submitted, poll_s: float = 1.0) -> dict[str, Any]:
 
     job = done.job
     if done.executor == "slurm":
-        while any(j.state not in TERMINAL for j in queue([done.job_id])):
-            time.sleep(poll_s)
-        deadline = time.monotonic() + 30  # the result file may reach a shared filesystem a little later
-        while not job.paths.result_pickle.exists() and time.monotonic() < deadline:
-            time.sleep(poll_s)
-        if not job.paths.result_pickle.exists():
+        until(lambda: all(j.state in TERMINAL for j in queue([done.job_id])), float("inf"), poll_s)
+        # the result file may reach a shared filesystem a little after the job has left squeue
+        if not until(job.paths.result_pickle.exists, 30, poll_s):
             raise JobFailed(f"job {done.job_id} ended without a result; see {job.paths.stderr}")
     try:
         return job.results()[0]
