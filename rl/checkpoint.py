@@ -130,19 +130,32 @@ def complete_iterations(root: Path) -> list[int]:
     return sorted(found)
 
 
-def latest(root: Path | None) -> Path | None:
-    """The newest checkpoint that verifies: the recorded latest, else the newest sealed folder that
-    checks out (a warning names each one skipped). None when there is none."""
-    if root is None or not Path(root).is_dir():
-        return None
-    root = Path(root)
+def _recorded_first(root: Path) -> list[int]:
+    """Sealed iterations newest first, the one recorded as latest ahead of them."""
     candidates = complete_iterations(root)[::-1]
     try:
         recorded = int((root / LATEST).read_text().strip())
         candidates = [recorded] + [c for c in candidates if c != recorded]
     except (OSError, ValueError):
         pass
-    for iteration in candidates:
+    return candidates
+
+
+def sealed_latest(root: Path) -> Path | None:
+    """What `latest` would most likely load, without reading the files (for status displays)."""
+    for iteration in _recorded_first(Path(root)) if Path(root).is_dir() else []:
+        if (folder := iteration_dir(root, iteration)).is_dir():
+            return folder
+    return None
+
+
+def latest(root: Path | None) -> Path | None:
+    """The newest checkpoint that verifies: the recorded latest, else the newest sealed folder that
+    checks out (a warning names each one skipped). None when there is none."""
+    if root is None or not Path(root).is_dir():
+        return None
+    root = Path(root)
+    for iteration in _recorded_first(root):
         folder = iteration_dir(root, iteration)
         problem = verify(folder) if folder.is_dir() else "folder missing"
         if problem is None:

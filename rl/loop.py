@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,21 @@ from rl.batch import TrainSample, pad_rows, split_for_ranks
 from rl.config import RLConfig
 from rl.data import PromptCursor, PromptDataset
 from rl.evaluate import summarize
+from rl.heartbeat import Heartbeat
+from rl.interrupt import Interrupted, StopRequest
 from rl.losses import approx_kl
 from rl.metrics import MetricsLog, Progress
 from rl.rewards import compute_rewards
 from rl.rollout.engine import Generation, SamplingParams, sample_seed
 from rl.sample import Sample
 
+logger = logging.getLogger(__name__)
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
               "TOKENIZERS_PARALLELISM": "false"}
 
 
 PLACEMENT_TIMEOUT_S = 120
+STOP_POLL_S = 0.2
 
 
 class RunError(RuntimeError):
@@ -73,13 +77,16 @@ def _writable(folder: Path) -> None:
 
 
 class Driver:
-    def __init__(self, cfg: RLConfig, run_dir: Path, ray_address: str | None = None,
-                 should_stop: Callable[[], bool] = lambda: False):
+    def __init__(self, cfg: RLConfig, run_dir: Path, ray_address: str | None = None, stop: StopRequest | None = None,
+                 start_record: Path | None = None):
         from transformers import AutoTokenizer
 
         _check_inputs(cfg)
         self.cfg, self.run_dir, self.ray_address = cfg, Path(run_dir), ray_address
-        self.should_stop = should_stop
+        self.stop = stop or StopRequest()
+        self.start_record = start_record
+        self.heartbeat = Heartbeat(self.run_dir)
+        self.save_s: float | None = None  # how long the last save took, to judge whether a stop leaves time for one
         self.save_dir = cfg.save_dir(self.run_dir)
         self.load_dir = Path(cfg.ckpt.load) if cfg.ckpt.load else self.save_dir
         _writable(self.run_dir)
@@ -172,12 +179,20 @@ class Driver:
 
     # --- one rollout -----------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
+                 abandonable: bool = False) -> list[Generation]:
+        """Generations in request order. An `abandonable` one raises Interrupted as soon as a stop is asked
+        (its engines' work is discarded with the actors)."""
         import ray
 
         shares = split_for_ranks(len(prompts), len(self.generators))
         futures = [g.generate.remote([prompts[i] for i in s], params, [seeds[i] for i in s])
                    for g, s in zip(self.generators, shares) if len(s)]
+        while abandonable:
+            if self.stop.is_set():
+                raise Interrupted
+            if not ray.wait(futures, num_returns=len(futures), timeout=STOP_POLL_S)[1]:
+                break
         return [gen for part in ray.get(futures) for gen in part]
 
     def sampling_params(self, *, evaluation: bool = False) -> SamplingParams:
@@ -195,13 +210,14 @@ class Driver:
             stop_token_ids=self.stop_ids)
 
     def sample(self, dataset: PromptDataset, indices: list[int], n: int, params: SamplingParams,
-               rollout_id: int, salt: int = 0) -> tuple[list[Sample], list[list[int]], list[Generation]]:
+               rollout_id: int, salt: int = 0, abandonable: bool = False,
+               ) -> tuple[list[Sample], list[list[int]], list[Generation]]:
         """n samples of each prompt, rewarded. Seeds depend on (run seed, rollout, sample index) only."""
         prompts = [dataset[i] for i in indices]
         prompt_ids = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         requests = [ids for ids in prompt_ids for _ in range(n)]
         seeds = [sample_seed(self.cfg.run.seed + salt, rollout_id, i) for i in range(len(requests))]
-        gens = self.generate(requests, params, seeds)
+        gens = self.generate(requests, params, seeds, abandonable)
         samples = [
             Sample(prompt=prompts[g].text, label=prompts[g].label, metadata=dict(prompts[g].metadata),
                    index=prompts[g].index, group_index=g,
@@ -292,11 +308,25 @@ class Driver:
     def save(self, completed: int) -> Path:
         import ray
 
+        self.heartbeat.beat(completed, "save")
+        start = time.monotonic()
         tmp = checkpoint.begin(self.save_dir, completed)
         ray.get([w.save.remote(str(tmp)) for w in self.workers])
         state = {"rollout_id": completed, "data": self.cursor.state_dict(), "seed": self.cfg.run.seed}
         (tmp / "state.json").write_text(json.dumps(state))
-        return checkpoint.commit(self.save_dir, tmp, completed, self.cfg.ckpt.keep_last)
+        folder = checkpoint.commit(self.save_dir, tmp, completed, self.cfg.ckpt.keep_last)
+        self.save_s = time.monotonic() - start
+        return folder
+
+    def save_before_stopping(self, completed: int) -> None:
+        """The checkpoint of a stop, unless the time left is too short for one (then the last complete one
+        stands, and the rollouts since are redone)."""
+        left = self.stop.time_left()
+        if left is not None and self.save_s is not None and left < 2 * self.save_s:
+            logger.warning("stopping at rollout %d without a checkpoint: %.0fs left, a save takes %.0fs", completed,
+                           left, self.save_s)
+            return
+        self.save(completed)
 
     def resume(self) -> int:
         """Load the newest complete checkpoint, if any; returns the first rollout to run."""
@@ -313,65 +343,45 @@ class Driver:
     # --- the loop --------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        cfg, r = self.cfg, self.cfg.rollout
+        cfg = self.cfg
+        self.heartbeat.beat(0, "start")
         self.start_actors()
         try:
             start = self.resume()
             log = MetricsLog(self.run_dir, tensorboard=cfg.run.use_tensorboard, resume_from=start)
+            if self.start_record is not None:
+                self.start_record.write_text(json.dumps({"resumed_from": start, "redone": log.dropped,
+                                                         "time": time.time()}))
             progress = Progress(self.num_rollout, start)
             self.sync_weights(start)
             pending_eval: dict[str, float] = {}
             if self.eval_sets and start == 0 and not cfg.eval.skip_eval_before_train:
+                self.heartbeat.beat(0, "eval")
                 pending_eval = {k.replace("eval/", "eval_before_train/", 1): v for k, v in self.evaluate(-1).items()}
-            params = self.sampling_params()
-            stopped_at = None
-            saved = start
+            saved, stopped_at = start, None
             for rollout_id in range(start, self.num_rollout):
-                if self.should_stop():  # the safe point: between rollouts, the state is whole
+                # Safe points: before a rollout, and inside its generation (abandoned; nothing has changed yet).
+                position = self.cursor.state_dict()
+                try:
+                    if self.stop.is_set():
+                        raise Interrupted
+                    row = self.one_rollout(rollout_id, pending_eval)
+                except Interrupted:
+                    self.cursor.load_state_dict(position)
                     if saved != rollout_id:
-                        self.save(rollout_id)
+                        self.save_before_stopping(rollout_id)
                     stopped_at = rollout_id
+                    self.heartbeat.beat(rollout_id, "stopped")
                     break
-                t0 = time.perf_counter()
-                indices = self.cursor.next_batch(r.rollout_batch_size)
-                samples, requests, gens = self.sample(self.dataset, indices, r.n_samples_per_prompt, params,
-                                                      rollout_id)
-                train = [TrainSample(tokens=req + gen.output_ids, response_length=len(gen.output_ids),
-                                     loss_mask=[1] * len(gen.output_ids), reward=s.reward,
-                                     rollout_log_probs=gen.log_probs, weight_version=gen.weight_version)
-                         for s, req, gen in zip(samples, requests, gens)]
-                old = self.advantages(train)
-                t1 = time.perf_counter()
-                train_metrics = self.train(train, old)
-                t2 = time.perf_counter()
-                sync_s = self.sync_weights(rollout_id + 1)
-                rewards = torch.tensor([s.reward for s in samples])
-                row: dict[str, Any] = {
-                    "rollout_id": rollout_id,
-                    "reward_mean": float(rewards.mean()),
-                    "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                    "response_len_mean": sum(len(g.output_ids) for g in gens) / len(gens),
-                    "truncated_frac": sum(g.finish_reason == "length" for g in gens) / len(gens),
-                    "weight_version": min(g.weight_version for g in gens),
-                    "kl": train_metrics.get("kl", 0.0),
-                    **{k: v for k, v in train_metrics.items() if k != "kl"},
-                    "time_rollout_s": t1 - t0,
-                    "time_train_s": t2 - t1,
-                    "time_sync_s": sync_s,
-                    "samples_per_s": len(samples) / (time.perf_counter() - t0),
-                    **pending_eval,
-                    "num_rollout": self.num_rollout,
-                    "timestamp": time.time(),
-                }
                 pending_eval = {}
-                if self.eval_sets and cfg.eval.eval_interval and (rollout_id + 1) % cfg.eval.eval_interval == 0:
-                    row |= self.evaluate(rollout_id)
                 completed = rollout_id + 1
                 if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0):
                     row["checkpoint"] = str(self.save(completed))
                     saved = completed
                 log.write(row)
                 progress.update(row)
+            else:
+                self.heartbeat.beat(self.num_rollout, "done")
             progress.close()
             log.close()
             rows = log.rows()
@@ -379,6 +389,48 @@ class Driver:
                     "stopped_at": stopped_at}
         finally:
             self.stop_actors()
+
+    def one_rollout(self, rollout_id: int, pending_eval: dict[str, float]) -> dict[str, Any]:
+        """Generate, reward, train and sync once; return the rollout's metrics row."""
+        r = self.cfg.rollout
+        t0 = time.perf_counter()
+        self.heartbeat.beat(rollout_id, "rollout")
+        indices = self.cursor.next_batch(r.rollout_batch_size)
+        samples, requests, gens = self.sample(self.dataset, indices, r.n_samples_per_prompt, self.sampling_params(),
+                                              rollout_id, abandonable=True)
+        train = [TrainSample(tokens=req + gen.output_ids, response_length=len(gen.output_ids),
+                             loss_mask=[1] * len(gen.output_ids), reward=s.reward,
+                             rollout_log_probs=gen.log_probs, weight_version=gen.weight_version)
+                 for s, req, gen in zip(samples, requests, gens)]
+        self.heartbeat.beat(rollout_id, "train")
+        old = self.advantages(train)
+        t1 = time.perf_counter()
+        train_metrics = self.train(train, old)
+        t2 = time.perf_counter()
+        self.heartbeat.beat(rollout_id, "sync")
+        sync_s = self.sync_weights(rollout_id + 1)
+        rewards = torch.tensor([s.reward for s in samples])
+        row: dict[str, Any] = {
+            "rollout_id": rollout_id,
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "response_len_mean": sum(len(g.output_ids) for g in gens) / len(gens),
+            "truncated_frac": sum(g.finish_reason == "length" for g in gens) / len(gens),
+            "weight_version": min(g.weight_version for g in gens),
+            "kl": train_metrics.get("kl", 0.0),
+            **{k: v for k, v in train_metrics.items() if k != "kl"},
+            "time_rollout_s": t1 - t0,
+            "time_train_s": t2 - t1,
+            "time_sync_s": sync_s,
+            "samples_per_s": len(samples) / (time.perf_counter() - t0),
+            **pending_eval,
+            "num_rollout": self.num_rollout,
+            "timestamp": time.time(),
+        }
+        if self.eval_sets and self.cfg.eval.eval_interval and (rollout_id + 1) % self.cfg.eval.eval_interval == 0:
+            self.heartbeat.beat(rollout_id, "eval")
+            row |= self.evaluate(rollout_id)
+        return row
 
 
 def _address_and_free_port() -> tuple[str, int]:
@@ -392,8 +444,9 @@ def _address_and_free_port() -> tuple[str, int]:
 
 
 def run(cfg: RLConfig, run_dir: Path | None = None, ray_address: str | None = None,
-        should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        stop: StopRequest | None = None, start_record: Path | None = None) -> dict[str, Any]:
     """Run (or resume) the GRPO loop of `cfg`, writing into its run folder; on the Ray cluster at `ray_address`
-    when given, else on a Ray started here. When `should_stop()` turns true the loop checkpoints at the next
-    boundary between rollouts and returns with `stopped_at` set to the rollout it would have run next."""
-    return Driver(cfg, run_dir or cfg.run_dir(), ray_address, should_stop).run()
+    when given, else on a Ray started here. Once `stop` is set the loop stops at its next safe point (see
+    `rl.interrupt`), checkpoints if time allows, and returns with `stopped_at` set to the rollout it would have
+    run next. `start_record` (a file) receives the checkpoint resumed from and the rollouts redone."""
+    return Driver(cfg, run_dir or cfg.run_dir(), ray_address, stop, start_record).run()

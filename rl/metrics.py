@@ -17,7 +17,9 @@ class MetricsLog:
         """Rows of rollouts at or after `resume_from` are dropped: a resumed run writes them again."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [row for row in self.rows() if row.get("rollout_id", -1) < resume_from]
+        rows = self.rows()
+        kept = [row for row in rows if row.get("rollout_id", -1) < resume_from]
+        self.dropped = len(rows) - len(kept)  # rollouts done after the checkpoint resumed from: redone
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tb = None
         if tensorboard:

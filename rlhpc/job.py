@@ -2,17 +2,23 @@
 bring this node into the job's Ray cluster, run the GRPO driver on rank 0, take Ray down.
 
 This is where `hpc` (the allocation, Ray) meets `rl` (the loop); neither package knows the other.
+
+Interruptions: Slurm sends `[slurm] signal` to the batch shell `signal_grace_s` before the time limit and
+on preemption; the shell passes it to the tasks (templates/sbatch/). Rank 0's loop stops at its next safe
+point, checkpoints if the grace allows, and once Ray is down requeues the job, which resumes from its latest
+complete checkpoint. If the tasks do not end in time (a step stuck in a collective), the shell requeues the
+job itself with `python -m rlhpc.job --requeue RUN_DIR`.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +26,36 @@ from typing import Any
 from hpc import allocation
 from hpc.ray_cluster import ray_cluster
 from hpc.slurm import requeue as requeue_job
-from rlhpc.run_folder import attempt_dir, is_cancelled, jobs_dir, record_submission
+from rlhpc.run_folder import INTERRUPTED, START, attempt_dir, is_cancelled, jobs_dir, record_submission
+
+TEARDOWN_S = 15
+"""Of the grace, what stopping Ray and requeueing need after the loop has stopped."""
+
+log = logging.getLogger("rlhpc.job")
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def requeue_if_allowed(folder: Path, attempt: Path, job_id: str, restart_count: int, max_requeues: int,
+                       record: dict[str, Any]) -> bool:
+    """Record the interruption in the attempt's folder and requeue the job unless the run was cancelled or has
+    used its `max_requeues`. Requeueing ends this job at once: it is the last thing a job does."""
+    requeue = not is_cancelled(folder) and restart_count < max_requeues
+    attempt.mkdir(parents=True, exist_ok=True)
+    (attempt / INTERRUPTED).write_text(json.dumps({**record, "time": time.time(), "requeued": requeue}))
+    if requeue:
+        requeue_job(job_id)
+    else:
+        log.warning("not requeued: %s", "the run was cancelled" if is_cancelled(folder) else
+                    f"{restart_count} requeues already (slurm.max_requeues)")
+    return requeue
+
+
 def run_job(run_dir: str) -> dict[str, Any] | None:
     """Entry of every task. Rank 0 returns the run's summary; the other ranks return None."""
+    from rl.interrupt import StopRequest
     from rl.loop import run as run_loop
     from rlhpc.config import load_config
 
@@ -43,36 +70,59 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     if not in_slurm:
         with contextlib.suppress(OSError):  # submitit's local executor creates its folder pattern literally
             (jobs_dir(folder) / "%j").rmdir()
-    logging.getLogger("rlhpc.job").info("job %s, node %s (rank %d of %d), attempt %s", alloc.job_id, alloc.host,
-                                        alloc.node_rank, alloc.num_nodes, attempt)
+    log.info("job %s, node %s (rank %d of %d), attempt %s", alloc.job_id, alloc.host, alloc.node_rank,
+             alloc.num_nodes, attempt)
     # scancel, a node failure or the end of the step sends SIGTERM before SIGKILL (submitit ignores it):
     # unwind, so that Ray is stopped on this node instead of outliving the job.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    # The signal Slurm sends before the time limit or on preemption (`[slurm] signal`): rank 0's loop
-    # checkpoints at the next boundary between rollouts, then the job requeues itself once Ray is down.
-    # It replaces submitit's handler, which would requeue at once, without a checkpoint.
-    stop = threading.Event()
+    # It replaces submitit's handler for the stop signal, which would requeue at once, without a checkpoint.
+    stop = StopRequest()
     stop_signal = getattr(signal, f"SIG{cfg.slurm.signal}")
-    signal.signal(stop_signal, (lambda signum, frame: stop.set()) if alloc.node_rank == 0 else signal.SIG_IGN)
+    grace = max(0, cfg.slurm.signal_grace_s - TEARDOWN_S)
+    signal.signal(stop_signal, (lambda signum, frame: stop.set(grace)) if alloc.node_rank == 0 else signal.SIG_IGN)
     with ray_cluster(alloc, attempt, cfg.ray, cfg.slurm.env, ignore_signals=(stop_signal,)) as cluster:
         if cluster is None:
             return None
         (attempt / "cluster.json").write_text(json.dumps({"address": cluster.address, "nodes": cluster.nodes}))
-        result = run_loop(cfg, folder, ray_address=cluster.address, should_stop=stop.is_set)
+        result = run_loop(cfg, folder, ray_address=cluster.address, stop=stop, start_record=attempt / START)
         rows = result["rows"]
         summary = {"run_dir": str(folder), "job_id": alloc.job_id, "rollouts": len(rows),
                    "last_reward": rows[-1]["reward_mean"] if rows else None, "ray_nodes": cluster.nodes,
                    "workers": result["workers"], "stopped_at": result["stopped_at"]}
         (attempt / "result.json").write_text(json.dumps(summary))
     if result["stopped_at"] is not None:
-        requeue = in_slurm and not is_cancelled(folder) and alloc.restart_count < cfg.slurm.max_requeues
-        (attempt / "interrupted.json").write_text(json.dumps(
-            {"signal": cfg.slurm.signal, "stopped_at": result["stopped_at"], "time": time.time(),
-             "requeued": requeue}))
-        if requeue:
-            requeue_job(alloc.job_id)  # ends this job now and queues it again: the last thing it does
+        record = {"signal": cfg.slurm.signal, "stopped_at": result["stopped_at"]}
+        if in_slurm:
+            requeue_if_allowed(folder, attempt, alloc.job_id, alloc.restart_count, cfg.slurm.max_requeues, record)
+        else:
+            (attempt / INTERRUPTED).write_text(json.dumps({**record, "time": time.time(), "requeued": False}))
     return summary
 
 
-if __name__ == "__main__":  # `python -m rlhpc.job RUN_DIR`: the entry of rendered sbatch scripts
-    run_job(sys.argv[1])
+def requeue_stuck(run_dir: str, reason: str) -> bool:
+    """The batch shell's fallback: the tasks did not end within the grace after the signal."""
+    from rlhpc.config import load_config
+
+    folder = Path(run_dir)
+    cfg = load_config(folder / "config.toml")
+    job_id, restart = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    return requeue_if_allowed(folder, attempt_dir(folder, job_id, restart), job_id, restart, cfg.slurm.max_requeues,
+                              {"signal": cfg.slurm.signal, "stopped_at": None, "reason": reason})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlhpc.job", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--requeue", metavar="REASON", help="requeue the job from its batch shell, for REASON")
+    parser.add_argument("--after", type=float, default=0, metavar="S", help="wait S seconds before requeueing")
+    args = parser.parse_args(argv)
+    if args.requeue:
+        time.sleep(args.after)
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        requeue_stuck(args.run_dir, args.requeue)
+    else:
+        run_job(args.run_dir)
+
+
+if __name__ == "__main__":  # the entry of rendered sbatch scripts and of their fallback requeue
+    main()

@@ -1,8 +1,9 @@
-"""`rlhpc render`: the run as a plain sbatch script (templates/sbatch/), for users who prefer `sbatch`.
+"""The batch script of a run (templates/sbatch/), one for both ways in: `rlhpc submit` hands it to submitit,
+`rlhpc render` writes it for users who prefer `sbatch`.
 
-The script runs the same entry as `rlhpc submit` (`python -m rlhpc.job RUN_DIR` on every node) with the same
-`#SBATCH` options (`rlhpc.submit.sbatch_parameters`). No config value can inject a command: values are
-shell-quoted and any control character (a newline would end an `#SBATCH` line) is refused.
+The `#SBATCH` options come from the `[slurm]` section; the shell owns the stop signal and forwards it to the
+tasks (see the template). No config value can inject a command: values are shell-quoted and any control
+character (a newline would end an `#SBATCH` line) is refused.
 """
 
 from __future__ import annotations
@@ -11,21 +12,46 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
+from hpc.config import SlurmConfig
 from rlhpc.config import Config
 from rlhpc.run_folder import freeze, jobs_dir
-from rlhpc.submit import job_name, sbatch_parameters
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "sbatch"
 TEMPLATE = "rlhpc.sbatch.j2"
-# Options the template writes itself (srun line, setup block) or that only submitit understands.
-_NOT_SBATCH = {"setup", "srun_args", "signal_delay_s", "additional_parameters"}
+REQUEUE_MARGIN_S = 10
+"""Of the grace, what the batch shell keeps to requeue the job itself when the tasks do not stop."""
 
 
 class RenderError(ValueError):
     pass
+
+
+def job_name(cfg: Config) -> str:
+    return cfg.slurm.job_name or f"rlhpc-{cfg.run_dir().name}"
+
+
+def fallback_s(grace_s: int) -> int:
+    """When, after the signal, the batch shell requeues a job whose tasks have not stopped."""
+    return max(grace_s - REQUEUE_MARGIN_S, grace_s // 2)
+
+
+def sbatch_options(s: SlurmConfig, run_dir: Path, name: str) -> dict[str, Any]:
+    """The `#SBATCH` options of a run: one task per node, requeue, the stop signal to the batch shell
+    `signal_grace_s` before the time limit, append-mode logs; `additional_parameters` win. None: not set."""
+    options: dict[str, Any] = {
+        "job_name": name, "nodes": s.nodes, "ntasks_per_node": 1,
+        "time": s.time_minutes,  # None: the partition's default
+        "partition": s.partition, "account": s.account, "qos": s.qos, "cpus_per_task": s.cpus_per_task,
+        "mem": s.mem, "constraint": s.constraint, "nodelist": s.nodelist, "gpus_per_node": s.gpus_per_node or None,
+        "exclusive": s.exclusive or None, "requeue": s.requeue or None,
+        "signal": f"B:{s.signal}@{s.signal_grace_s}",
+        "output": f"{jobs_dir(run_dir)}/slurm-%j.out", "open_mode": "append",
+    }
+    return {**options, **s.additional_parameters}
 
 
 def _checked(field: str, value: object) -> str:
@@ -36,34 +62,41 @@ def _checked(field: str, value: object) -> str:
     return text
 
 
-def sbatch_lines(cfg: Config, run_dir: Path) -> list[str]:
-    params = sbatch_parameters(cfg.slurm, job_name(cfg))
-    options = {k: v for k, v in params.items() if k not in _NOT_SBATCH and v is not None}
-    options |= params["additional_parameters"]
-    options |= {"output": f"{jobs_dir(run_dir)}/slurm-%j.out", "open_mode": "append"}
+def sbatch_lines(s: SlurmConfig, run_dir: Path, name: str) -> list[str]:
     lines = []
-    for key, value in sorted(options.items()):
+    for key, value in sorted(sbatch_options(s, run_dir, name).items()):
         flag = key.replace("_", "-")
         if value is True:
             lines.append(f"--{flag}")
-        elif value is not False:
+        elif value is not None and value is not False:
             lines.append(f"--{flag}={shlex.quote(_checked(f'slurm.{key}', value))}")
     return lines
 
 
-def render(cfg: Config, script_path: Path | None = None) -> str:
-    """Freeze the run's config in its run folder and return the sbatch script that runs it."""
-    env = {name: _checked(f"slurm.env.{name}", value) for name, value in cfg.slurm.env.items()}
-    bad = [name for name in env if not name.replace("_", "a").isalnum() or name[0].isdigit()]
-    if bad:
+def batch_script(s: SlurmConfig, run_dir: Path, name: str, command: str, *, env: dict[str, str] | None = None,
+                 header: str = "") -> str:
+    """The script of job `name` running `command` (a shell command line) as one task per node of the run at
+    `run_dir`; `env` is exported after `[slurm.env]`."""
+    exported = {var: _checked(f"slurm.env.{var}", value) for var, value in {**s.env, **(env or {})}.items()}
+    if bad := [var for var in exported if not var.replace("_", "a").isalnum() or var[0].isdigit()]:
         raise RenderError(f"slurm.env: {', '.join(bad)} is not an environment variable name")
-    lines = sbatch_lines(cfg, cfg.run_dir())
-    run_dir = freeze(cfg)
-    jobs_dir(run_dir).mkdir(exist_ok=True)
     templates = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                                    keep_trailing_newline=True, trim_blocks=True, autoescape=False)
     templates.filters["shquote"] = lambda v: shlex.quote(str(v))
+    logs = jobs_dir(run_dir) / "%j"
     return templates.get_template(TEMPLATE).render(
-        run_name=run_dir.name, rendered_at=time.strftime("%Y-%m-%d %H:%M"), sbatch_lines=lines,
-        setup=cfg.slurm.setup, env=sorted(env.items()), run_dir=str(run_dir), python=sys.executable,
-        script_path=script_path or "<this file>")
+        header=header, sbatch_lines=sbatch_lines(s, run_dir, name), setup=s.setup, env=sorted(exported.items()),
+        run_dir=str(run_dir), python=sys.executable, command=command, signal=s.signal, grace_s=s.signal_grace_s,
+        fallback_s=fallback_s(s.signal_grace_s),
+        task_output=str(logs / "%j_%t_log.out"), task_error=str(logs / "%j_%t_log.err"))
+
+
+def render(cfg: Config, script_path: Path | None = None) -> str:
+    """Freeze the run's config in its run folder and return a plain sbatch script that runs it."""
+    run_dir = cfg.run_dir()
+    header = (f"Rendered by `rlhpc render` for run {run_dir.name} ({time.strftime('%Y-%m-%d %H:%M')}). "
+              f"Submit with: sbatch {script_path or '<this file>'}")
+    script = batch_script(cfg.slurm, run_dir, job_name(cfg), f"{shlex.quote(sys.executable)} -u -m rlhpc.job {shlex.quote(str(run_dir))}",
+                          header=header)
+    jobs_dir(freeze(cfg)).mkdir(exist_ok=True)  # only once the script is sound
+    return script

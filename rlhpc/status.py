@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import pickle
 import time
+import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from hpc.slurm import JobInfo, accounting, queue
-from rlhpc.run_folder import FROZEN, jobs_dir, submissions
+from rl import checkpoint
+from rlhpc.run_folder import FROZEN, INTERRUPTED, START, jobs_dir, submissions
 
 
 @dataclass
@@ -31,7 +33,7 @@ class RunStatus:
     time_left_s: float | None
     requeues: int
     interruptions: list[str]
-    """Each attempt that was stopped by a signal: "USR2 at rollout 3", oldest first."""
+    """Each interruption, oldest first: "USR2 at rollout 3, 0 redone"."""
     rollout: int
     num_rollout: int | None
     last_reward: float | None
@@ -65,24 +67,42 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _latest_checkpoint(rows: list[dict[str, Any]]) -> Path | None:
-    for row in reversed(rows):
-        if row.get("checkpoint") and Path(row["checkpoint"]).exists():
-            return Path(row["checkpoint"])
-    return None
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's latest sealed checkpoint (its contents are checked when it is loaded, not here)."""
+    try:
+        save = tomllib.loads((run_dir / FROZEN).read_text()).get("ckpt", {}).get("save")
+    except (OSError, tomllib.TOMLDecodeError):
+        save = None
+    return checkpoint.sealed_latest(Path(save) if save else run_dir / "checkpoints")
 
 
 def _attempts(run_dir: Path, job_id: str) -> list[Path]:
     return sorted((jobs_dir(run_dir) / job_id).glob("attempt-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def _interruptions(run_dir: Path, subs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _interruptions(run_dir: Path, subs: list[dict[str, Any]]) -> list[str]:
+    """Why each attempt after the run's first one started, and what it redid: "USR2 at rollout 3, 0 redone"."""
+    attempts = [a for sub in subs for a in _attempts(run_dir, sub["job_id"])]
     found = []
-    for sub in subs:
-        for attempt in _attempts(run_dir, sub["job_id"]):
-            if (attempt / "interrupted.json").exists():
-                found.append(json.loads((attempt / "interrupted.json").read_text()))
+    for before, after in zip(attempts, attempts[1:]):
+        why = _read(before / INTERRUPTED)
+        if why is None:
+            text = "ended without a signal (scontrol requeue, a node failure or a resubmission)"
+        elif why.get("stopped_at") is not None:
+            text = f"{why['signal']} at rollout {why['stopped_at']}"
+        else:
+            text = f"{why['signal']}: {why.get('reason', 'no checkpoint')}"
+        if (start := _read(after / START)) is not None:
+            text += f", {start['redone']} redone"
+        found.append(text)
     return found
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _state_from_folder(run_dir: Path, job_id: str) -> str:
@@ -104,7 +124,7 @@ def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = Non
     rows = _metrics(run_dir)
     done = len(rows)
     total = rows[-1].get("num_rollout") if rows else None
-    ckpt = _latest_checkpoint(rows)
+    ckpt = _latest_checkpoint(run_dir)
     pace = None
     stamped = [r["timestamp"] for r in rows if "timestamp" in r]
     if len(stamped) >= 2:
@@ -117,7 +137,7 @@ def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = Non
         reason, nodes, elapsed, left = "", last["nodes"] if last else None, None, None
     attempts = _attempts(run_dir, job_id) if job_id else []
     requeues = max(info.restarts if info else 0, len(attempts) - 1, 0) + max(len(subs) - 1, 0)
-    interruptions = [f"{i['signal']} at rollout {i['stopped_at']}" for i in _interruptions(run_dir, subs)]
+    interruptions = _interruptions(run_dir, subs)
     running = state in {"RUNNING", "PENDING", "CONFIGURING", "REQUEUED"}
     return RunStatus(
         run=run_dir.name, run_dir=str(run_dir), job_id=job_id, executor=last["executor"] if last else None,

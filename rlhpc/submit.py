@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from hpc.config import SlurmConfig
 from hpc.wait import until
 from rlhpc.config import Config
+from rlhpc.render import batch_script, job_name
 from rlhpc.run_folder import freeze, jobs_dir, record_submission
 
 if TYPE_CHECKING:
@@ -31,10 +34,6 @@ class Submitted:
     """The submitit Job, for waiting on it."""
 
 
-def job_name(cfg: Config) -> str:
-    return f"rlhpc-{cfg.run_dir().name}"
-
-
 def slurm_reachable() -> bool:
     """Whether sbatch exists and a controller answers (`sinfo` within 10 s)."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
@@ -45,52 +44,25 @@ def slurm_reachable() -> bool:
         return False
 
 
-def sbatch_parameters(s: SlurmConfig, job_name: str) -> dict[str, Any]:
-    """submitit's SlurmExecutor parameters for the `[slurm]` section: one task per node, requeue, a signal
-    `signal_grace_s` before the time limit, append-mode logs (submitit's default), and srun ending the whole
-    step when one node's task fails, so a dead node never leaves the others hanging."""
-    params: dict[str, Any] = {
-        "job_name": s.job_name or job_name,
-        "nodes": s.nodes,
-        "ntasks_per_node": 1,
-        "signal_delay_s": s.signal_grace_s,
-        "srun_args": ["--kill-on-bad-exit=1"],
-        "setup": list(s.setup),
-    }
-    params["time"] = s.time_minutes  # None: the partition's default (submitit would otherwise ask for 5 minutes)
-    optional = {"partition": s.partition, "account": s.account, "qos": s.qos,
-                "cpus_per_task": s.cpus_per_task, "mem": s.mem, "constraint": s.constraint, "nodelist": s.nodelist,
-                "gpus_per_node": s.gpus_per_node or None, "exclusive": s.exclusive or None}
-    params.update({k: v for k, v in optional.items() if v is not None})
-    extra: dict[str, Any] = {"signal": f"{s.signal}@{s.signal_grace_s}"}
-    if s.requeue:
-        extra["requeue"] = True
-    params["additional_parameters"] = {**extra, **s.additional_parameters}
-    return params
-
-
-def slurm_executor(s: SlurmConfig, run_dir: Path, job_name: str) -> submitit.SlurmExecutor:
+def slurm_executor(s: SlurmConfig, run_dir: Path, name: str) -> submitit.SlurmExecutor:
+    """submitit's Slurm executor submitting the run's own batch script (`rlhpc.render`), whose shell handles
+    the stop signal, instead of submitit's, which runs srun in the foreground."""
     import submitit
 
-    ex = submitit.SlurmExecutor(folder=jobs_dir(run_dir) / "%j", max_num_timeout=s.max_requeues)
-    ex.update_parameters(**sbatch_parameters(s, job_name))
+    class RunExecutor(submitit.SlurmExecutor):
+        def _make_submission_file_text(self, command: str, uid: str) -> str:
+            return batch_script(s, run_dir, name, command, env={"SUBMITIT_EXECUTOR": "slurm"},
+                                header=f"Submitted by `rlhpc submit` for run {run_dir.name}.")
+
+    ex = RunExecutor(folder=jobs_dir(run_dir) / "%j", max_num_timeout=s.max_requeues)
+    ex.update_parameters(nodes=s.nodes, ntasks_per_node=1)  # how submitit counts the job's tasks
     return ex
 
 
 def sbatch_script(cfg: Config, run_dir: Path) -> str:
     """The sbatch script `submit` would send, for --dry-run (nothing is written or submitted)."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
-    params = sbatch_parameters(cfg.slurm, job_name(cfg))
-    command = f"{_python()} -u -m submitit.core._submit {jobs_dir(run_dir) / '%j'}"
-    return _make_sbatch_string(command=command, folder=jobs_dir(run_dir) / "%j", **params)
-
-
-def _python() -> str:
-    import shlex
-    import sys
-
-    return shlex.quote(sys.executable)
+    return slurm_executor(cfg.slurm, run_dir, job_name(cfg))._make_submission_file_text(
+        f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(jobs_dir(run_dir) / '%j'))}", "")
 
 
 def submit(cfg: Config, *, local: bool = False) -> Submitted:

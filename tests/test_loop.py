@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import CONFIGS, ROOT
-from rl import checkpoint
+from rl import checkpoint, heartbeat
 from rl.export import load_policy
+from rl.interrupt import StopRequest
 from rl.loop import RunError, run
 from rlhpc.config import load_config
 
@@ -50,9 +51,24 @@ def reward_columns(run_dir):
     return [{k: r[k] for k in REWARD_COLUMNS} for r in rows]
 
 
-def test_resumed_run_matches_the_uninterrupted_one_bitwise(ray_local, tmp_path, tiny_model_dir):
-    straight_dir, broken_dir = tmp_path / "straight", tmp_path / "broken"
-    result = run(tiny(straight_dir, tiny_model_dir))
+@pytest.fixture(scope="module")
+def straight(ray_local, tmp_path_factory, tiny_model_dir):
+    """The uninterrupted run every interrupted one must reproduce bit for bit."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return run_dir, run(tiny(run_dir, tiny_model_dir))
+
+
+def assert_same_run(run_dir, straight_dir, model_dir):
+    folder_a, weights_a = final_weights(straight_dir, model_dir)
+    folder_b, weights_b = final_weights(run_dir, model_dir)
+    assert folder_a.name == folder_b.name == "iter_0000006"
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert reward_columns(straight_dir) == reward_columns(run_dir)
+
+
+def test_resumed_run_matches_the_uninterrupted_one_bitwise(straight, tmp_path, tiny_model_dir):
+    straight_dir, result = straight
     rows = result["rows"]
     assert [r["rollout_id"] for r in rows] == list(range(6))
     assert {"reward_mean", "reward_std", "response_len_mean", "kl", "clipfrac", "entropy", "grad_norm", "lr",
@@ -60,27 +76,59 @@ def test_resumed_run_matches_the_uninterrupted_one_bitwise(ray_local, tmp_path, 
     assert "eval/arith/pass@1" in rows[2] and "eval/arith/reward_mean" in rows[5]
     assert "eval_before_train/arith/reward_mean" in rows[0]
     assert checkpoint.complete_iterations(straight_dir / "checkpoints") == [2, 4, 6]
+    assert heartbeat.read(straight_dir)["phase"] == "done"
 
+    broken_dir = tmp_path / "broken"
     run(tiny(broken_dir, tiny_model_dir))
     # Stop "after checkpoint 2": later checkpoints gone, the latest pointer back at 2, metrics rows of the
     # lost rollouts still in metrics.jsonl (as after a crash).
     for it in (4, 6):
         shutil.rmtree(checkpoint.iteration_dir(broken_dir / "checkpoints", it))
     (broken_dir / "checkpoints" / checkpoint.LATEST).write_text("2\n")
-    resumed = run(tiny(broken_dir, tiny_model_dir))
+    record = tmp_path / "start.json"
+    resumed = run(tiny(broken_dir, tiny_model_dir), start_record=record)
     assert [r["rollout_id"] for r in resumed["rows"]] == list(range(6))
-
-    folder_a, weights_a = final_weights(straight_dir, tiny_model_dir)
-    folder_b, weights_b = final_weights(broken_dir, tiny_model_dir)
-    assert folder_a.name == folder_b.name == "iter_0000006"
-    assert weights_a.keys() == weights_b.keys()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert reward_columns(straight_dir) == reward_columns(broken_dir)
+    assert json.loads(record.read_text())["resumed_from"] == 2 and json.loads(record.read_text())["redone"] == 4
+    assert_same_run(broken_dir, straight_dir, tiny_model_dir)
     # and training did move the weights
     from transformers import AutoModelForCausalLM
 
     init = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    assert any(not torch.equal(init[k], weights_a[k]) for k in weights_a)
+    _, weights = final_weights(straight_dir, tiny_model_dir)
+    assert any(not torch.equal(init[k], weights[k]) for k in weights)
+
+
+class StopWhile(StopRequest):
+    """A stop asked while the driver is in one of `phases` of rollout `at` (as a signal arriving then would),
+    noticed at the driver's next look."""
+
+    def __init__(self, run_dir, at, phases, time_left_s=None):
+        super().__init__()
+        self.run_dir, self.at, self.phases, self.time_left_s = run_dir, at, phases, time_left_s
+
+    def is_set(self):
+        beat = heartbeat.read(self.run_dir)
+        if beat and beat["rollout_id"] == self.at and beat["phase"] in self.phases:
+            self.set(self.time_left_s)
+        return super().is_set()
+
+
+@pytest.mark.parametrize(("at", "phases", "time_left_s", "stopped_at", "checkpoints", "redone"), [
+    # generation abandoned, the state before rollout 3 saved
+    (3, {"rollout"}, None, 3, [2, 3], 0),
+    # during training: rollout 2 finishes, but no time is left to save, so checkpoint 2 stands
+    (2, {"train", "sync", "eval"}, 0.0, 3, [2], 1),
+], ids=["during-generation", "during-training-no-time-to-save"])
+def test_a_stopped_run_resumes_exactly(straight, tmp_path, tiny_model_dir, at, phases, time_left_s, stopped_at,
+                                       checkpoints, redone):
+    result = run(tiny(tmp_path, tiny_model_dir), stop=StopWhile(tmp_path, at, phases, time_left_s))
+    assert result["stopped_at"] == stopped_at
+    assert checkpoint.complete_iterations(tmp_path / "checkpoints") == checkpoints
+    assert heartbeat.read(tmp_path)["phase"] == "stopped"
+    record = tmp_path / "start.json"
+    resumed = run(tiny(tmp_path, tiny_model_dir), start_record=record)
+    assert resumed["stopped_at"] is None and json.loads(record.read_text())["redone"] == redone
+    assert_same_run(tmp_path, straight[0], tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ def test_submit_dry_run_prints_the_script_and_submits_nothing(cluster: LocalClus
                 "--time", "1:30:00", "--set", f"run.output_dir='{tmp_path / 'dry'}'", env=cluster.env)
     assert out.returncode == 0, out.stderr
     for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --partition=urgent",
-                 "#SBATCH --time=90", "#SBATCH --requeue", "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append"]:
+                 "#SBATCH --time=90", "#SBATCH --requeue", "#SBATCH --signal=B:USR2@120", "#SBATCH --open-mode=append"]:
         assert line in out.stdout
     assert "--kill-on-bad-exit=1" in out.stdout
     assert not (tmp_path / "dry").exists()
@@ -194,8 +194,8 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes(cluster: LocalCl
     deadline = time.monotonic() + 300
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < deadline:
         time.sleep(0.2)
-    # What Slurm sends `signal_grace_s` before the time limit (and on preemption), to the job's tasks.
-    subprocess.run(["scancel", "--signal=USR2", job], env=cluster.env, check=True)
+    # What Slurm sends `signal_grace_s` before the time limit (and on preemption), to the batch shell.
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=cluster.env, check=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # requeued: Slurm holds it ~2 min (BeginTime); release it now
         state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=cluster.env, capture_output=True,
@@ -216,7 +216,7 @@ def test_the_time_limit_signal_checkpoints_requeues_and_resumes(cluster: LocalCl
     wait_gone(job, cluster.env)
     [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
     assert (row["state"], row["requeues"], row["rollout"]) == ("COMPLETED", 1, 8)
-    assert row["interruptions"] == [f"USR2 at rollout {interrupted['stopped_at']}"]
+    assert row["interruptions"] == [f"USR2 at rollout {interrupted['stopped_at']}, 0 redone"]
 
 
 def test_doctor_measures_between_nodes(cluster: LocalCluster, tmp_path: Path) -> None:

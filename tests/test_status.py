@@ -24,7 +24,10 @@ def make_run(root: Path, name: str, job_id: str, executor: str = "slurm", rollou
     (run / "submissions.jsonl").write_text(json.dumps({"job_id": job_id, "executor": executor, "nodes": 2,
                                                        "submitted_at": 0}) + "\n")
     ckpt = run / "checkpoints" / "iter_0000002"
-    ckpt.mkdir(parents=True)
+    for sealed in (ckpt, ckpt.with_name("iter_0000003")):  # iter 3: saved on a stop, named by no row
+        sealed.mkdir(parents=True)
+        (sealed / "manifest.json").write_text("{}")
+    (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("3\n")
     rows = [{"rollout_id": i, "reward_mean": 0.1 * i, "num_rollout": total, "timestamp": 1000.0 + 60 * i}
             for i in range(rollouts)]
     rows[1]["checkpoint"] = str(ckpt)
@@ -39,15 +42,18 @@ def make_run(root: Path, name: str, job_id: str, executor: str = "slurm", rollou
 
 def test_running_job_joins_squeue_and_progress(tmp_path: Path) -> None:
     run = make_run(tmp_path, "a", "41")
-    (run / "jobs" / "41" / "attempt-1").mkdir()
+    for k in (1, 2):
+        (run / "jobs" / "41" / f"attempt-{k}").mkdir()
+        (run / "jobs" / "41" / f"attempt-{k}" / "start.json").write_text(json.dumps({"resumed_from": 3, "redone": k - 1}))
     (run / "jobs" / "41" / "attempt-0" / "interrupted.json").write_text(
-        json.dumps({"signal": "USR2", "stopped_at": 2, "time": 0, "requeued": True}))
-    info = JobInfo("41", "rlhpc-a", "RUNNING", "", 2, "node[1-2]", "batch", 3600, 5000.0, 4900.0, 1)
+        json.dumps({"signal": "USR2", "stopped_at": 3, "time": 0, "requeued": True}))
+    info = JobInfo("41", "rlhpc-a", "RUNNING", "", 2, "node[1-2]", "batch", 3600, 5000.0, 4900.0, 2)
     s = run_status(run, {"41": info}, now=5600.0)
-    assert (s.state, s.nodes, s.elapsed_s, s.time_left_s, s.requeues) == ("RUNNING", 2, 600.0, 3000.0, 1)
-    assert s.interruptions == ["USR2 at rollout 2"]
+    assert (s.state, s.nodes, s.elapsed_s, s.time_left_s, s.requeues) == ("RUNNING", 2, 600.0, 3000.0, 2)
+    assert s.interruptions == ["USR2 at rollout 3, 0 redone", "ended without a signal (scontrol requeue, a node "
+                               "failure or a resubmission), 1 redone"]
     assert (s.rollout, s.num_rollout, s.last_reward) == (3, 10, pytest.approx(0.2))
-    assert s.checkpoint == "iter_0000002" and s.eta_s == 7 * 60.0
+    assert s.checkpoint == "iter_0000003" and s.eta_s == 7 * 60.0
 
 
 def test_finished_jobs_are_read_from_the_run_folder(tmp_path: Path) -> None:
