@@ -14,12 +14,14 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
+FULL_DISK_BYTES = 16 << 20
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +51,33 @@ def load_model_state(state: dict[str, Any], folder: Path) -> None:
 
 def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+class CheckpointError(OSError):
+    """A save that failed; the message names the checkpoint that stays the latest."""
+
+
+def write(root: Path, iteration: int, fill: Callable[[Path], None], keep_last: int | None = None) -> Path:
+    """Save checkpoint `iteration`: `fill(folder)` writes its files into a temporary folder, then `commit`. On
+    any failure (a full disk, a worker that died) the temporary folder is removed and CheckpointError raised;
+    the previous checkpoint stays whole and latest."""
+    tmp = begin(root, iteration)
+    try:
+        fill(tmp)
+        return commit(root, tmp, iteration, keep_last)
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        # Writers report a full disk in their own words (torch: "unexpected pos ..."): look at the disk itself.
+        free = shutil.disk_usage(root).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        stands = sealed_latest(root)
+        if free < FULL_DISK_BYTES:
+            cause = f"no space left on device ({free} bytes free)"
+        else:
+            cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise CheckpointError(f"saving checkpoint {iteration} into {root} failed: {cause}; the latest checkpoint "
+                              f"is still {stands.name if stands else 'none'}") from e
 
 
 def begin(root: Path, iteration: int) -> Path:
@@ -94,15 +123,19 @@ def commit(root: Path, tmp: Path, iteration: int, keep_last: int | None = None) 
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync(root)
+    _replace_latest(root, iteration)
+    if keep_last:
+        for old in complete_iterations(root)[:-keep_last]:
+            shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
+    return final
+
+
+def _replace_latest(root: Path, iteration: int) -> None:
     latest_tmp = root / f".{LATEST}.tmp"
     latest_tmp.write_text(f"{iteration}\n")
     _fsync(latest_tmp)
     os.replace(latest_tmp, root / LATEST)
     _fsync(root)
-    if keep_last:
-        for old in complete_iterations(root)[:-keep_last]:
-            shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
-    return final
 
 
 def verify(folder: Path) -> str | None:

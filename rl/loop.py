@@ -310,11 +310,16 @@ class Driver:
 
         self.heartbeat.beat(completed, "save")
         start = time.monotonic()
-        tmp = checkpoint.begin(self.save_dir, completed)
-        ray.get([w.save.remote(str(tmp)) for w in self.workers])
-        state = {"rollout_id": completed, "data": self.cursor.state_dict(), "seed": self.cfg.run.seed}
-        (tmp / "state.json").write_text(json.dumps(state))
-        folder = checkpoint.commit(self.save_dir, tmp, completed, self.cfg.ckpt.keep_last)
+
+        def fill(tmp: Path) -> None:
+            ray.get([w.save.remote(str(tmp)) for w in self.workers])
+            state = {"rollout_id": completed, "data": self.cursor.state_dict(), "seed": self.cfg.run.seed}
+            (tmp / "state.json").write_text(json.dumps(state))
+
+        try:
+            folder = checkpoint.write(self.save_dir, completed, fill, self.cfg.ckpt.keep_last)
+        except checkpoint.CheckpointError as e:
+            raise RunError(str(e)) from None
         self.save_s = time.monotonic() - start
         return folder
 

@@ -1,0 +1,94 @@
+"""Checkpoint integrity: a save killed at any point, a damaged folder, a full disk. None of them ever makes a
+broken checkpoint the one loaded, and each leaves the previous one whole and latest."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl import checkpoint
+
+SAVE_TWO = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import torch
+    from rl import checkpoint
+
+    root, die_in = Path(sys.argv[1]), sys.argv[2]
+    state = {"w": torch.arange(4096, dtype=torch.float32)}
+
+    def fill(folder):
+        checkpoint.save_model_state(state, folder)
+
+    checkpoint.write(root, 1, fill)
+    state["w"] += 1
+
+    def kill_in(name):  # SIGKILL this process (as `kill -9` of the job would) when `name` runs
+        original = getattr(checkpoint, name)
+        def killed(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+        setattr(checkpoint, name, killed if name == die_in else original)
+
+    if die_in == "fill":
+        def fill(folder):
+            checkpoint.save_model_state(state, folder)
+            os.kill(os.getpid(), signal.SIGKILL)
+    else:
+        kill_in(die_in)
+    checkpoint.write(root, 2, fill)
+""")
+
+
+@pytest.mark.parametrize("die_in", ["fill", "_fsync", "_replace_latest"],
+                         ids=["while-writing", "while-sealing", "before-recording-latest"])
+def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint(tmp_path: Path, die_in: str) -> None:
+    root = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", SAVE_TWO, str(root), die_in], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    folder = checkpoint.latest(root)
+    assert folder.name == "iter_0000001"
+    state = {"w": torch.zeros(4096)}
+    checkpoint.load_model_state(state, folder)
+    assert torch.equal(state["w"], torch.arange(4096, dtype=torch.float32))
+    # the next save of iteration 2 goes through over whatever the killed one left
+    checkpoint.write(root, 2, lambda f: checkpoint.save_model_state({"w": state["w"] + 1}, f))
+    assert checkpoint.latest(root).name == "iter_0000002"
+
+
+def test_a_folder_that_does_not_match_its_manifest_is_skipped_with_a_warning(tmp_path: Path, caplog) -> None:
+    for it in (1, 2):
+        checkpoint.write(tmp_path, it, lambda f: checkpoint.save_model_state({"w": torch.ones(64) * it}, f))
+    damaged = next((checkpoint.iteration_dir(tmp_path, 2) / "model").glob("*.distcp"))
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    damaged.write_bytes(bytes(data))
+    assert checkpoint.latest(tmp_path).name == "iter_0000001"
+    assert "skipping checkpoint" in caplog.text and "iter_0000002" in caplog.text and "does not match" in caplog.text
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_ends_the_save_with_an_error_and_keeps_the_previous_latest(small_disk: Path) -> None:
+    checkpoint.write(small_disk, 1, lambda f: checkpoint.save_model_state({"w": torch.ones(1024)}, f))
+    with pytest.raises(checkpoint.CheckpointError) as e:  # 2 MB does not fit in what is left of 1 MB
+        checkpoint.write(small_disk, 2, lambda f: checkpoint.save_model_state({"w": torch.ones(512 * 1024)}, f))
+    assert "saving checkpoint 2" in str(e.value) and "the latest checkpoint is still iter_0000001" in str(e.value)
+    assert "no space left on device" in str(e.value)
+    assert checkpoint.latest(small_disk).name == "iter_0000001"
+    assert sorted(p.name for p in small_disk.iterdir()) == ["iter_0000001", checkpoint.LATEST]  # no leftovers
