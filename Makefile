@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test demo clean
+.PHONY: install system-deps test chaos demo clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ system-deps: install
 
 test: install system-deps
 	$(PY) -m pytest
+
+# The whole interruption matrix on the local cluster (`make test` runs each cause and each moment once),
+# and the real time limit, which waits on Slurm's own clock.
+chaos: install system-deps
+	RLHPC_CHAOS=full $(PY) -m pytest tests/test_chaos.py
 
 artifacts/tiny-qwen3/config.json: | install
 	$(PY) -m rl.tiny_model artifacts/tiny-qwen3

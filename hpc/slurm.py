@@ -160,7 +160,8 @@ def queue(job_ids: list[str] | None = None, env: dict[str, str] | None = None) -
     selector = ["--jobs", ",".join(job_ids)] if job_ids else ["--me"]
     p = subprocess.run(["squeue", "--json", *selector], capture_output=True, text=True, env=env)
     if p.returncode == 0 and p.stdout.lstrip().startswith("{"):
-        return jobs_from_json(json.loads(p.stdout))
+        jobs = jobs_from_json(json.loads(p.stdout))  # Slurm 22.05's --json ignores the selection: apply it here
+        return [j for j in jobs if j.job_id in job_ids] if job_ids else jobs
     p = subprocess.run(["squeue", "-h", "-o", _FORMAT, *selector], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         if "Invalid job id" in p.stderr:  # a finished job squeue has already forgotten

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -52,11 +52,6 @@ def _load(path: Path, overrides: list[str] | None) -> Config:
         for line in e.lines():
             _error(line)
         raise typer.Exit(2) from None
-
-
-def _not_yet(command: str, issue: int, what: str) -> NoReturn:
-    err.print(f"rlhpc {command} is not available yet: it arrives with issue #{issue} ({what}).")
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -219,6 +214,12 @@ def submit(
     if dry_run:
         out.print(submission.sbatch_script(cfg, cfg.run_dir()), highlight=False, markup=False, soft_wrap=True)
         return
+    _submit_and_report(cfg, local=local, wait=wait)
+
+
+def _submit_and_report(cfg: Config, *, local: bool, wait: bool) -> None:
+    from rlhpc import submit as submission
+
     if not local and not submission.slurm_reachable():
         local = True
         out.print("no Slurm reachable here (sbatch/sinfo): running through submitit's local executor instead")
@@ -378,9 +379,71 @@ def cancel(run_: RunArg) -> None:
 
 
 @app.command()
-def resume(run_: RunArg) -> None:
-    """Resume a run from its latest complete checkpoint."""
-    _not_yet("resume", 6, "preemption, requeue and fault tolerance")
+def resume(
+    run_: RunArg,
+    nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")] = None,
+    partition: PartitionOpt = None,
+    time: Annotated[str | None, typer.Option(help="Time limit (4:00:00, 2-00:00:00).", show_default=False)] = None,
+    local: Annotated[bool, typer.Option("--local", help="Run through submitit's local executor here.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end; exit non-zero if it failed.")] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Submit a run again from its frozen config (plus --set, e.g. more rollouts); it continues from its latest
+    complete checkpoint. For a run that ended (failed, timed out, cancelled, out of requeues): a requeued job
+    resumes by itself."""
+    from hpc.slurm import queue
+    from rlhpc.run_folder import CANCELLED
+
+    run_dir = _one_run(run_)
+    job = _last_job(run_dir)
+    live = [j for j in queue([job["job_id"]]) if j.state in {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED",
+                                                             "COMPLETING", "SUSPENDED"}] if job["executor"] == "slurm" else []
+    if live:
+        _error(f"job {job['job_id']} of run {run_dir.name} is still {live[0].state}; it resumes by itself "
+               f"(`rlhpc cancel {run_dir.name}` first to start over)")
+        raise typer.Exit(2)
+    (run_dir / CANCELLED).unlink(missing_ok=True)  # resuming is the user taking the run back up
+    flags = _slurm_flags(nodes=nodes, partition=partition, time=time)
+    _submit_and_report(_load_for_slurm(run_dir / "config.toml", overrides, flags, nodes), local=local, wait=wait)
+
+
+@app.command()
+def drill(
+    run_: RunArg,
+    preempt: Annotated[bool, typer.Option("--preempt", help="Preempt the run with a job in a higher-priority "
+                                          "partition.")] = False,
+    timeout: Annotated[bool, typer.Option("--timeout", help="Send the signal that comes before the time "
+                                          "limit.")] = False,
+    requeue: Annotated[bool, typer.Option("--requeue", help="scontrol requeue: killed at once, no signal.")] = False,
+    at: Annotated[str | None, typer.Option(help="Wait for this phase first: rollout, train, sync, eval, save.")] = None,
+    partition: Annotated[str | None, typer.Option(help="The preempting partition (default: the highest "
+                                                  "PriorityTier above the run's).", show_default=False)] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run has resumed, and say from where.")] = False,
+) -> None:
+    """Rehearse an interruption on a live run through Slurm, to prove that requeue and resume work on this site."""
+    from rl.heartbeat import PHASES
+    from rlhpc import drill as drills
+
+    kinds = [k for k, on in (("preempt", preempt), ("timeout", timeout), ("requeue", requeue)) if on]
+    if len(kinds) != 1:
+        _error("name one drill: --preempt, --timeout or --requeue")
+        raise typer.Exit(2)
+    if at is not None and at not in PHASES:
+        _error(f"--at {at}: not a phase ({', '.join(PHASES)})")
+        raise typer.Exit(2)
+    run_dir = _one_run(run_)
+    cfg = _load(run_dir / "config.toml", [])
+    try:
+        done = drills.drill(run_dir, kinds[0], signal=cfg.slurm.signal, at=at, partition=partition)
+        where = f" during {done.phase['phase']} of rollout {done.phase['rollout_id']}" if done.phase else ""
+        out.print(f"job {done.job_id}{where}: {done.action}", highlight=False, soft_wrap=True)
+        if wait:
+            start = drills.wait_resumed(run_dir, done.job_id, done.attempt, timeout_s=900)
+            out.print(f"resumed from checkpoint {start['resumed_from']}, {start['redone']} rollouts redone",
+                      highlight=False)
+    except drills.DrillError as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
 
 
 cluster_app = typer.Typer(help="A real local Slurm cluster on this machine (tests, CI, trying rlhpc).",

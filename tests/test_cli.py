@@ -11,7 +11,7 @@ from conftest import CONFIGS, MINIMAL
 from rlhpc.cli import app
 
 runner = CliRunner()
-COMMANDS = ["validate", "config", "submit", "run", "status", "logs", "cancel", "resume", "render", "cluster", "doctor"]
+COMMANDS = ["validate", "config", "submit", "run", "status", "logs", "cancel", "resume", "drill", "render", "cluster", "doctor"]
 
 
 def test_help_lists_every_command():
@@ -73,15 +73,6 @@ def test_config_schema_is_json(tmp_path):
     out = tmp_path / "schema.json"
     assert runner.invoke(app, ["config", "schema", "-o", str(out)]).exit_code == 0
     assert json.loads(out.read_text())["title"] == "Config"
-
-
-@pytest.mark.parametrize(
-    "args",
-    [["resume", "r"]],
-)
-def test_commands_of_later_issues_say_so(args):
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1 and "not available yet" in result.output
 
 
 def test_submit_refuses_an_invalid_config_before_anything_else(write_config):

@@ -5,46 +5,18 @@ Needs root and Debian's Slurm packages (`make test` installs them where it runs 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS
-from hpc import local_accounting
-from hpc.local_cluster import COMMANDS, DEFAULT_STATE_DIR, LocalCluster
+from conftest import CONFIGS, RLHPC, SHAPE, STATE, rlhpc, wait_gone
+from hpc.local_cluster import LocalCluster
 from hpc.slurm import accounting
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.skipif(os.geteuid() != 0 or any(shutil.which(c) is None for c in COMMANDS),
-                       reason="needs root and the Slurm packages (apt-get install slurmctld slurmd slurm-client "
-                              "munge)"),
-]
-
-STATE = DEFAULT_STATE_DIR  # one local cluster per machine: its bridge and namespaces have fixed names
-RLHPC = [str(Path(sys.executable).with_name("rlhpc"))]
-
-
-def rlhpc(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*RLHPC, *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-ACCOUNTING = all(shutil.which(c) for c in local_accounting.COMMANDS)
-SHAPE = ["--nodes", "2", "--cpus-per-node", "2", *(["--accounting"] if ACCOUNTING else []), "--state-dir", str(STATE)]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(STATE)
-    up = rlhpc("cluster", "up", *SHAPE)
-    assert up.returncode == 0, up.stderr
-    yield c
-    c.down()
+pytestmark = pytest.mark.slurm
+ACCOUNTING = "--accounting" in SHAPE
 
 
 def test_cluster_up_is_idempotent_and_reports_its_nodes(cluster: LocalCluster) -> None:
@@ -103,16 +75,6 @@ def test_submit_dry_run_prints_the_script_and_submits_nothing(cluster: LocalClus
         assert line in out.stdout
     assert "--kill-on-bad-exit=1" in out.stdout
     assert not (tmp_path / "dry").exists()
-
-
-def wait_gone(job_id: str, env: dict[str, str], timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        q = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True)
-        if q.stdout.strip() in {"", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
-            return
-        time.sleep(1)
-    raise TimeoutError(job_id)
 
 
 def test_rendered_sbatch_script_completes(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:

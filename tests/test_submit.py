@@ -94,3 +94,11 @@ def test_without_slurm_submit_runs_through_the_local_executor(tiny_model_dir: Pa
     status = subprocess.run([RLHPC, "status", str(run_dir), "--json"], capture_output=True, text=True, env=env)
     [row] = json.loads(status.stdout)
     assert (row["state"], row["rollout"], row["executor"]) == ("COMPLETED", 2, "local")
+    # a run that ended is taken up again from its frozen config and latest checkpoint, here for one more rollout
+    resumed = subprocess.run([RLHPC, "resume", str(run_dir), "--wait", "--set", "rollout.num_rollout=3"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    first, second = [json.loads(line)["job_id"] for line in (run_dir / "submissions.jsonl").read_text().splitlines()]
+    assert json.loads((run_dir / "jobs" / second / "attempt-0" / "start.json").read_text())["resumed_from"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout_id"] for r in rows] == [0, 1, 2]

@@ -1,0 +1,139 @@
+"""`rlhpc drill`: rehearse an interruption on a live run through Slurm itself, so that a user can prove on
+their own site, before a long run, that requeue and resume work there.
+
+    preempt   a short job in a higher-priority partition on the run's nodes: Slurm preempts the run (its
+              signal, GraceTime, then a requeue by Slurm)
+    timeout   the signal Slurm sends `signal_grace_s` before the time limit, sent now
+    requeue   `scontrol requeue`: the job is killed at once, with no signal (as a node failure would)
+
+`--at PHASE` waits until the driver is in that phase (`progress.json`) before acting.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc.slurm import JobInfo, queue, requeue
+from rl import heartbeat
+from rlhpc.run_folder import START, attempt_dir, submissions
+
+KINDS = ("preempt", "timeout", "requeue")
+PHASE_POLL_S = 0.02
+
+
+class DrillError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Drill:
+    job_id: str
+    attempt: int
+    """The job's restart count when it was interrupted."""
+    kind: str
+    phase: dict | None
+    """The driver's progress when the interruption was set off."""
+    action: str
+
+
+def running_job(run_dir: Path, wait_s: float, env: dict[str, str] | None = None) -> JobInfo:
+    """The run's job once it runs (it may still be pending, or waiting out a requeue)."""
+    subs = submissions(run_dir)
+    if not subs or subs[-1]["executor"] != "slurm":
+        raise DrillError(f"{run_dir.name}: no Slurm job (drills need one; submit with `rlhpc submit`)")
+    job_id = subs[-1]["job_id"]
+    deadline = time.monotonic() + wait_s
+    while True:
+        [info] = queue([job_id], env=env) or [None]
+        if info is not None and info.state == "RUNNING":
+            return info
+        if info is None or info.state != "PENDING" or time.monotonic() > deadline:
+            raise DrillError(f"job {job_id} of run {run_dir.name} is {info.state if info else 'not in the queue'}; "
+                             "a drill needs it RUNNING")
+        time.sleep(0.5)
+
+
+def wait_for_phase(run_dir: Path, phase: str, since: float, timeout_s: float) -> dict:
+    """The driver's progress once it is in `phase` (as written after `since`, epoch seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        beat = heartbeat.read(run_dir)
+        if beat is not None and beat["phase"] == phase and beat["time"] >= since:
+            return beat
+        time.sleep(PHASE_POLL_S)
+    raise DrillError(f"the run did not reach phase {phase!r} within {timeout_s:.0f}s")
+
+
+def preempting_partition(job: JobInfo, env: dict[str, str] | None = None) -> str:
+    """The partition with the highest PriorityTier above the job's own."""
+    out = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, env=env, check=True)
+    tiers = {}
+    for line in out.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        tiers[fields["PartitionName"]] = int(fields.get("PriorityTier", 1))
+    mine = tiers.get(job.partition, 1)
+    above = sorted((tier, name) for name, tier in tiers.items() if tier > mine)
+    if not above:
+        raise DrillError(f"no partition has a higher PriorityTier than {job.partition} ({mine}): nothing can "
+                         "preempt this run here; name one with --partition")
+    return above[-1][1]
+
+
+def preempt(job: JobInfo, partition: str, env: dict[str, str] | None = None) -> str:
+    p = subprocess.run(["sbatch", "--parsable", f"--partition={partition}", f"--nodelist={job.nodelist}",
+                        f"--nodes={job.nodes}", "--exclusive", "--job-name=rlhpc-drill", "--output=/dev/null",
+                        "--time=5", "--wrap=sleep 5"], capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise DrillError(f"submitting the preempting job to {partition} failed: {p.stderr.strip()}")
+    return f"job {p.stdout.strip().split(';')[0]} in partition {partition} preempts it"
+
+
+def time_limit_signal(job: JobInfo, signal: str, env: dict[str, str] | None = None) -> str:
+    """What Slurm does `signal_grace_s` before the time limit: the signal to the batch shell. The limit itself
+    is left alone: a user may shorten it but not lengthen it again, so every later attempt would be cut too."""
+    p = subprocess.run(["scancel", "--batch", f"--signal={signal}", job.job_id], capture_output=True, text=True,
+                       env=env)
+    if p.returncode != 0:
+        raise DrillError(f"scancel --batch --signal={signal} failed: {p.stderr.strip()}")
+    return f"SIG{signal} sent to the batch shell, as before the time limit"
+
+
+def drill(run_dir: Path, kind: str, *, signal: str, at: str | None = None, partition: str | None = None,
+          phase_timeout_s: float = 600, env: dict[str, str] | None = None) -> Drill:
+    if kind not in KINDS:
+        raise DrillError(f"{kind}: not a drill ({', '.join(KINDS)})")
+    job = running_job(run_dir, phase_timeout_s, env)
+    if kind == "preempt":
+        partition = partition or preempting_partition(job, env)
+    beat = wait_for_phase(run_dir, at, job.start_time or 0, phase_timeout_s) if at else heartbeat.read(run_dir)
+    if kind == "requeue":
+        requeue(job.job_id, env)
+        action = "requeued at once (no signal)"
+    elif kind == "timeout":
+        action = time_limit_signal(job, signal, env)
+    else:
+        action = preempt(job, partition, env)
+    return Drill(job.job_id, job.restarts, kind, beat, action)
+
+
+def wait_resumed(run_dir: Path, job_id: str, after_attempt: int, timeout_s: float,
+                 env: dict[str, str] | None = None) -> dict:
+    """Wait for the job's next attempt to resume; return its start record. The requeued job waits out Slurm's
+    requeue delay (BeginTime) unless released, which this does."""
+    start = attempt_dir(run_dir, job_id, after_attempt + 1) / START
+    deadline = time.monotonic() + timeout_s
+    released = False
+    while time.monotonic() < deadline:
+        if start.exists():
+            return json.loads(start.read_text())
+        [info] = queue([job_id], env=env) or [None]
+        if not released and info is not None and info.state == "PENDING" and info.restarts > after_attempt:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, env=env)
+            released = True
+        time.sleep(0.5)
+    raise DrillError(f"job {job_id} did not resume within {timeout_s:.0f}s")
+

@@ -1,0 +1,103 @@
+"""Nothing lost, exactly: the tiny run interrupted on the real local cluster (during a rollout, training or a
+checkpoint save; by `scontrol requeue`, the time-limit signal, a preempting job, the time limit itself) ends
+with bitwise the final weights and the reward columns of the same run uninterrupted.
+
+`make test` runs a reduced matrix (each cause and each moment once); `make chaos` (RLHPC_CHAOS=full) all of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, rlhpc, wait_gone
+from rl import checkpoint
+from rl.export import load_policy
+
+pytestmark = pytest.mark.slurm
+
+FULL = os.environ.get("RLHPC_CHAOS") == "full"
+REDUCED = [("requeue", "rollout"), ("timeout", "train"), ("preempt", "save")]
+MATRIX = list(itertools.product(("requeue", "timeout", "preempt"), ("rollout", "train", "save"))) if FULL else REDUCED
+REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean", "truncated_frac")
+
+
+def settings(model_dir: Path, run_dir: Path, num_rollout: int) -> list[str]:
+    rl = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", f"rollout.num_rollout={num_rollout}",
+          "ckpt.save_interval=2", "eval.eval_interval=1000", "perf.cpu_threads=1", "slurm.signal_grace_s=30"]
+    return ["--nodes", "1", "--cpus-per-task", "2", *[a for s in rl for a in ("--set", s)]]
+
+
+def submit(env: dict[str, str], model_dir: Path, run_dir: Path, *extra: str, num_rollout: int = 6) -> str:
+    done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), *settings(model_dir, run_dir, num_rollout), *extra, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads((run_dir / "submissions.jsonl").read_text().splitlines()[-1])["job_id"]
+
+
+def outcome(run_dir: Path, model_dir: Path) -> tuple[str, dict[str, torch.Tensor], list[dict]]:
+    folder = checkpoint.latest(run_dir / "checkpoints")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return folder.name, load_policy(folder, model_dir).state_dict(), [{k: r[k] for k in REWARD_COLUMNS} for r in rows]
+
+
+def assert_same(got, expected) -> None:
+    assert got[0] == expected[0]
+    assert got[1].keys() == expected[1].keys()
+    assert [k for k in got[1] if not torch.equal(got[1][k], expected[1][k])] == []  # bitwise
+    assert got[2] == expected[2]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    job = submit(cluster.env, tiny_model_dir, run_dir)
+    wait_gone(job, cluster.env)
+    return outcome(run_dir, tiny_model_dir)
+
+
+@pytest.mark.parametrize(("kind", "phase"), MATRIX, ids=[f"{k}-during-{p}" for k, p in MATRIX])
+def test_an_interrupted_run_ends_bitwise_as_the_uninterrupted_one(cluster, tiny_model_dir, tmp_path, uninterrupted,
+                                                                   kind, phase):
+    run_dir = tmp_path / "run"
+    job = submit(cluster.env, tiny_model_dir, run_dir)
+    drilled = rlhpc("drill", str(run_dir), f"--{kind}", "--at", phase, "--wait", env=cluster.env, timeout=900)
+    assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+    assert f"during {phase} of rollout" in drilled.stdout and "resumed from checkpoint" in drilled.stdout
+    wait_gone(job, cluster.env)
+    assert_same(outcome(run_dir, tiny_model_dir), uninterrupted)
+    [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1 and row["rollout"] == 6
+    if kind == "requeue":  # killed without a word: the next attempt redid what the last checkpoint missed
+        assert row["interruptions"][0].startswith("ended without a signal")
+    else:  # the signal: a checkpoint where it stopped, nothing redone
+        assert row["interruptions"][0].startswith("USR2 at rollout") and row["interruptions"][0].endswith(", 0 redone")
+
+
+@pytest.mark.skipif(not FULL, reason="minutes of waiting for Slurm's own clock: `make chaos`")
+def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_model_dir, tmp_path_factory):
+    """A 2-minute job for a run longer than that: Slurm's signal 90 s before each limit, a checkpoint, a
+    requeue, until the run is done; the same weights as the run in one go."""
+    straight, limited = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("limited")
+    n = 120
+    wait_gone(submit(cluster.env, tiny_model_dir, straight, num_rollout=n), cluster.env)
+    job = submit(cluster.env, tiny_model_dir, limited, "--time", "2", "--set", "slurm.signal_grace_s=90",
+                 num_rollout=n)
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline:
+        [row] = json.loads(rlhpc("status", str(limited), "--json", env=cluster.env).stdout)
+        if row["state"] in {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}:
+            break
+        if row["state"] == "PENDING":  # requeued: skip Slurm's requeue delay
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env,
+                           capture_output=True)
+        time.sleep(2)
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
+    assert all(i.startswith("USR2 at rollout") for i in row["interruptions"]), row["interruptions"]
+    assert_same(outcome(limited, tiny_model_dir), outcome(straight, tiny_model_dir))
