@@ -27,6 +27,7 @@ from rl.losses import approx_kl
 from rl.metrics import MetricsLog, Progress
 from rl.rewards import compute_rewards
 from rl.rollout.engine import Generation, SamplingParams, sample_seed
+from rl.rollout.pool import EnginePool
 from rl.sample import Sample
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_
 
 
 PLACEMENT_TIMEOUT_S = 120
-STOP_POLL_S = 0.2
 
 
 class RunError(RuntimeError):
@@ -163,16 +163,22 @@ class Driver:
                 host_engine=p.colocate and rank == 0)
             for rank in range(world)
         ]
-        engine_cls = ray.remote(TorchEngine)
-        self.engines = [engine_cls.options(num_cpus=slot, num_gpus=gpus, runtime_env={"env_vars": WORKER_ENV})
-                        .remote(self.init_from, threads=threads) for _ in range(n_engines)]
-        self.generators = [self.workers[0]] if p.colocate else self.engines
+        engine_cls = EnginePool.actor_class(TorchEngine)
+
+        def make_engine() -> Any:
+            return engine_cls.options(num_cpus=slot, num_gpus=gpus, runtime_env={"env_vars": WORKER_ENV}).remote(
+                self.init_from, threads=threads)
+
+        self.pool = (EnginePool(None, 1, self.cfg.rollout, engines=[self.workers[0]]) if p.colocate else
+                     EnginePool(make_engine, n_engines, self.cfg.rollout))
         self.placement = ray.get([w.node.remote() for w in self.workers])  # also surfaces start-up errors
 
     def stop_actors(self) -> None:
         import ray
 
-        for actor in [*getattr(self, "workers", []), *getattr(self, "engines", [])]:
+        if getattr(self, "pool", None) is not None:
+            self.pool.kill()
+        for actor in getattr(self, "workers", []):
             ray.kill(actor)
         if getattr(self, "group", None) is not None:
             ray.util.remove_placement_group(self.group)
@@ -181,19 +187,8 @@ class Driver:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
                  abandonable: bool = False) -> list[Generation]:
-        """Generations in request order. An `abandonable` one raises Interrupted as soon as a stop is asked
-        (its engines' work is discarded with the actors)."""
-        import ray
-
-        shares = split_for_ranks(len(prompts), len(self.generators))
-        futures = [g.generate.remote([prompts[i] for i in s], params, [seeds[i] for i in s])
-                   for g, s in zip(self.generators, shares) if len(s)]
-        while abandonable:
-            if self.stop.is_set():
-                raise Interrupted
-            if not ray.wait(futures, num_returns=len(futures), timeout=STOP_POLL_S)[1]:
-                break
-        return [gen for part in ray.get(futures) for gen in part]
+        """Generations in request order. An `abandonable` one raises Interrupted as soon as a stop is asked."""
+        return self.pool.generate(prompts, params, seeds, self.stop.is_set if abandonable else lambda: False)
 
     def sampling_params(self, *, evaluation: bool = False) -> SamplingParams:
         r, e = self.cfg.rollout, self.cfg.eval
@@ -292,8 +287,7 @@ class Driver:
         if self.cfg.perf.colocate:
             ray.get(self.workers[0].sync_engine.remote(version))
         else:
-            weights = self.workers[0].weights.remote()
-            ray.get([e.update_weights.remote(weights, version) for e in self.engines])
+            self.pool.update_weights(self.workers[0].weights.remote(), version)
         return time.perf_counter() - start
 
     def evaluate(self, rollout_id: int) -> dict[str, float]:
@@ -427,6 +421,7 @@ class Driver:
             "time_rollout_s": t1 - t0,
             "time_train_s": t2 - t1,
             "time_sync_s": sync_s,
+            "engine_restarts": self.pool.restarts,
             "samples_per_s": len(samples) / (time.perf_counter() - t0),
             **pending_eval,
             "num_rollout": self.num_rollout,

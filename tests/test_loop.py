@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +253,51 @@ def test_reinforce_pp_computes_log_probs_once_and_keep_last_prunes(ray_local, tm
     # per rollout: the policy's and the reference's log-probs for the advantages, reused as old log-probs
     assert calls == [False, True] * 3
     assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [2, 3]
+
+
+def engine_processes(state: str = "") -> list[int]:
+    """Rollout engine actors' processes (Ray titles them `ray::TorchEngine.<method running>`)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(f"ray::TorchEngine{state}".encode()):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def two_engines(ray_local, tmp_path_factory, tiny_model_dir):
+    settings = ["rollout.num_rollout=3", "rollout.rollout_max_response_len=24", "sglang.rollout_num_gpus=2",
+                "rollout.use_fault_tolerance=true", "rollout.rollout_health_check_interval=0.5",
+                "rollout.rollout_health_check_timeout=2"]
+    run_dir = tmp_path_factory.mktemp("two-engines")
+    rows = run(tiny(run_dir, tiny_model_dir, *settings))["rows"]
+    return settings, rows, final_weights(run_dir, tiny_model_dir)[1]
+
+
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["engine-dies", "engine-stops-answering"])
+def test_a_failed_engine_is_replaced_and_the_rollout_completes_unchanged(two_engines, tmp_path, tiny_model_dir, fault):
+    settings, expected_rows, expected_weights = two_engines
+    hit: list[int] = []
+
+    def strike():  # one engine, while it generates rollout 1
+        deadline = time.monotonic() + 120
+        while not hit and time.monotonic() < deadline:
+            beat = heartbeat.read(tmp_path)
+            if beat and beat["rollout_id"] == 1 and (busy := engine_processes(".generate")):
+                os.kill(busy[0], fault)
+                hit.append(busy[0])
+            time.sleep(0.005)
+
+    striker = threading.Thread(target=strike)
+    striker.start()
+    rows = run(tiny(tmp_path, tiny_model_dir, *settings))["rows"]
+    striker.join()
+    assert hit and hit[0] not in engine_processes()  # struck, and gone
+    assert [r["engine_restarts"] for r in rows] == [0, 1, 1]
+    assert [{k: r[k] for k in REWARD_COLUMNS} for r in rows] == [{k: r[k] for k in REWARD_COLUMNS}
+                                                                 for r in expected_rows]
+    weights = final_weights(tmp_path, tiny_model_dir)[1]
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)

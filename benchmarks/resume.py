@@ -1,0 +1,99 @@
+"""Resume cost on the local cluster: the time from a job's start to its first training step, for a fresh start
+and for a requeued attempt of the same run, and the work redone (rollouts since the last checkpoint).
+
+    sudo .venv/bin/rlhpc cluster up --nodes 2 --cpus-per-node 2
+    SLURM_CONF=/tmp/rlhpc-cluster/slurm.conf .venv/bin/python benchmarks/resume.py --repeats 2
+
+The tiny run (configs/tiny_cpu.toml, a checkpoint every 2 rollouts) is interrupted while training rollout 3,
+once by the time-limit signal (checkpoint where it stops, then requeue) and once by `scontrol requeue` (killed
+at once). Times are from Slurm's StartTime (1 s resolution) to the driver's first "train" phase
+(`progress.json`), so they include srun, Python start-up, Ray and the actors, and for a resume the loading of
+the checkpoint. Slurm's requeue delay (BeginTime) is skipped by releasing the job, as `rlhpc drill --wait` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hpc.slurm import queue  # noqa: E402
+from rl import heartbeat  # noqa: E402
+from rl.tiny_model import build_tiny_model  # noqa: E402
+from rlhpc.drill import drill, wait_resumed  # noqa: E402
+
+RLHPC = str(Path(sys.executable).with_name("rlhpc"))
+INTERRUPT_AT = 3
+
+
+def wait_running(job_id: str, min_restarts: int, timeout_s: float = 600) -> float:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        [info] = queue([job_id]) or [None]
+        if info is not None and info.state == "RUNNING" and info.restarts >= min_restarts and info.start_time:
+            return info.start_time
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not start")
+
+
+def wait_phase(run_dir: Path, rollout: int | None, phase: str, since: float, timeout_s: float = 600) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        beat = heartbeat.read(run_dir)
+        if beat and beat["phase"] == phase and beat["time"] >= since and rollout in (None, beat["rollout_id"]):
+            return beat
+        time.sleep(0.02)
+    raise TimeoutError(f"{run_dir}: no {phase} phase")
+
+
+def one(model_dir: Path, kind: str) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"resume-{kind}-", dir=ROOT / "runs"))
+    sets = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", "rollout.num_rollout=6",
+            "ckpt.save_interval=2", "eval.eval_interval=1000", "slurm.signal_grace_s=30"]
+    subprocess.run([RLHPC, "submit", str(ROOT / "configs" / "tiny_cpu.toml"), "--nodes", "1", "--cpus-per-task", "2",
+                    *[a for s in sets for a in ("--set", s)]], check=True, capture_output=True)
+    job = json.loads((run_dir / "submissions.jsonl").read_text().splitlines()[-1])["job_id"]
+    started = wait_running(job, 0)
+    fresh = wait_phase(run_dir, 0, "train", started)["time"] - started
+    wait_phase(run_dir, INTERRUPT_AT, "train", started)
+    drill(run_dir, "requeue" if kind == "requeue" else "timeout", signal="USR2")
+    record = wait_resumed(run_dir, job, 0, timeout_s=600)
+    restarted = wait_running(job, 1)
+    resumed = wait_phase(run_dir, None, "train", restarted)["time"] - restarted
+    subprocess.run(["scancel", job], capture_output=True)
+    return {"kind": kind, "fresh_s": fresh, "resumed_s": resumed, "resumed_from": record["resumed_from"],
+            "redone": record["redone"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    if "SLURM_CONF" not in os.environ:
+        sys.exit("set SLURM_CONF to the local cluster's slurm.conf (see the docstring)")
+    (ROOT / "runs").mkdir(exist_ok=True)
+    model_dir = build_tiny_model(Path(tempfile.mkdtemp(prefix="resume-model-", dir=ROOT / "runs")) / "tiny-qwen3")
+    print("| interruption | fresh start → first step (s) | requeued start → first step (s) | resumed from | "
+          "rollouts redone |")
+    print("|---|---|---|---|---|")
+    for kind in ("signal", "requeue"):
+        runs = [one(model_dir, kind) for _ in range(args.repeats)]
+        print(json.dumps(runs), file=sys.stderr)
+        label = "time-limit signal (USR2)" if kind == "signal" else "scontrol requeue (no signal)"
+        print(f"| {label} | {statistics.median(r['fresh_s'] for r in runs):.1f} | "
+              f"{statistics.median(r['resumed_s'] for r in runs):.1f} | "
+              f"{', '.join(str(r['resumed_from']) for r in runs)} | {', '.join(str(r['redone']) for r in runs)} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

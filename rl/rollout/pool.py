@@ -1,0 +1,125 @@
+"""The rollout engines of a decoupled run, as Ray actors, and what keeps a rollout whole when one fails.
+
+With `use_fault_tolerance`, an engine whose process dies, or that does not answer a health check within
+`rollout_health_check_timeout` (checked every `rollout_health_check_interval` while it generates, after
+`rollout_health_check_first_wait`), is killed and replaced by a new one loaded with the current weights; its
+requests are issued again there. Samples are seeded per request, so the rollout is the one a healthy engine
+would have produced, sample for sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rl.batch import split_for_ranks
+from rl.config import RolloutConfig
+from rl.interrupt import Interrupted
+from rl.rollout.engine import Generation, SamplingParams
+
+POLL_S = 0.2
+HEALTH = "health"
+"""The concurrency group health checks run in, so that they are answered while the engine generates."""
+
+log = logging.getLogger(__name__)
+
+
+class EnginePool:
+    def __init__(self, make: Callable[..., Any] | None, count: int, rollout: RolloutConfig,
+                 engines: list[Any] | None = None):
+        """`make()` creates one engine actor (of an `actor_class`). A pool of given `engines` instead (a
+        colocated trainer generating) never replaces them."""
+        self._make, self.cfg = make, rollout
+        self.engines = engines or [self._start() for _ in range(count)]
+        self.fault_tolerant = rollout.use_fault_tolerance and make is not None
+        self.weights: tuple[Any, int] | None = None
+        self.restarts = 0
+
+    @staticmethod
+    def actor_class(engine: type) -> Any:
+        """The engine as a Ray actor class whose health checks are answered while it generates."""
+        import ray
+
+        return ray.remote(concurrency_groups={HEALTH: 1})(engine)
+
+    def _start(self) -> Any:
+        assert self._make is not None
+        return self._make()
+
+    def update_weights(self, weights: Any, version: int) -> None:
+        """Send the policy's weights (a Ray object) to every engine; kept for engines started later."""
+        import ray
+
+        self.weights = (weights, version)
+        ray.get([e.update_weights.remote(weights, version) for e in self.engines])
+
+    def replace(self, slot: int, why: str) -> None:
+        import ray
+
+        log.warning("rollout engine %d %s: replacing it (restart %d)", slot, why, self.restarts + 1)
+        ray.kill(self.engines[slot], no_restart=True)
+        self.engines[slot] = self._start()
+        if self.weights is not None:
+            ray.get(self.engines[slot].update_weights.remote(*self.weights))
+        self.restarts += 1
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
+                 abandon: Callable[[], bool] = lambda: False) -> list[Generation]:
+        """Generations in request order, each engine taking an equal share. Raises Interrupted as soon as
+        `abandon()` turns true (the engines' work is discarded with them)."""
+        import ray
+
+        shares = [s for s in split_for_ranks(len(prompts), len(self.engines)) if len(s)]
+
+        def issue(slot: int) -> Any:
+            share = shares[slot]
+            return self.engines[slot].generate.remote([prompts[i] for i in share], params, [seeds[i] for i in share])
+
+        pending = {issue(slot): slot for slot in range(len(shares))}
+        done: dict[int, list[Generation]] = {}
+        started = time.monotonic()
+        next_check = started + self.cfg.rollout_health_check_first_wait + self.cfg.rollout_health_check_interval
+        while pending:
+            if abandon():
+                raise Interrupted
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            for future in ready:
+                slot = pending.pop(future)
+                try:
+                    done[slot] = ray.get(future)
+                except ray.exceptions.RayActorError:
+                    if not self.fault_tolerant:
+                        raise
+                    self.replace(slot, "died")
+                    pending[issue(slot)] = slot
+            if self.fault_tolerant and pending and time.monotonic() >= next_check:
+                for slot in self._unresponsive(sorted(pending.values())):
+                    pending = {f: s for f, s in pending.items() if s != slot}
+                    self.replace(slot, f"did not answer its health check within "
+                                       f"{self.cfg.rollout_health_check_timeout:.0f}s")
+                    pending[issue(slot)] = slot
+                next_check = time.monotonic() + self.cfg.rollout_health_check_interval
+        return [gen for slot in range(len(shares)) for gen in done[slot]]
+
+    def _unresponsive(self, slots: list[int]) -> list[int]:
+        import ray
+
+        checks = {self.engines[s].health.options(concurrency_group=HEALTH).remote(): s for s in slots}
+        ready, _ = ray.wait(list(checks), num_returns=len(checks), timeout=self.cfg.rollout_health_check_timeout)
+        bad = [checks[f] for f in checks if f not in ready]
+        for future in ready:
+            try:
+                if not ray.get(future):
+                    bad.append(checks[future])
+            except ray.exceptions.RayActorError:
+                bad.append(checks[future])
+        return sorted(bad)
+
+    def kill(self) -> None:
+        import ray
+
+        if self._make is not None:
+            for engine in self.engines:
+                ray.kill(engine)
