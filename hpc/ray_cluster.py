@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpc import stacks
 from hpc.allocation import Allocation, node_addresses
 from hpc.network import Route, address_of, job_env, route_to
 from hpc.wait import port_open, until
@@ -51,6 +52,10 @@ STOP_GRACE_S = 5.0
 
 class RayStartError(RuntimeError):
     pass
+
+
+class RayNodeLost(RayStartError):
+    """This node's Ray stopped while the job was running."""
 
 
 @dataclass(frozen=True)
@@ -200,11 +205,13 @@ def _kill_processes_using(temp_dir: Path) -> None:
 
 @contextlib.contextmanager
 def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
-                extra_env: Mapping[str, str] | None = None,
-                ignore_signals: tuple[int, ...] = ()) -> Iterator[RayCluster | None]:
+                extra_env: Mapping[str, str] | None = None, ignore_signals: tuple[int, ...] = (),
+                stacks_dir: Path | None = None) -> Iterator[RayCluster | None]:
     """Bring Ray up on this task's node. Rank 0 yields the joined cluster; other ranks yield None once rank 0
     has marked the attempt done. `extra_env` (the run's `[slurm.env]`) wins over the node's and computed variables.
-    Ray's processes ignore `ignore_signals`: those the job handles itself (Slurm sends them to every process)."""
+    Ray's processes ignore `ignore_signals`: those the job handles itself (Slurm sends them to every process).
+    The job's Ray workers register for stack dumps into `stacks_dir`. A worker node whose Ray stops before the
+    head marks the end raises RayNodeLost."""
     if "ray" in sys.modules:
         # Ray reads its authentication settings when imported; the job's token must be in place first.
         raise RayStartError("ray_cluster() must be entered before `ray` is imported in this process")
@@ -268,13 +275,13 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
         if head:
             node.wait_started(START_TIMEOUT_S)
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver
-            nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node)
+            nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node, stacks_dir)
             try:
                 yield RayCluster(head_address, nodes)
             finally:
                 (attempt_dir / DONE_FILE).touch()
         else:
-            _wait_until_done(node, attempt_dir)
+            _wait_until_done(node, attempt_dir, alloc.host)
             yield None
     finally:
         node.stop()
@@ -308,12 +315,28 @@ def _wait_for_port(host: str, port: int, timeout_s: float) -> None:
         raise RayStartError(f"the Ray head did not listen on {host}:{port} within {timeout_s:.0f}s")
 
 
-def wait_for_nodes(address: str, alloc: Allocation, attempt_dir: Path, timeout_s: float, node: _Node
-                   ) -> dict[str, str]:
+def lost_hosts(alloc: Allocation) -> list[str]:
+    """Hosts of the allocation without an alive Ray node (none before this process is connected)."""
+    if "ray" not in sys.modules:  # importing it here, before ray_cluster(), would miss the job's token
+        return []
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    alive = {h for n in ray.nodes() if n["Alive"] for h in alloc.hosts if host_resource(h) in n["Resources"]}
+    return [h for h in alloc.hosts if h not in alive]
+
+
+def wait_for_nodes(address: str, alloc: Allocation, attempt_dir: Path, timeout_s: float, node: _Node,
+                   stacks_dir: Path | None = None) -> dict[str, str]:
     """Poll the GCS until one alive Ray node per Slurm host has registered with the task's CPUs and GPUs."""
     import ray
 
-    ray.init(address=address, configure_logging=False, log_to_driver=True, namespace="rlhpc")
+    # Every worker of the job can be asked for its stacks (hpc.stacks).
+    runtime_env = {"worker_process_setup_hook": stacks.SETUP_HOOK,
+                   "env_vars": {stacks.ENV: str(stacks_dir)}} if stacks_dir else None
+    ray.init(address=address, configure_logging=False, log_to_driver=True, namespace="rlhpc",
+             runtime_env=runtime_env)
     deadline = time.monotonic() + timeout_s
     while True:
         node.check()
@@ -336,11 +359,18 @@ def wait_for_nodes(address: str, alloc: Allocation, attempt_dir: Path, timeout_s
         time.sleep(POLL_S)
 
 
-def _wait_until_done(node: _Node, attempt_dir: Path) -> None:
+def _wait_until_done(node: _Node, attempt_dir: Path, host: str) -> None:
     done = attempt_dir / DONE_FILE
 
     def finished() -> bool:
-        node.check()
-        return done.exists()
+        if done.exists():
+            return True
+        try:
+            node.check()
+        except RayStartError as e:
+            if done.exists():  # the head went first, as it does at the end of every job
+                return True
+            raise RayNodeLost(f"Ray on {host} stopped while the run was going ({e})") from None
+        return False
 
     until(finished, float("inf"), POLL_S)

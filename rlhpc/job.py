@@ -23,13 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hpc import allocation
-from hpc.ray_cluster import ray_cluster
+from hpc import allocation, stacks
+from hpc.ray_cluster import RayNodeLost, lost_hosts, ray_cluster
 from hpc.slurm import requeue as requeue_job
+from hpc.watchdog import Watchdog
+from rl import heartbeat
 from rlhpc.run_folder import INTERRUPTED, START, attempt_dir, is_cancelled, jobs_dir, record_submission
 
 TEARDOWN_S = 15
 """Of the grace, what stopping Ray and requeueing need after the loop has stopped."""
+STACKS_WRITE_S = 3
+"""How long the processes asked for their stacks get to write them before the job ends."""
 
 log = logging.getLogger("rlhpc.job")
 
@@ -39,15 +43,19 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def requeue_if_allowed(folder: Path, attempt: Path, job_id: str, restart_count: int, max_requeues: int,
-                       record: dict[str, Any]) -> bool:
-    """Record the interruption in the attempt's folder and requeue the job unless the run was cancelled or has
-    used its `max_requeues`. Requeueing ends this job at once: it is the last thing a job does."""
-    requeue = not is_cancelled(folder) and restart_count < max_requeues
+                       record: dict[str, Any], *, in_slurm: bool = True) -> bool:
+    """Record the interruption in the attempt's folder and requeue the job unless it runs outside Slurm, the
+    run was cancelled or it has used its `max_requeues`. Requeueing ends this job at once: it is the last
+    thing a job does."""
+    requeue = in_slurm and not is_cancelled(folder) and restart_count < max_requeues
     attempt.mkdir(parents=True, exist_ok=True)
     (attempt / INTERRUPTED).write_text(json.dumps({**record, "time": time.time(), "requeued": requeue}))
     if requeue:
-        requeue_job(job_id)
-    else:
+        try:
+            requeue_job(job_id)
+        except OSError as e:  # another task of the job got there first
+            log.warning("%s", e)
+    elif in_slurm:
         log.warning("not requeued: %s", "the run was cancelled" if is_cancelled(folder) else
                     f"{restart_count} requeues already (slurm.max_requeues)")
     return requeue
@@ -80,22 +88,49 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     stop_signal = getattr(signal, f"SIG{cfg.slurm.signal}")
     grace = max(0, cfg.slurm.signal_grace_s - TEARDOWN_S)
     signal.signal(stop_signal, (lambda signum, frame: stop.set(grace)) if alloc.node_rank == 0 else signal.SIG_IGN)
-    with ray_cluster(alloc, attempt, cfg.ray, cfg.slurm.env, ignore_signals=(stop_signal,)) as cluster:
-        if cluster is None:
-            return None
-        (attempt / "cluster.json").write_text(json.dumps({"address": cluster.address, "nodes": cluster.nodes}))
-        result = run_loop(cfg, folder, ray_address=cluster.address, stop=stop, start_record=attempt / START)
-        rows = result["rows"]
-        summary = {"run_dir": str(folder), "job_id": alloc.job_id, "rollouts": len(rows),
-                   "last_reward": rows[-1]["reward_mean"] if rows else None, "ray_nodes": cluster.nodes,
-                   "workers": result["workers"], "stopped_at": result["stopped_at"]}
-        (attempt / "result.json").write_text(json.dumps(summary))
+    stacks_dir = attempt / "stacks"
+    stacks.register(stacks_dir)
+
+    def interrupted(record: dict[str, Any]) -> bool:
+        return requeue_if_allowed(folder, attempt, alloc.job_id, alloc.restart_count, cfg.slurm.max_requeues,
+                                  record, in_slurm=in_slurm)
+
+    def end_job(reason: str) -> None:
+        """The watchdog's verdict: stacks of this node's processes into the attempt's folder; rank 0 then
+        ends the job, requeued where Slurm runs it."""
+        stacks.dump(stacks_dir)
+        time.sleep(STACKS_WRITE_S)
+        if alloc.node_rank != 0:
+            return
+        if not interrupted({"signal": None, "stopped_at": None, "reason": reason}):
+            os.kill(os.getpid(), signal.SIGTERM)  # nothing to requeue: end this job the way scancel would
+
+    watchdog = Watchdog(folder / heartbeat.FILE, cfg.run.hang_timeout_s, end_job,
+                        lost_hosts=(lambda: lost_hosts(alloc)) if alloc.node_rank == 0 else None,
+                        node_timeout_s=cfg.run.node_timeout_s)
+    watchdog.start()
+    try:
+        with ray_cluster(alloc, attempt, cfg.ray, cfg.slurm.env, ignore_signals=(stop_signal,),
+                         stacks_dir=stacks_dir) as cluster:
+            if cluster is None:
+                return None
+            (attempt / "cluster.json").write_text(json.dumps({"address": cluster.address, "nodes": cluster.nodes}))
+            result = run_loop(cfg, folder, ray_address=cluster.address, stop=stop, start_record=attempt / START)
+            rows = result["rows"]
+            summary = {"run_dir": str(folder), "job_id": alloc.job_id, "rollouts": len(rows),
+                       "last_reward": rows[-1]["reward_mean"] if rows else None, "ray_nodes": cluster.nodes,
+                       "workers": result["workers"], "stopped_at": result["stopped_at"]}
+            (attempt / "result.json").write_text(json.dumps(summary))
+    except RayNodeLost as e:
+        # This node's Ray died under the run: the job cannot go on, but it can start again elsewhere.
+        if not in_slurm:
+            raise
+        interrupted({"signal": None, "stopped_at": None, "reason": str(e)})
+        return None
+    finally:
+        watchdog.stop()
     if result["stopped_at"] is not None:
-        record = {"signal": cfg.slurm.signal, "stopped_at": result["stopped_at"]}
-        if in_slurm:
-            requeue_if_allowed(folder, attempt, alloc.job_id, alloc.restart_count, cfg.slurm.max_requeues, record)
-        else:
-            (attempt / INTERRUPTED).write_text(json.dumps({**record, "time": time.time(), "requeued": False}))
+        interrupted({"signal": cfg.slurm.signal, "stopped_at": result["stopped_at"]})
     return summary
 
 

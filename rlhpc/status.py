@@ -90,8 +90,10 @@ def _interruptions(run_dir: Path, subs: list[dict[str, Any]]) -> list[str]:
             text = "ended without a signal (scontrol requeue, a node failure or a resubmission)"
         elif why.get("stopped_at") is not None:
             text = f"{why['signal']} at rollout {why['stopped_at']}"
-        else:
+        elif why.get("signal"):
             text = f"{why['signal']}: {why.get('reason', 'no checkpoint')}"
+        else:
+            text = why.get("reason", "stopped")
         if (start := _read(after / START)) is not None:
             text += f", {start['redone']} redone"
         found.append(text)

@@ -85,7 +85,7 @@ def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_mode
     """A 2-minute job for a run longer than that: Slurm's signal 90 s before each limit, a checkpoint, a
     requeue, until the run is done; the same weights as the run in one go."""
     straight, limited = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("limited")
-    n = 120
+    n = 30
     wait_gone(submit(cluster.env, tiny_model_dir, straight, num_rollout=n), cluster.env)
     job = submit(cluster.env, tiny_model_dir, limited, "--time", "2", "--set", "slurm.signal_grace_s=90",
                  num_rollout=n)
