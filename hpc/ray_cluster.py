@@ -279,6 +279,10 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
             try:
                 yield RayCluster(head_address, nodes)
             finally:
+                # Disconnect before the cluster goes: a driver still connected when the GCS stops aborts.
+                import ray
+
+                ray.shutdown()
                 (attempt_dir / DONE_FILE).touch()
         else:
             _wait_until_done(node, attempt_dir, alloc.host)

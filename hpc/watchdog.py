@@ -2,7 +2,7 @@
 instead of holding the allocation until the time limit.
 
 Progress is the modification time of a heartbeat file the workload rewrites at each of its phases; a hang is no
-change for `hang_timeout_s`. A lost node is a host of the allocation missing from the job's Ray cluster for
+change for `hang_timeout_s` once the workload has written it in this job. A lost node is a host of the allocation missing from the job's Ray cluster for
 `node_timeout_s`.
 """
 
@@ -29,16 +29,20 @@ class Watchdog(threading.Thread):
         self._since = time.time()
 
     def stop(self) -> None:
+        """Stop watching; returns once no check is under way."""
         self._halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join()
 
     def check(self, missing_since: dict[str, float]) -> str | None:
         """Why the job should end now, if it should."""
         now = time.time()
         try:
-            last = max(self.heartbeat.stat().st_mtime, self._since)
+            last = self.heartbeat.stat().st_mtime
         except OSError:
-            last = self._since
-        if now - last > self.hang_timeout_s:
+            last = None
+        # Armed by the workload's first heartbeat of this job: start-up has timeouts of its own.
+        if last is not None and last >= self._since and now - last > self.hang_timeout_s:
             return f"no progress for {now - last:.0f}s (run.hang_timeout_s = {self.hang_timeout_s:.0f})"
         if self.lost_hosts is not None:
             lost = set(self.lost_hosts())

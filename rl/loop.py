@@ -343,10 +343,10 @@ class Driver:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.heartbeat.beat(0, "start")
         self.start_actors()
         try:
             start = self.resume()
+            self.heartbeat.beat(start, "start")
             log = MetricsLog(self.run_dir, tensorboard=cfg.run.use_tensorboard, resume_from=start)
             if self.start_record is not None:
                 self.start_record.write_text(json.dumps({"resumed_from": start, "redone": log.dropped,

@@ -115,7 +115,10 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
             if cluster is None:
                 return None
             (attempt / "cluster.json").write_text(json.dumps({"address": cluster.address, "nodes": cluster.nodes}))
-            result = run_loop(cfg, folder, ray_address=cluster.address, stop=stop, start_record=attempt / START)
+            try:
+                result = run_loop(cfg, folder, ray_address=cluster.address, stop=stop, start_record=attempt / START)
+            finally:
+                watchdog.stop()  # before Ray goes down, which it would take for lost nodes
             rows = result["rows"]
             summary = {"run_dir": str(folder), "job_id": alloc.job_id, "rollouts": len(rows),
                        "last_reward": rows[-1]["reward_mean"] if rows else None, "ray_nodes": cluster.nodes,

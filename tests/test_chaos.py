@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, rlhpc, wait_gone
-from rl import checkpoint
+from rl import checkpoint, heartbeat
 from rl.export import load_policy
 
 pytestmark = pytest.mark.slurm
@@ -101,3 +102,63 @@ def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_mode
     assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
     assert all(i.startswith("USR2 at rollout") for i in row["interruptions"]), row["interruptions"]
     assert_same(outcome(limited, tiny_model_dir), outcome(straight, tiny_model_dir))
+
+
+def node_pids(namespace: str, name: str) -> list[int]:
+    """Processes of a node (a network namespace of the local cluster) whose command line starts with `name`."""
+    found = []
+    for pid in subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split():
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().startswith(name):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for(predicate, timeout_s: float = 300, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def finish_after_requeue(env: dict[str, str], run_dir: Path, job: str) -> dict:
+    """Release the requeued job from Slurm's requeue delay, wait for the end; the run's status row."""
+    def resumed() -> bool:
+        if (run_dir / "jobs" / job / "attempt-1" / "start.json").exists():
+            return True
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
+        time.sleep(1)
+        return False
+
+    wait_for(resumed, 600, "the requeued attempt")
+    wait_gone(job, env)
+    [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=env).stdout)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout_id"] for r in rows] == list(range(6))  # nothing lost, nothing twice
+    assert row["state"] == "COMPLETED" and row["requeues"] == 1, row
+    return row
+
+
+def test_a_node_whose_ray_dies_requeues_the_job_and_the_run_resumes(cluster, tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(cluster.env, tiny_model_dir, run_dir, "--nodes", "2")
+    wait_for(lambda: (heartbeat.read(run_dir) or {}).get("rollout_id", 0) >= 1, what="rollout 1")
+    [raylet] = [p for p in node_pids("rlhpc-node2", "/") if "/raylet" in Path(f"/proc/{p}/cmdline").read_text()[:200]]
+    os.kill(raylet, signal.SIGKILL)
+    row = finish_after_requeue(cluster.env, run_dir, job)
+    assert row["interruptions"][0].startswith("Ray on node2 stopped while the run was going"), row["interruptions"]
+
+
+def test_a_hung_run_writes_every_stack_and_requeues(cluster, tiny_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(cluster.env, tiny_model_dir, run_dir, "--set", "run.hang_timeout_s=15")
+    wait_for(lambda: (heartbeat.read(run_dir) or {}).get("rollout_id", 0) >= 1, what="rollout 1")
+    [worker] = node_pids("rlhpc-node1", "ray::TrainWorker")
+    os.kill(worker, signal.SIGSTOP)  # a training worker that never answers, as in a collective that hangs
+    row = finish_after_requeue(cluster.env, run_dir, job)
+    assert row["interruptions"][0].startswith("no progress for"), row["interruptions"]
+    dumps = {p.name: p.read_text() for p in (run_dir / "jobs" / job / "attempt-0" / "stacks").iterdir()}
+    assert len([d for d in dumps.values() if d]) >= 2  # the driver's and the engine's at least (not the stopped one)
+    assert any("in train" in d and "rl/loop.py" in d for d in dumps.values())  # the driver, waiting on training
