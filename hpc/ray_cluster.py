@@ -271,7 +271,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
         (attempt_dir / "nodes").mkdir(exist_ok=True)
         _write_json(attempt_dir / "nodes" / f"{alloc.host}.json",
                     {"address": route.source, "ifname": route.ifname, "rank": alloc.node_rank,
-                     "cpus": alloc.cpus, "gpus": alloc.gpus, "pid": os.getpid()})
+                     "cpus": alloc.cpus, "gpus": alloc.gpus, "pid": os.getpid(), "temp_dir": str(temp_dir)})
         if head:
             node.wait_started(START_TIMEOUT_S)
             os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver

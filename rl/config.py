@@ -129,9 +129,12 @@ class RolloutConfig(Section):
     reward_key: str | None = None
     # engines in service
     use_fault_tolerance: bool = False
+    """Replace an engine that dies or fails its health check, and issue its requests again."""
     rollout_health_check_interval: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds between health checks of the engines that are generating."""
     rollout_health_check_timeout: Annotated[float, Field(gt=0)] = 30.0
     rollout_health_check_first_wait: Annotated[float, Field(ge=0)] = 0.0
+    """Seconds into a generation before the first health check (on top of the interval)."""
     # async training (slime's train_async.py)
     async_train: bool = False
     update_weights_interval: PositiveInt = 1
@@ -277,7 +280,10 @@ class RunConfig(Section):
     seed: int = 1234
     use_tensorboard: bool = True
     node_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    """A node gone from the job's Ray cluster this long ends the job (requeued)."""
     hang_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    """No new phase of the driver (progress.json) this long: every process's stacks are written to the run
+    folder and the job ends (requeued). Longer than the slowest legitimate phase (a long generation, a save)."""
 
 
 class RLConfig(BaseModel):

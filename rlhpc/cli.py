@@ -415,6 +415,7 @@ def drill(
     timeout: Annotated[bool, typer.Option("--timeout", help="Send the signal that comes before the time "
                                           "limit.")] = False,
     requeue: Annotated[bool, typer.Option("--requeue", help="scontrol requeue: killed at once, no signal.")] = False,
+    node_loss: Annotated[bool, typer.Option("--node-loss", help="Kill the run's Ray on its last node.")] = False,
     at: Annotated[str | None, typer.Option(help="Wait for this phase first: rollout, train, sync, eval, save.")] = None,
     partition: Annotated[str | None, typer.Option(help="The preempting partition (default: the highest "
                                                   "PriorityTier above the run's).", show_default=False)] = None,
@@ -424,9 +425,10 @@ def drill(
     from rl.heartbeat import PHASES
     from rlhpc import drill as drills
 
-    kinds = [k for k, on in (("preempt", preempt), ("timeout", timeout), ("requeue", requeue)) if on]
+    kinds = [k for k, on in (("preempt", preempt), ("timeout", timeout), ("requeue", requeue),
+                             ("node-loss", node_loss)) if on]
     if len(kinds) != 1:
-        _error("name one drill: --preempt, --timeout or --requeue")
+        _error("name one drill: --preempt, --timeout, --requeue or --node-loss")
         raise typer.Exit(2)
     if at is not None and at not in PHASES:
         _error(f"--at {at}: not a phase ({', '.join(PHASES)})")

@@ -5,6 +5,8 @@ their own site, before a long run, that requeue and resume work there.
               signal, GraceTime, then a requeue by Slurm)
     timeout   the signal Slurm sends `signal_grace_s` before the time limit, sent now
     requeue   `scontrol requeue`: the job is killed at once, with no signal (as a node failure would)
+    node-loss the job's Ray on its last node killed (`srun --overlap` into the allocation): the node is lost
+              to the run, which must notice and requeue itself
 
 `--at PHASE` waits until the driver is in that phase (`progress.json`) before acting.
 """
@@ -17,11 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpc.allocation import expand_hostlist
 from hpc.slurm import JobInfo, queue, requeue
 from rl import heartbeat
 from rlhpc.run_folder import START, attempt_dir, submissions
 
-KINDS = ("preempt", "timeout", "requeue")
+KINDS = ("preempt", "timeout", "requeue", "node-loss")
 PHASE_POLL_S = 0.02
 
 
@@ -102,6 +105,25 @@ def time_limit_signal(job: JobInfo, signal: str, env: dict[str, str] | None = No
     return f"SIG{signal} sent to the batch shell, as before the time limit"
 
 
+def kill_ray_on(job: JobInfo, run_dir: Path, env: dict[str, str] | None = None) -> str:
+    """Kill the job's Ray processes on its last node (found by their temp dir, so no other job's are touched)."""
+    hosts = expand_hostlist(job.nodelist)
+    if len(hosts) < 2:
+        raise DrillError("a node-loss drill needs a run on 2 nodes or more (the driver's node must stay)")
+    host = hosts[-1]
+    node = attempt_dir(run_dir, job.job_id, job.restarts) / "nodes" / f"{host}.json"
+    try:
+        temp_dir = json.loads(node.read_text())["temp_dir"]
+    except (OSError, ValueError, KeyError):
+        raise DrillError(f"{node} does not say where Ray runs on {host} yet; try again once the run trains") from None
+    p = subprocess.run(["srun", f"--jobid={job.job_id}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host}",
+                        "pkill", "-KILL", "-f", f"raylet.*{temp_dir}/"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    if p.returncode != 0:
+        raise DrillError(f"killing Ray on {host} failed: {(p.stderr or p.stdout).strip() or p.returncode}")
+    return f"Ray killed on {host}"
+
+
 def drill(run_dir: Path, kind: str, *, signal: str, at: str | None = None, partition: str | None = None,
           phase_timeout_s: float = 600, env: dict[str, str] | None = None) -> Drill:
     if kind not in KINDS:
@@ -115,8 +137,10 @@ def drill(run_dir: Path, kind: str, *, signal: str, at: str | None = None, parti
         action = "requeued at once (no signal)"
     elif kind == "timeout":
         action = time_limit_signal(job, signal, env)
-    else:
+    elif kind == "preempt":
         action = preempt(job, partition, env)
+    else:
+        action = kill_ray_on(job, run_dir, env)
     return Drill(job.job_id, job.restarts, kind, beat, action)
 
 

@@ -117,6 +117,12 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
             (attempt / "cluster.json").write_text(json.dumps({"address": cluster.address, "nodes": cluster.nodes}))
             try:
                 result = run_loop(cfg, folder, ray_address=cluster.address, stop=stop, start_record=attempt / START)
+            except Exception as e:
+                if in_slurm and (lost := _lost_with(e, alloc, cfg.run.node_timeout_s)):
+                    interrupted({"signal": None, "stopped_at": None,
+                                 "reason": f"node {', '.join(lost)} lost ({type(e).__name__})"})
+                    return None
+                raise
             finally:
                 watchdog.stop()  # before Ray goes down, which it would take for lost nodes
             rows = result["rows"]
@@ -135,6 +141,19 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     if result["stopped_at"] is not None:
         interrupted({"signal": cfg.slurm.signal, "stopped_at": result["stopped_at"]})
     return summary
+
+
+def _lost_with(error: Exception, alloc: allocation.Allocation, node_timeout_s: float) -> list[str]:
+    """The hosts gone from Ray when the driver failed on a Ray system error (an actor or node that died, not an
+    exception of the code); Ray may need up to `node_timeout_s` to declare a node dead."""
+    import ray
+
+    if not isinstance(error, ray.exceptions.RayError) or isinstance(error, ray.exceptions.RayTaskError):
+        return []
+    deadline = time.monotonic() + node_timeout_s
+    while not (lost := lost_hosts(alloc)) and time.monotonic() < deadline:
+        time.sleep(1)
+    return lost
 
 
 def requeue_stuck(run_dir: str, reason: str) -> bool:

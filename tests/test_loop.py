@@ -267,37 +267,33 @@ def engine_processes(state: str = "") -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def two_engines(ray_local, tmp_path_factory, tiny_model_dir):
-    settings = ["rollout.num_rollout=3", "rollout.rollout_max_response_len=24", "sglang.rollout_num_gpus=2",
+def test_failed_engines_are_replaced_and_the_rollout_completes_unchanged(ray_local, tmp_path, tiny_model_dir):
+    """Three engines; while rollout 1 generates, one dies (SIGKILL) and one stops answering (SIGSTOP)."""
+    settings = ["rollout.num_rollout=3", "rollout.rollout_max_response_len=24", "sglang.rollout_num_gpus=3",
                 "rollout.use_fault_tolerance=true", "rollout.rollout_health_check_interval=0.5",
                 "rollout.rollout_health_check_timeout=2"]
-    run_dir = tmp_path_factory.mktemp("two-engines")
-    rows = run(tiny(run_dir, tiny_model_dir, *settings))["rows"]
-    return settings, rows, final_weights(run_dir, tiny_model_dir)[1]
-
-
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["engine-dies", "engine-stops-answering"])
-def test_a_failed_engine_is_replaced_and_the_rollout_completes_unchanged(two_engines, tmp_path, tiny_model_dir, fault):
-    settings, expected_rows, expected_weights = two_engines
+    expected_rows = run(tiny(tmp_path / "straight", tiny_model_dir, *settings))["rows"]
+    _, expected_weights = final_weights(tmp_path / "straight", tiny_model_dir)
+    run_dir = tmp_path / "struck"
     hit: list[int] = []
 
-    def strike():  # one engine, while it generates rollout 1
+    def strike():
         deadline = time.monotonic() + 120
-        while not hit and time.monotonic() < deadline:
-            beat = heartbeat.read(tmp_path)
-            if beat and beat["rollout_id"] == 1 and (busy := engine_processes(".generate")):
-                os.kill(busy[0], fault)
-                hit.append(busy[0])
+        while len(hit) < 2 and time.monotonic() < deadline:
+            beat = heartbeat.read(run_dir)
+            if beat and beat["rollout_id"] == 1:
+                for pid in engine_processes(".generate")[: 2 - len(hit)]:
+                    os.kill(pid, signal.SIGKILL if not hit else signal.SIGSTOP)
+                    hit.append(pid)
             time.sleep(0.005)
 
     striker = threading.Thread(target=strike)
     striker.start()
-    rows = run(tiny(tmp_path, tiny_model_dir, *settings))["rows"]
+    rows = run(tiny(run_dir, tiny_model_dir, *settings))["rows"]
     striker.join()
-    assert hit and hit[0] not in engine_processes()  # struck, and gone
-    assert [r["engine_restarts"] for r in rows] == [0, 1, 1]
+    assert len(hit) == 2 and not set(hit) & set(engine_processes())  # both struck, both gone
+    assert [r["engine_restarts"] for r in rows] == [0, 2, 2]
     assert [{k: r[k] for k in REWARD_COLUMNS} for r in rows] == [{k: r[k] for k in REWARD_COLUMNS}
                                                                  for r in expected_rows]
-    weights = final_weights(tmp_path, tiny_model_dir)[1]
+    weights = final_weights(run_dir, tiny_model_dir)[1]
     assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)

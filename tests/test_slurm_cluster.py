@@ -143,44 +143,6 @@ def test_cancel_mid_run_leaves_no_process(cluster: LocalCluster, tiny_model_dir:
     assert row["state"] == "CANCELLED"
 
 
-def test_the_time_limit_signal_checkpoints_requeues_and_resumes(cluster: LocalCluster, tiny_model_dir: Path,
-                                                               tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    submitted = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "--cpus-per-task", "2",
-                      "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=8",
-                      "--set", "eval.eval_interval=8", "--set", f"run.output_dir='{run_dir}'", env=cluster.env)
-    assert submitted.returncode == 0, submitted.stderr
-    [sub] = [json.loads(line) for line in (run_dir / "submissions.jsonl").read_text().splitlines()]
-    job = sub["job_id"]
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    # What Slurm sends `signal_grace_s` before the time limit (and on preemption), to the batch shell.
-    subprocess.run(["scancel", "--batch", "--signal=USR2", job], env=cluster.env, check=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # requeued: Slurm holds it ~2 min (BeginTime); release it now
-        state = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], env=cluster.env, capture_output=True,
-                               text=True).stdout.split()
-        if state[:1] == ["PENDING"]:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster.env, check=True)
-            break
-        time.sleep(0.5)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "jobs" / job / "attempt-1" / "result.json").exists() and time.monotonic() < deadline:
-        time.sleep(1)
-    interrupted = json.loads((run_dir / "jobs" / job / "attempt-0" / "interrupted.json").read_text())
-    assert interrupted["signal"] == "USR2" and interrupted["requeued"] and 2 <= interrupted["stopped_at"] < 8
-    result = json.loads((run_dir / "jobs" / job / "attempt-1" / "result.json").read_text())
-    assert result["stopped_at"] is None and result["rollouts"] == 8
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    assert [r["rollout_id"] for r in rows] == list(range(8))  # nothing lost, nothing done twice in the log
-    wait_gone(job, cluster.env)
-    [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
-    assert (row["state"], row["requeues"], row["rollout"]) == ("COMPLETED", 1, 8)
-    assert row["interruptions"] == [f"USR2 at rollout {interrupted['stopped_at']}, 0 redone"]
-
-
 def test_doctor_measures_between_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
     out = subprocess.run([*RLHPC, "doctor", "--nodes", "2"], cwd=tmp_path, capture_output=True, text=True,
                          env={**cluster.env, "COLUMNS": "200"}, timeout=300)
