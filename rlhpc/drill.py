@@ -65,8 +65,11 @@ def wait_for_phase(run_dir: Path, phase: str, since: float, timeout_s: float) ->
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         beat = heartbeat.read(run_dir)
-        if beat is not None and beat["phase"] == phase and beat["time"] >= since:
-            return beat
+        if beat is not None and beat["time"] >= since:
+            if beat["phase"] == phase:
+                return beat
+            if beat["phase"] in ("done", "stopped"):
+                raise DrillError(f"the run ended ({beat['phase']}) before it was seen in phase {phase!r}")
         time.sleep(PHASE_POLL_S)
     raise DrillError(f"the run did not reach phase {phase!r} within {timeout_s:.0f}s")
 
@@ -117,7 +120,7 @@ def kill_ray_on(job: JobInfo, run_dir: Path, env: dict[str, str] | None = None) 
     except (OSError, ValueError, KeyError):
         raise DrillError(f"{node} does not say where Ray runs on {host} yet; try again once the run trains") from None
     p = subprocess.run(["srun", f"--jobid={job.job_id}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host}",
-                        "pkill", "-KILL", "-f", f"raylet.*{temp_dir}/"], capture_output=True, text=True, env=env,
+                        "pkill", "-KILL", "-f", f"[r]aylet.*{temp_dir}/"], capture_output=True, text=True, env=env,
                        timeout=60)
     if p.returncode != 0:
         raise DrillError(f"killing Ray on {host} failed: {(p.stderr or p.stdout).strip() or p.returncode}")

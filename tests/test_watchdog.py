@@ -18,9 +18,9 @@ BLOCKED = textwrap.dedent("""
     from hpc import stacks
 
     stacks.register(Path(sys.argv[1]))
-    print("ready", flush=True)
 
     def all_reduce_that_never_returns():
+        print("ready", flush=True)
         threading.Event().wait()
 
     all_reduce_that_never_returns()
