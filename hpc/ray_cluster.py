@@ -70,9 +70,11 @@ class PortBlock:
         args = [f"--node-manager-port={b + 1}", f"--object-manager-port={b + 2}",
                 f"--dashboard-agent-listen-port={b + 4}", f"--dashboard-agent-grpc-port={b + 5}",
                 f"--metrics-export-port={b + 6}", f"--runtime-env-agent-port={b + 8}",
-                f"--min-worker-port={b + 10}", f"--max-worker-port={b + self.SIZE - 1}"]
+                f"--min-worker-port={b + 10}", f"--max-worker-port={b + self.SIZE - 1}",
+                # unused on workers, but Ray checks its default (10001) against the others: block 0 has it
+                f"--ray-client-server-port={b + 7}"]
         if head:
-            args += [f"--port={b}", f"--dashboard-port={b + 3}", f"--ray-client-server-port={b + 7}"]
+            args += [f"--port={b}", f"--dashboard-port={b + 3}"]
         return args
 
 
@@ -285,6 +287,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
                 ray.shutdown()
                 (attempt_dir / DONE_FILE).touch()
         else:
+            node.wait_started(START_TIMEOUT_S)  # a failed start is an error, not a lost node
             _wait_until_done(node, attempt_dir, alloc.host)
             yield None
     finally:

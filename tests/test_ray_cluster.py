@@ -44,7 +44,12 @@ def test_fixed_port_inside_the_ephemeral_range_is_refused() -> None:
 def test_ray_args_use_the_block() -> None:
     args = PortBlock(20000).ray_args(head=True)
     assert "--port=20000" in args and "--max-worker-port=20199" in args
-    assert not any(a.startswith("--port") for a in PortBlock(20000).ray_args(head=False))
+    worker = PortBlock(10000).ray_args(head=False)
+    assert not any(a.startswith("--port") for a in worker)
+    # every port of a worker node inside the block, Ray's default client-server port (10001) included
+    ports = [int(a.split("=")[1]) for a in worker]
+    assert all(10000 <= p < 10200 for p in ports) and "--ray-client-server-port=10007" in worker
+    assert len(set(ports)) == len(ports)
 
 
 def alloc(job_id: str = "123", hosts: tuple[str, ...] = ("n1",), cpus: int = 1) -> Allocation:
