@@ -27,9 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hpc.slurm import queue  # noqa: E402
-from rl import heartbeat  # noqa: E402
 from rl.tiny_model import build_tiny_model  # noqa: E402
-from rlhpc.drill import drill, wait_resumed  # noqa: E402
+from rlhpc.drill import drill, wait_for_phase, wait_resumed  # noqa: E402
 
 RLHPC = str(Path(sys.executable).with_name("rlhpc"))
 INTERRUPT_AT = 3
@@ -45,16 +44,6 @@ def wait_running(job_id: str, min_restarts: int, timeout_s: float = 600) -> floa
     raise TimeoutError(f"job {job_id} did not start")
 
 
-def wait_phase(run_dir: Path, rollout: int | None, phase: str, since: float, timeout_s: float = 600) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        beat = heartbeat.read(run_dir)
-        if beat and beat["phase"] == phase and beat["time"] >= since and rollout in (None, beat["rollout_id"]):
-            return beat
-        time.sleep(0.02)
-    raise TimeoutError(f"{run_dir}: no {phase} phase")
-
-
 def one(model_dir: Path, kind: str) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"resume-{kind}-", dir=ROOT / "runs"))
     sets = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", "rollout.num_rollout=6",
@@ -63,12 +52,12 @@ def one(model_dir: Path, kind: str) -> dict:
                     *[a for s in sets for a in ("--set", s)]], check=True, capture_output=True)
     job = json.loads((run_dir / "submissions.jsonl").read_text().splitlines()[-1])["job_id"]
     started = wait_running(job, 0)
-    fresh = wait_phase(run_dir, 0, "train", started)["time"] - started
-    wait_phase(run_dir, INTERRUPT_AT, "train", started)
+    fresh = wait_for_phase(run_dir, "train", started, 600, rollout=0)["time"] - started
+    wait_for_phase(run_dir, "train", started, 600, rollout=INTERRUPT_AT)
     drill(run_dir, "requeue" if kind == "requeue" else "timeout", signal="USR2")
     record = wait_resumed(run_dir, job, 0, timeout_s=600)
     restarted = wait_running(job, 1)
-    resumed = wait_phase(run_dir, None, "train", restarted)["time"] - restarted
+    resumed = wait_for_phase(run_dir, "train", restarted, 600)["time"] - restarted
     subprocess.run(["scancel", job], capture_output=True)
     return {"kind": kind, "fresh_s": fresh, "resumed_s": resumed, "resumed_from": record["resumed_from"],
             "redone": record["redone"]}

@@ -2,8 +2,8 @@
 instead of holding the allocation until the time limit.
 
 Progress is the modification time of a heartbeat file the workload rewrites at each of its phases; a hang is no
-change for `hang_timeout_s` once the workload has written it in this job. A lost node is a host of the allocation missing from the job's Ray cluster for
-`node_timeout_s`.
+change for `hang_timeout_s` once the workload has written it in this job. A lost node is a host of the
+allocation missing from the job's Ray cluster for `node_timeout_s`.
 """
 
 from __future__ import annotations

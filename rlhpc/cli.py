@@ -393,11 +393,11 @@ def resume(
     resumes by itself."""
     from hpc.slurm import queue
     from rlhpc.run_folder import CANCELLED
+    from rlhpc.submit import TERMINAL
 
     run_dir = _one_run(run_)
     job = _last_job(run_dir)
-    live = [j for j in queue([job["job_id"]]) if j.state in {"PENDING", "RUNNING", "CONFIGURING", "REQUEUED",
-                                                             "COMPLETING", "SUSPENDED"}] if job["executor"] == "slurm" else []
+    live = [j for j in queue([job["job_id"]]) if j.state not in TERMINAL] if job["executor"] == "slurm" else []
     if live:
         _error(f"job {job['job_id']} of run {run_dir.name} is still {live[0].state}; it resumes by itself "
                f"(`rlhpc cancel {run_dir.name}` first to start over)")

@@ -60,13 +60,14 @@ def running_job(run_dir: Path, wait_s: float, env: dict[str, str] | None = None)
         time.sleep(0.5)
 
 
-def wait_for_phase(run_dir: Path, phase: str, since: float, timeout_s: float) -> dict:
-    """The driver's progress once it is in `phase` (as written after `since`, epoch seconds)."""
+def wait_for_phase(run_dir: Path, phase: str, since: float, timeout_s: float, rollout: int | None = None) -> dict:
+    """The driver's progress once it is in `phase` (of `rollout`, when given), as written after `since` (epoch
+    seconds)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         beat = heartbeat.read(run_dir)
         if beat is not None and beat["time"] >= since:
-            if beat["phase"] == phase:
+            if beat["phase"] == phase and rollout in (None, beat["rollout_id"]):
                 return beat
             if beat["phase"] in ("done", "stopped"):
                 raise DrillError(f"the run ended ({beat['phase']}) before it was seen in phase {phase!r}")

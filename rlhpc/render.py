@@ -96,7 +96,7 @@ def render(cfg: Config, script_path: Path | None = None) -> str:
     run_dir = cfg.run_dir()
     header = (f"Rendered by `rlhpc render` for run {run_dir.name} ({time.strftime('%Y-%m-%d %H:%M')}). "
               f"Submit with: sbatch {script_path or '<this file>'}")
-    script = batch_script(cfg.slurm, run_dir, job_name(cfg), f"{shlex.quote(sys.executable)} -u -m rlhpc.job {shlex.quote(str(run_dir))}",
-                          header=header)
+    command = f"{shlex.quote(sys.executable)} -u -m rlhpc.job {shlex.quote(str(run_dir))}"
+    script = batch_script(cfg.slurm, run_dir, job_name(cfg), command, header=header)
     jobs_dir(freeze(cfg)).mkdir(exist_ok=True)  # only once the script is sound
     return script

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,8 +59,8 @@ def slurm_executor(s: SlurmConfig, run_dir: Path, name: str) -> submitit.SlurmEx
 
 def sbatch_script(cfg: Config, run_dir: Path) -> str:
     """The sbatch script `submit` would send, for --dry-run (nothing is written or submitted)."""
-    return slurm_executor(cfg.slurm, run_dir, job_name(cfg))._make_submission_file_text(
-        f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(jobs_dir(run_dir) / '%j'))}", "")
+    ex = slurm_executor(cfg.slurm, run_dir, job_name(cfg))
+    return ex._make_submission_file_text(ex._submitit_command_str, "")
 
 
 def submit(cfg: Config, *, local: bool = False) -> Submitted:

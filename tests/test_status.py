@@ -44,7 +44,8 @@ def test_running_job_joins_squeue_and_progress(tmp_path: Path) -> None:
     run = make_run(tmp_path, "a", "41")
     for k in (1, 2):
         (run / "jobs" / "41" / f"attempt-{k}").mkdir()
-        (run / "jobs" / "41" / f"attempt-{k}" / "start.json").write_text(json.dumps({"resumed_from": 3, "redone": k - 1}))
+        start = {"resumed_from": 3, "redone": k - 1}
+        (run / "jobs" / "41" / f"attempt-{k}" / "start.json").write_text(json.dumps(start))
     (run / "jobs" / "41" / "attempt-0" / "interrupted.json").write_text(
         json.dumps({"signal": "USR2", "stopped_at": 3, "time": 0, "requeued": True}))
     info = JobInfo("41", "rlhpc-a", "RUNNING", "", 2, "node[1-2]", "batch", 3600, 5000.0, 4900.0, 2)
