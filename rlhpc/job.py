@@ -26,6 +26,7 @@ from typing import Any
 from hpc import allocation, stacks
 from hpc.ray_cluster import RayNodeLost, lost_hosts, ray_cluster
 from hpc.slurm import requeue as requeue_job
+from hpc.wait import until
 from hpc.watchdog import Watchdog
 from rl import heartbeat
 from rlhpc.run_folder import INTERRUPTED, START, attempt_dir, is_cancelled, jobs_dir, record_submission
@@ -150,10 +151,8 @@ def _lost_with(error: Exception, alloc: allocation.Allocation, node_timeout_s: f
 
     if not isinstance(error, ray.exceptions.RayError) or isinstance(error, ray.exceptions.RayTaskError):
         return []
-    deadline = time.monotonic() + node_timeout_s
-    while not (lost := lost_hosts(alloc)) and time.monotonic() < deadline:
-        time.sleep(1)
-    return lost
+    until(lambda: bool(lost_hosts(alloc)), node_timeout_s, poll_s=1)
+    return lost_hosts(alloc)
 
 
 def requeue_stuck(run_dir: str, reason: str) -> bool:
