@@ -12,6 +12,7 @@ slurmd's cgroup probe. Needs root and Debian's `slurmctld slurmd slurm-client mu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -156,12 +157,14 @@ class LocalCluster:
         """Start the cluster; True if it was started, False if it was already up with this shape."""
         check_prerequisites()
         current = self.spec()
-        if current is not None and self.daemons_alive(current):
-            if current == spec:
-                self.wait_ready(current)
-                return False
-            raise ClusterError(f"a local cluster with another shape is up ({current.nodes} nodes, "
-                               f"{current.cpus_per_node} CPUs each): run `rlhpc cluster down` first")
+        if current is not None and self.controller_alive():
+            if current != spec:
+                raise ClusterError(f"a local cluster with another shape is up ({current.nodes} nodes, "
+                                   f"{current.cpus_per_node} CPUs each): run `rlhpc cluster down` first")
+            for node in self.failed_nodes(current):  # brought back with its jobs' state kept, as a repaired node
+                self._start_slurmd(node)
+            self.wait_ready(current)
+            return False
         if current is None and _link_exists(BRIDGE):
             raise ClusterError(f"another local cluster is up on this machine (bridge {BRIDGE} exists): "
                                "`rlhpc cluster down` removes it whatever its state dir")
@@ -245,6 +248,28 @@ class LocalCluster:
             return {}
         return dict(line.split()[:2] for line in p.stdout.splitlines() if line.strip())
 
+    # --- a node failure -------------------------------------------------------------------------------------
+
+    def fail_node(self, name: str) -> list[int]:
+        """A power cut on one node: every process in its namespace (slurmd, the job steps, Ray) killed at once,
+        with no signal it could answer. Slurm learns of it only by the silence; `up` brings the node back.
+        Returns the pids killed."""
+        spec = self.spec()
+        node = next((n for n in spec.node_list() if n.name == name), None) if spec else None
+        if node is None:
+            raise ClusterError(f"{name}: not a node of the local cluster"
+                               + (f" ({', '.join(n.name for n in spec.node_list())})" if spec else " (it is down)"))
+        pids = _netns_pids(node.netns)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+    def failed_nodes(self, spec: Spec) -> list[Node]:
+        """Nodes whose slurmd is gone."""
+        run = self.state_dir / "run"
+        return [n for n in spec.node_list() if not _alive_pid(pid_from(run / f"slurmd-{n.name}.pid"))]
+
     # --- down --------------------------------------------------------------------------------------------
 
     def down(self) -> None:
@@ -271,11 +296,13 @@ class LocalCluster:
 
     # --- status ------------------------------------------------------------------------------------------
 
+    def controller_alive(self) -> bool:
+        """munged and slurmctld run: the cluster is up, though some of its nodes may have failed."""
+        return all(_alive_pid(pid_from(path)) for path in
+                   (self.state_dir / "munge" / "munged.pid", self.state_dir / "run" / "slurmctld.pid"))
+
     def daemons_alive(self, spec: Spec) -> bool:
-        run = self.state_dir / "run"
-        pids = [pid_from(self.state_dir / "munge" / "munged.pid"), pid_from(run / "slurmctld.pid"),
-                *(pid_from(run / f"slurmd-{n.name}.pid") for n in spec.node_list())]
-        return all(p is not None and _alive(p) for p in pids)
+        return self.controller_alive() and not self.failed_nodes(spec)
 
     def leftovers(self) -> list[str]:
         """What of a cluster remains on this machine: daemons, namespaces, bridge (empty after `down`)."""
@@ -339,6 +366,10 @@ def pid_from(path: Path) -> int | None:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _alive_pid(pid: int | None) -> bool:
+    return pid is not None and _alive(pid)
 
 
 def _alive(pid: int) -> bool:

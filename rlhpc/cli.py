@@ -505,13 +505,33 @@ def cluster_status(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
 
     c = LocalCluster(state_dir)
     spec = c.spec()
-    if spec is None or not c.daemons_alive(spec):
+    if spec is None or not c.controller_alive():
         out.print("local cluster down" + (" (daemons missing: run `rlhpc cluster up`)" if spec else ""))
         raise typer.Exit(1)
     out.print(f"local cluster up: SLURM_CONF={c.conf}", highlight=False, soft_wrap=True)
+    failed = {n.name for n in c.failed_nodes(spec)}
     for node, state in c.node_states().items():
         address = next(n.addr for n in spec.node_list() if n.name == node)
-        out.print(f"  {node}  {address}  {state}", highlight=False)
+        note = "  (failed: `rlhpc cluster up` restarts its slurmd)" if node in failed else ""
+        out.print(f"  {node}  {address}  {state}{note}", highlight=False)
+
+
+@cluster_app.command("fail")
+def cluster_fail(
+    node: Annotated[str, typer.Argument(help="The node to fail, e.g. node2.")],
+    state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster"),
+) -> None:
+    """Fail a node as a power cut would: its slurmd and every process on it killed at once. `rlhpc cluster up`
+    brings it back."""
+    from hpc.local_cluster import ClusterError, LocalCluster, check_prerequisites
+
+    try:
+        check_prerequisites()
+        killed = LocalCluster(state_dir).fail_node(node)
+    except ClusterError as e:
+        _error(str(e))
+        raise typer.Exit(1) from None
+    out.print(f"{node} failed: {len(killed)} processes killed (slurmd, job steps, Ray)", highlight=False)
 
 
 @app.command()

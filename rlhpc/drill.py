@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.allocation import expand_hostlist
-from hpc.slurm import JobInfo, queue, requeue
+from hpc.slurm import JobInfo, queue, release, requeue
 from rl import heartbeat
 from rlhpc.run_folder import START, attempt_dir, submissions
 
@@ -160,7 +160,7 @@ def wait_resumed(run_dir: Path, job_id: str, after_attempt: int, timeout_s: floa
             return json.loads(start.read_text())
         [info] = queue([job_id], env=env) or [None]
         if not released and info is not None and info.state == "PENDING" and info.restarts > after_attempt:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, env=env)
+            release(job_id, env)
             released = True
         time.sleep(0.5)
     raise DrillError(f"job {job_id} did not resume within {timeout_s:.0f}s")
