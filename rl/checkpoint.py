@@ -49,6 +49,44 @@ def load_model_state(state: dict[str, Any], folder: Path) -> None:
         dcp.load(state, checkpoint_id=Path(folder) / "model")
 
 
+def rng_file(folder: Path, rank: int) -> Path:
+    return Path(folder) / "rng" / f"rank{rank}.pt"
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    """This process's random state (torch on CPU and CUDA, Python's `random`) as folder/rng/rank<k>.pt: one
+    file per rank, since each rank draws its own dropout masks, so that they continue after a resume exactly
+    as they would have."""
+    import random
+
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    path = rng_file(folder, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rng(folder: Path, rank: int) -> bool:
+    """Restore what `save_rng` wrote for this rank; False where the checkpoint has none for it (it was written
+    by fewer ranks), which leaves this process's random state as it was."""
+    import random
+
+    import torch
+
+    path = rng_file(folder, rank)
+    if not path.exists():
+        return False
+    state = torch.load(path, weights_only=False)  # Python's state is a tuple; the file's checksum was verified
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
 def iteration_dir(root: Path, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 

@@ -56,10 +56,9 @@ def _check_inputs(cfg: RLConfig) -> None:
         "rollout.partial_rollout": r.partial_rollout,
         "rollout.custom_generate_function_path": r.custom_generate_function_path is not None,
         "rollout.async_train": r.async_train,
-        "perf.torch_data_parallel": cfg.perf.torch_data_parallel == "fsdp2",
     }
     if unsupported := [field for field, on in later.items() if on]:
-        problems.append(f"{', '.join(unsupported)}: not supported by the loop yet (issues #4, #8); unset to run")
+        problems.append(f"{', '.join(unsupported)}: not supported by the loop yet (issue #8); unset to run")
     if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
         problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
     if problems:
@@ -285,9 +284,11 @@ class Driver:
 
         start = time.perf_counter()
         if self.cfg.perf.colocate:
-            ray.get(self.workers[0].sync_engine.remote(version))
+            ray.get([w.sync_engine.remote(version) for w in self.workers])
         else:
-            self.pool.update_weights(self.workers[0].weights.remote(), version)
+            weights = [w.weights.remote() for w in self.workers]  # every rank, for sharded weights: rank 0's
+            self.pool.update_weights(weights[0], version)
+            ray.get(weights[1:])
         return time.perf_counter() - start
 
     def evaluate(self, rollout_id: int) -> dict[str, float]:

@@ -89,6 +89,7 @@ def test_an_interrupted_run_ends_bitwise_as_the_uninterrupted_one(cluster, tiny_
 
 
 @pytest.mark.skipif(not FULL, reason="minutes of waiting for Slurm's own clock: `make chaos`")
+@pytest.mark.timeout(1500)
 def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_model_dir, tmp_path_factory):
     """A 2-minute job for a run longer than that: Slurm's signal 90 s before each limit, a checkpoint, a
     requeue, until the run is done; the same weights as the run in one go."""

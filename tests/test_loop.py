@@ -145,8 +145,9 @@ def one_worker_weights(ray_local, tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.parametrize(
     "placement",
-    [["perf.colocate=true"], ["perf.actor_num_gpus_per_node=2"]],
-    ids=["colocated-engine", "two-ddp-workers"],
+    [["perf.colocate=true"], ["perf.actor_num_gpus_per_node=2"],
+     ["perf.actor_num_gpus_per_node=2", "perf.torch_data_parallel='fsdp2'", "perf.colocate=true"]],
+    ids=["colocated-engine", "two-ddp-workers", "two-fsdp2-workers-colocated"],
 )
 def test_other_placements_train_the_same_policy(ray_local, tmp_path, tiny_model_dir, one_worker_weights, placement):
     rows, expected = one_worker_weights
@@ -282,7 +283,8 @@ def test_failed_engines_are_replaced_and_the_rollout_completes_unchanged(ray_loc
         while len(hit) < 2 and time.monotonic() < deadline:
             beat = heartbeat.read(run_dir)
             if beat and beat["rollout_id"] == 1:
-                for pid in engine_processes(".generate")[: 2 - len(hit)]:
+                # not one already struck: a killed process stays listed until it is reaped
+                for pid in [p for p in engine_processes(".generate") if p not in hit][: 2 - len(hit)]:
                     os.kill(pid, signal.SIGKILL if not hit else signal.SIGSTOP)
                     hit.append(pid)
             time.sleep(0.005)

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 import torch
 
 from conftest import MINIMAL
+from rl import checkpoint
 from rl.batch import TrainSample, micro_batches, pad_rows, split_for_ranks
+from rl.train.backend import TrainingBackend
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
 from rl.train.torch_backend import TorchBackend
@@ -98,6 +102,43 @@ def test_train_step_moves_the_policy_and_reports(write_config, tiny_model_dir):
     lps = backend.compute_log_probs(samples)
     assert [len(x) for x in lps] == [s.response_length for s in samples]
     assert backend.compute_log_probs(samples, ref=True) != lps
+
+
+def test_a_reloaded_backend_continues_training_bitwise_even_through_dropout(write_config, tiny_model_dir, tmp_path):
+    """Model, optimizer, step and the rank's random state: the step after a reload draws the same dropout masks
+    and lands on the same weights as the step that was never interrupted."""
+    model_dir = tmp_path / "dropout-model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.5}))
+    samples = make_samples()
+    sizes = {"num_samples": len(samples), "num_tokens": sum(sum(s.loss_mask) for s in samples)}
+    folder = tmp_path / "ckpt"
+
+    def after_next_step(backend) -> dict[str, torch.Tensor]:
+        backend.train_step(samples, **sizes)
+        return {name: t.clone() for name, t in backend.named_weights()}
+
+    torch.manual_seed(7)
+    backend = backend_for(write_config, model_dir)
+    assert isinstance(backend, TrainingBackend)
+    backend.train_step(samples, **sizes)
+    backend.save(folder)
+    checkpoint.save_rng(folder, rank=0)
+    expected = after_next_step(backend)
+
+    def reloaded(with_rng: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(99)  # another process's state
+        again = backend_for(write_config, model_dir)
+        again.load(folder)
+        assert again.step == 1
+        if with_rng:
+            assert checkpoint.load_rng(folder, rank=0)
+        return after_next_step(again)
+
+    assert all(torch.equal(t, expected[name]) for name, t in reloaded(with_rng=True).items())
+    assert any(not torch.equal(t, expected[name]) for name, t in reloaded(with_rng=False).items())  # dropout draws
+    assert not checkpoint.load_rng(folder, rank=1)  # written by one rank: a second has none
 
 
 def test_micro_batches_never_truncate_and_respect_the_limit():

@@ -1,5 +1,6 @@
 """The training backend of the CPU path (and single-node GPUs): a `transformers` model in plain PyTorch,
-data-parallel with DDP when several workers share the work.
+data-parallel with DDP, or sharded with FSDP2 (`fully_shard`, `perf.torch_data_parallel = "fsdp2"`), when
+several workers share the work (`rl/train/backend.py` is the interface).
 
 Micro-batches are formed by token budget (`max_tokens_per_gpu`) or by count. With a variable-length
 attention kernel each micro-batch runs as one packed row — sequences concatenated without padding,
@@ -17,14 +18,26 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from rl.batch import TrainSample, micro_batches, pad_rows
+from rl.checkpoint import load_model_state, save_model_state
 from rl.losses import entropy_from_logits
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
 
 if TYPE_CHECKING:
     from rl.config import RLConfig
+
+
+PADDING = TrainSample(tokens=[0, 0], response_length=1, loss_mask=[0], reward=0.0, rollout_log_probs=[0.0],
+                      advantages=[0.0])
+"""The one sample of a padding micro-batch: its mask is 0, so it adds nothing to the loss or the metrics."""
+
+
+def _full(t: Tensor) -> Tensor:
+    """A sharded tensor (FSDP's DTensor) gathered whole; any other as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 class TorchBackend:
@@ -39,8 +52,19 @@ class TorchBackend:
             self.ref = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.sharded = self.world_size > 1 and cfg.perf.torch_data_parallel == "fsdp2"
         self.module = self.model
-        if self.world_size > 1:
+        if self.sharded:
+            from torch.distributed.fsdp import fully_shard
+
+            # One shard group per decoder layer (the classes a transformers model names as never to be split),
+            # gathered just in time; the rest (embeddings, the tied head, the final norm) in the root's.
+            blocks = set(self.model._no_split_modules or ())
+            for module in self.model.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module)
+            fully_shard(self.model)
+        elif self.world_size > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(self.model)
         o = cfg.optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -99,9 +123,17 @@ class TorchBackend:
         return log_probs * valid, entropy
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
+        """This rank's micro-batches, padded with empty ones to the count of the rank that has the most: under
+        FSDP every forward gathers parameters from all ranks, under DDP the last backward reduces gradients,
+        so every rank must run as many (a rank may even have no sample at all)."""
         p = self.cfg.perf
         max_tokens = p.max_tokens_per_gpu if p.use_dynamic_batch_size else None
-        return micro_batches([len(s.tokens) for s in samples], max_tokens, p.micro_batch_size)
+        batches = micro_batches([len(s.tokens) for s in samples], max_tokens, p.micro_batch_size)
+        if self.world_size > 1:
+            count = torch.tensor(len(batches))
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            batches += [[] for _ in range(int(count) - len(batches))]
+        return batches
 
     @torch.no_grad()
     def compute_log_probs(self, samples: list[TrainSample], *, ref: bool = False) -> list[list[float]]:
@@ -111,7 +143,7 @@ class TorchBackend:
             raise ValueError("no reference model: set grpo.use_kl_loss or grpo.kl_coef")
         out: list[list[float]] = [[] for _ in samples]
         for batch in self._micro_batches(samples):
-            lps, _ = self._forward(model, [samples[i] for i in batch], with_entropy=False)
+            lps, _ = self._forward(model, [samples[i] for i in batch] or [PADDING], with_entropy=False)
             for row, i in zip(lps.tolist(), batch):
                 out[i] = row[: samples[i].response_length]
         return out
@@ -135,7 +167,7 @@ class TorchBackend:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf"))
         self.optimizer.step()
         self.step += 1
-        return {**metrics, "grad_norm": float(grad_norm), "lr": lr}
+        return {**metrics, "grad_norm": float(_full(grad_norm)), "lr": lr}
 
     def accumulate_gradients(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
                              old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
@@ -145,18 +177,20 @@ class TorchBackend:
         batches = self._micro_batches(samples)
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1 or self.world_size == 1
-            with nullcontext() if sync else self.module.no_sync():
-                loss, metrics = self._micro_batch_loss([samples[i] for i in batch], batch, old_log_probs,
+            if self.sharded:
+                self.module.set_requires_gradient_sync(sync)
+            old = None if old_log_probs is None or not batch else [old_log_probs[i] for i in batch]
+            with nullcontext() if sync or self.sharded else self.module.no_sync():
+                loss, metrics = self._micro_batch_loss([samples[i] for i in batch] or [PADDING], old,
                                                        num_samples, num_tokens)
-                # DDP averages gradients over ranks; the losses already use global denominators.
+                # DDP and FSDP average gradients over ranks; the losses already use global denominators.
                 (loss * self.world_size).backward()
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         return totals
 
-    def _micro_batch_loss(self, samples: list[TrainSample], indices: list[int],
-                          old_log_probs: list[list[float]] | None, num_samples: int, num_tokens: int
-                          ) -> tuple[Tensor, dict[str, Tensor]]:
+    def _micro_batch_loss(self, samples: list[TrainSample], old_log_probs: list[list[float]] | None,
+                          num_samples: int, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
         lp, entropy = self._forward(self.module, samples, with_entropy=True)
         width = lp.shape[1]
 
@@ -167,7 +201,7 @@ class TorchBackend:
         if self.ref is not None:
             with torch.no_grad():
                 ref = self._forward(self.ref, samples, with_entropy=False)[0]
-        old = lp.detach() if old_log_probs is None else rows([old_log_probs[i] for i in indices])
+        old = lp.detach() if old_log_probs is None else rows(old_log_probs)
         return policy_objective(
             self.cfg.grpo,
             log_probs=lp,
@@ -184,18 +218,18 @@ class TorchBackend:
     # --- weights and state -----------------------------------------------------------------------------
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """The policy's parameters by Hugging Face name, for the rollout engines."""
+        """The policy's parameters by Hugging Face name, for the rollout engines; sharded ones are gathered,
+        so every rank must iterate (the engines take rank 0's)."""
         for name, p in self.model.named_parameters():
-            yield name, p.detach()
+            yield name, _full(p.detach())
 
-    def state_dict(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
+    def save(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optim": optim_state, "step": self.step}
+        save_model_state({"model": model_state, "optim": optim_state, "step": self.step}, Path(folder))
 
-    def load_state_dict(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
+    def load(self, folder: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state, "step": self.step}
+        load_model_state(state, Path(folder))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.step = int(state["step"])

@@ -3,7 +3,9 @@ also hosts the rollout engine, so weight sync is an in-process copy."""
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,9 +16,12 @@ import torch.distributed as dist
 from rl import checkpoint
 from rl.batch import TrainSample
 from rl.rollout.engine import Generation, SamplingParams
+from rl.train.backend import TrainingBackend
 
 if TYPE_CHECKING:
     from rl.config import RLConfig
+
+log = logging.getLogger(__name__)
 
 
 class TrainWorker:
@@ -25,11 +30,15 @@ class TrainWorker:
         from rl.train.torch_backend import TorchBackend
 
         torch.set_num_threads(threads)
+        self.rank = rank
+        # Each rank's own stream (dropout), the same in every run of this config; a resume restores it.
+        torch.manual_seed(cfg.run.seed + rank)
+        random.seed(cfg.run.seed + rank)
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         if world_size > 1:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank,
                                     world_size=world_size, init_method=f"tcp://{master_addr}:{master_port}")
-        self.backend = TorchBackend(cfg, init_from=init_from, total_steps=total_steps, device=device)
+        self.backend: TrainingBackend = TorchBackend(cfg, init_from=init_from, total_steps=total_steps, device=device)
         self.engine = None
         if host_engine:
             from rl.rollout.torch_engine import TorchEngine
@@ -51,7 +60,14 @@ class TrainWorker:
                                        old_log_probs=old_log_probs)
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {name: t.clone() for name, t in self.backend.named_weights()}
+        """The policy's weights from rank 0 (empty from the others); every rank is called, since sharded
+        weights are gathered collectively."""
+        named = self.backend.named_weights()
+        if self.rank == 0:
+            return {name: t.clone() for name, t in named}
+        for _ in named:
+            pass
+        return {}
 
     # --- the hosted engine (colocated) ---
 
@@ -59,16 +75,23 @@ class TrainWorker:
         return self.engine.generate(prompts, params, seeds)
 
     def sync_engine(self, version: int) -> float:
+        """Load the policy into the hosted engine; ranks without one take part in gathering sharded weights."""
         start = time.perf_counter()
-        self.engine.update_weights(self.backend.named_weights(), version)
+        if self.engine is not None:
+            self.engine.update_weights(self.backend.named_weights(), version)
+        else:
+            for _ in self.backend.named_weights():
+                pass
         return time.perf_counter() - start
 
     # --- checkpoints ---
 
     def save(self, folder: str) -> None:
-        checkpoint.save_model_state(self.backend.state_dict(), Path(folder))
+        self.backend.save(Path(folder))
+        checkpoint.save_rng(Path(folder), self.rank)
 
     def load(self, folder: str) -> None:
-        state = self.backend.state_dict()
-        checkpoint.load_model_state(state, Path(folder))
-        self.backend.load_state_dict(state)
+        self.backend.load(Path(folder))
+        if not checkpoint.load_rng(Path(folder), self.rank):
+            log.warning("%s has no random state for rank %d (written by fewer ranks): this rank's dropout "
+                        "continues from its seed", folder, self.rank)
