@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 _SLURM_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+)(?::(?P<m>\d+)(?::(?P<s>\d+))?)?$")
 
@@ -64,6 +64,15 @@ class SlurmConfig(Section):
             slurm_time_minutes(v)
         return v
 
+    @field_validator("signal_grace_s")
+    @classmethod
+    def _grace(cls, v: int, info: ValidationInfo) -> int:
+        time = info.data.get("time")
+        if time is not None and v >= slurm_time_minutes(time) * 60:
+            raise ValueError(f"{v} s is not shorter than the time limit ({time}): the signal would come before "
+                             "the run could do anything")
+        return v
+
     @field_validator("signal")
     @classmethod
     def _signal(cls, v: str) -> str:
@@ -75,6 +84,11 @@ class SlurmConfig(Section):
     @property
     def time_minutes(self) -> int | None:
         return None if self.time is None else slurm_time_minutes(self.time)
+
+    @property
+    def working_s(self) -> int | None:
+        """Seconds of each attempt before the stop signal (start-up included), where a time limit is set."""
+        return None if self.time is None else slurm_time_minutes(self.time) * 60 - self.signal_grace_s
 
 
 class RayConfig(Section):

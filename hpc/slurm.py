@@ -11,6 +11,7 @@ job that has left `squeue` is then known only from the run folder.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -195,14 +196,19 @@ def requeue(job_id: str, env: dict[str, str] | None = None) -> None:
         raise OSError(f"scontrol requeue {job_id} failed: {p.stderr.strip()}")
 
 
-RELEASE_AFTER_S = 2
-"""A requeued job released sooner may start in the second in which its nodes revoked the last incarnation's
-credential (Slurm's times have 1 s resolution) and fail with "Job credential revoked"."""
+def kill_wait_s(env: dict[str, str] | None = None) -> int:
+    """The cluster's KillWait: seconds between a step's SIGTERM and its SIGKILL (Slurm's default 30)."""
+    p = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, env=env)
+    m = re.search(r"^KillWait\s*=\s*(\d+)", p.stdout, re.MULTILINE)
+    return int(m.group(1)) if m else 30
 
 
 def release(job_id: str, env: dict[str, str] | None = None) -> None:
-    """Start a requeued job without Slurm's requeue delay (BeginTime, about 2 minutes, which exists so that the
-    nodes are done revoking the old incarnation's credential): a couple of seconds are enough for that. The
-    update itself must say `now`: a start time in the future waits for the scheduler's next periodic pass."""
-    time.sleep(RELEASE_AFTER_S)
+    """Start a requeued job without Slurm's requeue delay (BeginTime, about 2 minutes). The delay protects the
+    new incarnation from the last one's leftovers, so this waits out the worst of them: the last srun, whose
+    step lost a node, waits KillWait + 2 s for it and then terminates "its" step, by a job and step id the new
+    incarnation has reused; and nodes revoke the old credential in the second the old job ends (a start in that
+    second fails with "Job credential revoked"). The update says `now`, since a start time in the future waits
+    for the scheduler's next periodic pass."""
+    time.sleep(kill_wait_s(env) + 5)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, env=env)

@@ -39,6 +39,10 @@ NodesOpt = Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes to al
 RunArg = Annotated[str, typer.Argument(help="Run name, run folder or Slurm job id.", show_default=False)]
 
 
+SHORT_ATTEMPT_S = 600
+"""Below this, the time before the stop signal is mostly Ray's and the actors' start-up: warn at submission."""
+
+
 def _error(message: str) -> None:
     err.print(f"[bold red]error[/] {escape(message)}", highlight=False, soft_wrap=True)
 
@@ -227,6 +231,12 @@ def _submit_and_report(cfg: Config, *, local: bool, wait: bool) -> None:
         _error(f"slurm.nodes = {cfg.slurm.nodes}: the local executor runs one node; submit to Slurm, or try "
                "`rlhpc cluster up` for a local multi-node cluster")
         raise typer.Exit(2)
+    working = cfg.slurm.working_s
+    if not local and working is not None and working < SHORT_ATTEMPT_S:
+        err.print(f"[bold yellow]warning[/] each attempt has {working} s before the stop signal (slurm.time "
+                  f"{cfg.slurm.time} less slurm.signal_grace_s {cfg.slurm.signal_grace_s}), start-up included: "
+                  f"an attempt that completes no rollout still counts against slurm.max_requeues "
+                  f"({cfg.slurm.max_requeues})", highlight=False, soft_wrap=True)
     done = submission.submit(cfg, local=local)
     out.print(f"submitted job {done.job_id} ({done.executor}); run folder: {done.run_dir}", highlight=False,
               soft_wrap=True)

@@ -33,6 +33,9 @@ from rlhpc.run_folder import INTERRUPTED, START, attempt_dir, is_cancelled, jobs
 
 TEARDOWN_S = 15
 """Of the grace, what stopping Ray and requeueing need after the loop has stopped."""
+NODE_DEATH_NOTICE_S = 30
+"""At most how long Ray's GCS takes to declare a vanished node dead (health checks 3 s apart, 5 misses, by
+default): the delay a driver's failure gets, in a multi-node job, before it is taken for a code error."""
 STACKS_WRITE_S = 3
 """How long the processes asked for their stacks get to write them before the job ends."""
 
@@ -119,7 +122,7 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
             try:
                 result = run_loop(cfg, folder, ray_address=cluster.address, stop=stop, start_record=attempt / START)
             except Exception as e:
-                if in_slurm and (lost := _lost_with(e, alloc, cfg.run.node_timeout_s)):
+                if in_slurm and (lost := _lost_with(alloc, min(cfg.run.node_timeout_s, NODE_DEATH_NOTICE_S))):
                     interrupted({"signal": None, "stopped_at": None,
                                  "reason": f"node {', '.join(lost)} lost ({type(e).__name__})"})
                     return None
@@ -144,14 +147,13 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     return summary
 
 
-def _lost_with(error: Exception, alloc: allocation.Allocation, node_timeout_s: float) -> list[str]:
-    """The hosts gone from Ray when the driver failed on a Ray system error (an actor or node that died, not an
-    exception of the code); Ray may need up to `node_timeout_s` to declare a node dead."""
-    import ray
-
-    if not isinstance(error, ray.exceptions.RayError) or isinstance(error, ray.exceptions.RayTaskError):
+def _lost_with(alloc: allocation.Allocation, wait_s: float) -> list[str]:
+    """The hosts gone from Ray when the driver failed. The failure may reach the driver before Ray has declared
+    the node dead: an actor that died with it, or a collective whose peer vanished (gloo's "Connection closed
+    by peer" inside a training step), so this waits up to `wait_s` for Ray to notice."""
+    if len(alloc.hosts) < 2:
         return []
-    until(lambda: bool(lost_hosts(alloc)), node_timeout_s, poll_s=1)
+    until(lambda: bool(lost_hosts(alloc)), wait_s, poll_s=1)
     return lost_hosts(alloc)
 
 

@@ -91,12 +91,12 @@ def test_an_interrupted_run_ends_bitwise_as_the_uninterrupted_one(cluster, tiny_
 @pytest.mark.skipif(not FULL, reason="minutes of waiting for Slurm's own clock: `make chaos`")
 @pytest.mark.timeout(1500)
 def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_model_dir, tmp_path_factory):
-    """A 2-minute job for a run longer than that: Slurm's signal 90 s before each limit, a checkpoint, a
+    """A 2-minute job for a run longer than that: Slurm's signal 60 s before each limit, a checkpoint, a
     requeue, until the run is done; the same weights as the run in one go."""
     straight, limited = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("limited")
-    n = 30
+    n = 80
     wait_gone(submit(cluster.env, tiny_model_dir, straight, num_rollout=n), cluster.env)
-    job = submit(cluster.env, tiny_model_dir, limited, "--time", "2", "--set", "slurm.signal_grace_s=90",
+    job = submit(cluster.env, tiny_model_dir, limited, "--time", "2", "--set", "slurm.signal_grace_s=60",
                  num_rollout=n)
     deadline, released = time.monotonic() + 1200, 0
     while time.monotonic() < deadline:
