@@ -22,10 +22,12 @@ from rl.config import RLConfig
 from rl.data import PromptCursor, PromptDataset
 from rl.evaluate import summarize
 from rl.heartbeat import Heartbeat
+from rl.hooks import load_function
 from rl.interrupt import Interrupted, StopRequest
 from rl.losses import approx_kl
 from rl.metrics import MetricsLog, Progress
 from rl.rewards import compute_rewards
+from rl.rollout import filters
 from rl.rollout.engine import Generation, SamplingParams, sample_seed
 from rl.rollout.pool import EnginePool
 from rl.sample import Sample
@@ -36,6 +38,10 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_
 
 
 PLACEMENT_TIMEOUT_S = 120
+
+
+MAX_SAMPLING_ROUNDS = 32
+"""Rounds of over-sampling a rollout may take before a filter that passes too few groups is an error."""
 
 
 class RunError(RuntimeError):
@@ -51,12 +57,13 @@ def _check_inputs(cfg: RLConfig) -> None:
         problems.append("grpo.advantage_estimator: 'ppo' needs a critic, which arrives with issue #8")
     r = cfg.rollout
     later = {
-        "rollout.over_sampling_batch_size": r.over_sampling_batch_size is not None,
-        "rollout.dynamic_sampling_filter_path": r.dynamic_sampling_filter_path is not None,
         "rollout.partial_rollout": r.partial_rollout,
         "rollout.custom_generate_function_path": r.custom_generate_function_path is not None,
         "rollout.async_train": r.async_train,
     }
+    if r.dynamic_sampling_filter_path is not None and r.over_sampling_batch_size is None:
+        problems.append("rollout.dynamic_sampling_filter_path: filters the groups of over-sampling; set "
+                        "rollout.over_sampling_batch_size too")
     if unsupported := [field for field, on in later.items() if on]:
         problems.append(f"{', '.join(unsupported)}: not supported by the loop yet (issue #8); unset to run")
     if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
@@ -107,6 +114,12 @@ class Driver:
         self.num_rollout = cfg.num_rollout_for(len(self.dataset))
         self.total_steps = self.num_rollout * r.num_steps_per_rollout
         self.stop_ids = tuple(dict.fromkeys([*r.rollout_stop_token_ids, self.tokenizer.eos_token_id]))
+        self.keep_group = None
+        if r.over_sampling_batch_size is not None:
+            try:
+                self.keep_group = load_function(r.dynamic_sampling_filter_path or filters.DEFAULT)
+            except ValueError as e:
+                raise RunError(f"rollout.dynamic_sampling_filter_path: {e}") from None
         ref = cfg.ckpt.ref_load
         self.init_from = str(ref if ref is not None and (ref / "config.json").exists() else cfg.ckpt.hf_checkpoint)
 
@@ -204,13 +217,14 @@ class Driver:
             stop_token_ids=self.stop_ids)
 
     def sample(self, dataset: PromptDataset, indices: list[int], n: int, params: SamplingParams,
-               rollout_id: int, salt: int = 0, abandonable: bool = False,
+               rollout_id: int, salt: int = 0, abandonable: bool = False, first_index: int = 0,
                ) -> tuple[list[Sample], list[list[int]], list[Generation]]:
-        """n samples of each prompt, rewarded. Seeds depend on (run seed, rollout, sample index) only."""
+        """n samples of each prompt, rewarded. Seeds depend on (run seed, rollout, sample index) only; the
+        samples are numbered from `first_index` (the rollout's earlier rounds of over-sampling)."""
         prompts = [dataset[i] for i in indices]
         prompt_ids = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
         requests = [ids for ids in prompt_ids for _ in range(n)]
-        seeds = [sample_seed(self.cfg.run.seed + salt, rollout_id, i) for i in range(len(requests))]
+        seeds = [sample_seed(self.cfg.run.seed + salt, rollout_id, first_index + i) for i in range(len(requests))]
         gens = self.generate(requests, params, seeds, abandonable)
         samples = [
             Sample(prompt=prompts[g].text, label=prompts[g].label, metadata=dict(prompts[g].metadata),
@@ -390,14 +404,45 @@ class Driver:
         finally:
             self.stop_actors()
 
+    def groups(self, rollout_id: int) -> tuple[list[Sample], list[list[int]], list[Generation], int]:
+        """The rollout's `rollout_batch_size` groups of `n_samples_per_prompt` samples, and how many groups
+        dynamic sampling dropped. With `over_sampling_batch_size`, rounds of that many prompts are sampled
+        until enough groups pass the filter (slime's dynamic sampling); groups sampled beyond those are
+        discarded unseen by the filter."""
+        r = self.cfg.rollout
+        n, params = r.n_samples_per_prompt, self.sampling_params()
+        if self.keep_group is None:
+            indices = self.cursor.next_batch(r.rollout_batch_size)
+            return *self.sample(self.dataset, indices, n, params, rollout_id, abandonable=True), 0
+        kept: tuple[list, list, list] = ([], [], [])
+        dropped = drawn = 0
+        for _ in range(MAX_SAMPLING_ROUNDS):
+            indices = self.cursor.next_batch(r.over_sampling_batch_size)
+            samples, requests, gens = self.sample(self.dataset, indices, n, params, rollout_id, abandonable=True,
+                                                  first_index=drawn)
+            drawn += len(requests)
+            for g in range(len(indices)):
+                group = slice(g * n, (g + 1) * n)
+                if len(kept[0]) == r.rollout_batch_size * n:
+                    break
+                if not self.keep_group(r, samples[group]):
+                    dropped += 1
+                    continue
+                for s in samples[group]:
+                    s.group_index = len(kept[0]) // n
+                for out, part in zip(kept, (samples[group], requests[group], gens[group])):
+                    out.extend(part)
+            if len(kept[0]) == r.rollout_batch_size * n:
+                return *kept, dropped
+        raise RunError(f"rollout {rollout_id}: only {len(kept[0]) // n} of {r.rollout_batch_size} groups passed "
+                       f"{r.dynamic_sampling_filter_path or filters.DEFAULT} in {MAX_SAMPLING_ROUNDS} rounds of "
+                       f"{r.over_sampling_batch_size} prompts")
+
     def one_rollout(self, rollout_id: int, pending_eval: dict[str, float]) -> dict[str, Any]:
         """Generate, reward, train and sync once; return the rollout's metrics row."""
-        r = self.cfg.rollout
         t0 = time.perf_counter()
         self.heartbeat.beat(rollout_id, "rollout")
-        indices = self.cursor.next_batch(r.rollout_batch_size)
-        samples, requests, gens = self.sample(self.dataset, indices, r.n_samples_per_prompt, self.sampling_params(),
-                                              rollout_id, abandonable=True)
+        samples, requests, gens, dropped = self.groups(rollout_id)
         train = [TrainSample(tokens=req + gen.output_ids, response_length=len(gen.output_ids),
                              loss_mask=[1] * len(gen.output_ids), reward=s.reward,
                              rollout_log_probs=gen.log_probs, weight_version=gen.weight_version)
@@ -423,6 +468,7 @@ class Driver:
             "time_train_s": t2 - t1,
             "time_sync_s": sync_s,
             "engine_restarts": self.pool.restarts,
+            **({"dynamic_sampling_dropped_groups": dropped} if self.keep_group else {}),
             "samples_per_s": len(samples) / (time.perf_counter() - t0),
             **pending_eval,
             "num_rollout": self.num_rollout,

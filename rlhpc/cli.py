@@ -299,7 +299,8 @@ def _status_table(rows: list[RunStatus]) -> Table:
 @app.command()
 def status(
     run_: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Run name, run folder or job id.")] = None,
-    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every 5 s until Ctrl-C.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between refreshes with --watch.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Show runs: Slurm state joined with each run's own progress."""
@@ -326,7 +327,7 @@ def status(
     with Live(_status_table(collect(runs)), console=out, auto_refresh=False) as live:
         try:
             while True:
-                time.sleep(5)
+                time.sleep(interval)
                 live.update(_status_table(collect(runs)), refresh=True)
         except KeyboardInterrupt:
             pass

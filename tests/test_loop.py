@@ -18,6 +18,7 @@ from rl import checkpoint, heartbeat
 from rl.export import load_policy
 from rl.interrupt import StopRequest
 from rl.loop import RunError, run
+from rl.rollout.filters import check_reward_nonzero_std
 from rlhpc.config import load_config
 
 REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean")
@@ -197,6 +198,10 @@ def test_export_gives_a_loadable_hugging_face_folder(ray_local, tmp_path, tiny_m
         (["ckpt.hf_checkpoint='{data}'"], "is not a Hugging Face model folder"),
         (["rollout.prompt_data='{broken}'"], "broken.jsonl:2: not valid JSON"),
         (["ckpt.save='/proc/rlhpc-cannot-write'"], "cannot write to /proc/rlhpc-cannot-write"),
+        (["rollout.dynamic_sampling_filter_path='test_loop:recording_filter'"],
+         "rollout.dynamic_sampling_filter_path: filters the groups of over-sampling"),
+        (["rollout.over_sampling_batch_size=8", "rollout.dynamic_sampling_filter_path='nowhere_at_all:keep'"],
+         "rollout.dynamic_sampling_filter_path: hook 'nowhere_at_all:keep': cannot import module"),
     ],
 )
 def test_bad_inputs_end_with_a_one_line_error(tmp_path, tiny_model_dir, overrides, message):
@@ -230,9 +235,37 @@ def test_rlhpc_run_freezes_the_config_and_reports_rewards(ray_local, tmp_path, t
 
 
 def test_modes_of_a_later_issue_are_refused_not_ignored(tmp_path, tiny_model_dir):
-    cfg = tiny(tmp_path, tiny_model_dir, "rollout.partial_rollout=true", "rollout.over_sampling_batch_size=8")
-    with pytest.raises(RunError, match="rollout.over_sampling_batch_size, rollout.partial_rollout: not supported by the loop yet"):
+    cfg = tiny(tmp_path, tiny_model_dir, "rollout.partial_rollout=true")
+    with pytest.raises(RunError, match="rollout.partial_rollout: not supported by the loop yet"):
         run(cfg)
+
+
+GROUPS_JUDGED: list[tuple[list[float], bool]] = []
+
+
+def recording_filter(args, samples):
+    """The default filter, recording each group it judged."""
+    keep = check_reward_nonzero_std(args, samples)
+    GROUPS_JUDGED.append(([s.reward for s in samples], keep))
+    return keep
+
+
+def test_dynamic_sampling_trains_on_groups_with_signal_and_counts_those_dropped(ray_local, tmp_path, tiny_model_dir):
+    GROUPS_JUDGED.clear()
+    rows = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=3", "rollout.over_sampling_batch_size=6",
+                    "rollout.dynamic_sampling_filter_path='test_loop:recording_filter'"))["rows"]
+    per_rollout, judged = [], []
+    for group in GROUPS_JUDGED:  # each rollout judges groups until the 4th (rollout_batch_size) passes
+        judged.append(group)
+        if sum(keep for _, keep in judged) == 4:
+            per_rollout, judged = [*per_rollout, judged], []
+    assert len(per_rollout) == len(rows) == 3 and judged == []
+    for row, groups in zip(rows, per_rollout):
+        kept = [rewards for rewards, keep in groups if keep]
+        assert all(max(rewards) > min(rewards) for rewards in kept)
+        assert row["dynamic_sampling_dropped_groups"] == sum(not keep for _, keep in groups)
+        assert row["reward_mean"] == pytest.approx(sum(map(sum, kept)) / 16)  # trained on exactly the kept ones
+    assert sum(row["dynamic_sampling_dropped_groups"] for row in rows) > 0
 
 
 def test_reinforce_pp_computes_log_probs_once_and_keep_last_prunes(ray_local, tmp_path, tiny_model_dir, monkeypatch):

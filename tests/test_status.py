@@ -3,7 +3,10 @@
 import json
 import os
 import pickle
+import select
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from rlhpc.cli import app
 from rlhpc.status import collect, duration, find_runs, run_status
 
 runner = CliRunner()
+RLHPC = str(Path(os.sys.executable).with_name("rlhpc"))
 
 
 def make_run(root: Path, name: str, job_id: str, executor: str = "slurm", rollouts: int = 3, total: int = 10,
@@ -88,6 +92,43 @@ def test_logs_of_a_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     out = subprocess.run([str(Path(os.sys.executable).with_name("rlhpc")), "logs", "a", "--node", "1"],
                          capture_output=True, text=True)
     assert "rank 1 says" in out.stdout
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout_s: float = 30) -> str:
+    seen = ""
+    deadline = time.monotonic() + timeout_s
+    while text not in seen:
+        assert time.monotonic() < deadline, f"{text!r} never came; got {seen!r}"
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            seen += os.read(proc.stdout.fileno(), 65536).decode()
+    return seen
+
+
+def test_logs_follow_prints_lines_as_they_are_written(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a", "41")
+    follow = subprocess.Popen([RLHPC, "logs", "a", "-f"], cwd=tmp_path, stdout=subprocess.PIPE)
+    try:
+        read_until(follow, "hello from rank 0")
+        with open(run / "jobs" / "41" / "41_0_log.out", "a") as log:
+            log.write("rollout 4 done\n")
+        read_until(follow, "rollout 4 done")
+    finally:
+        follow.kill()
+        follow.wait()
+
+
+def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a", "41", rollouts=3)
+    watch = subprocess.Popen([RLHPC, "status", "--watch", "--interval", "0.2"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+    time.sleep(2)  # started and refreshed a few times
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write(json.dumps({"rollout_id": 3, "reward_mean": 0.9, "num_rollout": 10, "timestamp": 1200.0}) + "\n")
+    time.sleep(1)
+    watch.send_signal(signal.SIGINT)
+    out, _ = watch.communicate(timeout=30)
+    assert watch.returncode == 0
+    assert "4/10" in out.decode() and "0.900" in out.decode()  # the last refresh stays on screen
 
 
 def test_cancel_a_local_run_marks_it_and_stops_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
