@@ -156,14 +156,25 @@ def _timestamp(value: str) -> float | None:
     return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
 
 
+SQUEUE_TIMEOUT_S = 30
+"""A squeue without a reachable configuration looks for one in DNS, which can take a minute."""
+
+
+def _squeue(*args: str, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["squeue", *args], capture_output=True, text=True, env=env, timeout=SQUEUE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise OSError(f"squeue did not answer within {SQUEUE_TIMEOUT_S}s") from None
+
+
 def queue(job_ids: list[str] | None = None, env: dict[str, str] | None = None) -> list[JobInfo]:
     """Jobs in `squeue` (all of the user's, or `job_ids`): JSON when this Slurm has it, else plain format."""
     selector = ["--jobs", ",".join(job_ids)] if job_ids else ["--me"]
-    p = subprocess.run(["squeue", "--json", *selector], capture_output=True, text=True, env=env)
+    p = _squeue("--json", *selector, env=env)
     if p.returncode == 0 and p.stdout.lstrip().startswith("{"):
         jobs = jobs_from_json(json.loads(p.stdout))  # Slurm 22.05's --json ignores the selection: apply it here
         return [j for j in jobs if j.job_id in job_ids] if job_ids else jobs
-    p = subprocess.run(["squeue", "-h", "-o", _FORMAT, *selector], capture_output=True, text=True, env=env)
+    p = _squeue("-h", "-o", _FORMAT, *selector, env=env)
     if p.returncode != 0:
         if "Invalid job id" in p.stderr:  # a finished job squeue has already forgotten
             return []

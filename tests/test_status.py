@@ -118,9 +118,11 @@ def test_logs_follow_prints_lines_as_they_are_written(tmp_path: Path) -> None:
 
 
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
-    run = make_run(tmp_path, "a", "41", rollouts=3)
+    run = make_run(tmp_path, "a", "41", executor="local", rollouts=3)  # no squeue: its speed is the site's DNS's
+    # Ctrl-C's SIGINT, which a shell's background job (a CI runner's, say) would pass on ignored.
     watch = subprocess.Popen([RLHPC, "status", "--watch", "--interval", "0.2"], cwd=tmp_path,
-                             stdout=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"})
+                             stdout=subprocess.PIPE, env={**os.environ, "COLUMNS": "200"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(2)  # started and refreshed a few times
     with open(run / "metrics.jsonl", "a") as metrics:
         metrics.write(json.dumps({"rollout_id": 3, "reward_mean": 0.9, "num_rollout": 10, "timestamp": 1200.0}) + "\n")
