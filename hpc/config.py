@@ -88,7 +88,8 @@ class SlurmConfig(Section):
     @property
     def working_s(self) -> int | None:
         """Seconds of each attempt before the stop signal (start-up included), where a time limit is set."""
-        return None if self.time is None else slurm_time_minutes(self.time) * 60 - self.signal_grace_s
+        minutes = self.time_minutes
+        return None if minutes is None else minutes * 60 - self.signal_grace_s
 
 
 class RayConfig(Section):

@@ -301,9 +301,6 @@ class LocalCluster:
         return all(_alive_pid(pid_from(path)) for path in
                    (self.state_dir / "munge" / "munged.pid", self.state_dir / "run" / "slurmctld.pid"))
 
-    def daemons_alive(self, spec: Spec) -> bool:
-        return self.controller_alive() and not self.failed_nodes(spec)
-
     def leftovers(self) -> list[str]:
         """What of a cluster remains on this machine: daemons, namespaces, bridge (empty after `down`)."""
         found = [f"netns {n}" for n in _cluster_netns()]

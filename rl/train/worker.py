@@ -62,12 +62,16 @@ class TrainWorker:
     def weights(self) -> dict[str, torch.Tensor]:
         """The policy's weights from rank 0 (empty from the others); every rank is called, since sharded
         weights are gathered collectively."""
-        named = self.backend.named_weights()
         if self.rank == 0:
-            return {name: t.clone() for name, t in named}
-        for _ in named:
-            pass
+            return {name: t.clone() for name, t in self.backend.named_weights()}
+        self._join_gather()
         return {}
+
+    def _join_gather(self) -> None:
+        """Take part in gathering the policy's weights for the rank that needs them, keeping none: sharded
+        weights are gathered by every rank together, parameter by parameter."""
+        for _ in self.backend.named_weights():
+            pass
 
     # --- the hosted engine (colocated) ---
 
@@ -80,8 +84,7 @@ class TrainWorker:
         if self.engine is not None:
             self.engine.update_weights(self.backend.named_weights(), version)
         else:
-            for _ in self.backend.named_weights():
-                pass
+            self._join_gather()
         return time.perf_counter() - start
 
     # --- checkpoints ---
