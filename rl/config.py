@@ -17,8 +17,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
-HookPath = Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*[:.][A-Za-z_]\w*$")]
-"""A Python function named as `package.module:function` (or slime's dotted `package.module.function`)."""
 
 KNOWN_RM_TYPES = ("math", "deepscaler", "dapo", "f1", "gpqa", "remote_rm")
 
@@ -41,6 +39,17 @@ def _resolve_path(value: Path, info: ValidationInfo) -> Path:
 
 
 ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+def _resolve_hook_file(value: str, info: ValidationInfo) -> str:
+    file, _, function = value.rpartition(":")
+    return f"{_resolve_path(Path(file), info)}:{function}" if file.endswith(".py") else value
+
+
+HookPath = Annotated[str, Field(pattern=r"^([A-Za-z_][\w.]*[:.]|[^:]+\.py:)[A-Za-z_]\w*$"),
+                     AfterValidator(_resolve_hook_file)]
+"""A Python function named as `package.module:function` (or slime's dotted `package.module.function`), or
+as `path/to/file.py:function` (relative to the config file, as verl's `custom_reward_function.path`)."""
 
 
 class Section(BaseModel):
@@ -369,6 +378,14 @@ class RLConfig(BaseModel):
                 r.over_sampling_batch_size is not None and r.over_sampling_batch_size < r.rollout_batch_size,
                 ("rollout.over_sampling_batch_size", "rollout.rollout_batch_size"),
                 "over_sampling_batch_size must be at least rollout_batch_size",
+            ),
+            *(
+                (
+                    r.over_sampling_batch_size is None and bool(getattr(r, name)),
+                    (f"rollout.{name}", "rollout.over_sampling_batch_size"),
+                    f"{name} acts on the groups of over-sampling: set over_sampling_batch_size too",
+                )
+                for name in ("dynamic_sampling_filter_path", "partial_rollout", "buffer_filter_path")
             ),
             (
                 r.rm_type is None and r.custom_rm_path is None,

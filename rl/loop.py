@@ -6,7 +6,6 @@ started across its nodes). It resumes from the newest complete checkpoint of its
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -19,18 +18,17 @@ from rl import checkpoint
 from rl.advantages import group_normalize, reinforce_plus_plus_baseline_advantages, reinforce_plus_plus_returns, whiten
 from rl.batch import TrainSample, pad_rows, split_for_ranks
 from rl.config import RLConfig
-from rl.data import PromptCursor, PromptDataset
+from rl.data import PromptDataset
+from rl.errors import RunError
 from rl.evaluate import summarize
 from rl.heartbeat import Heartbeat
-from rl.hooks import load_function
 from rl.interrupt import Interrupted, StopRequest
 from rl.losses import approx_kl
 from rl.metrics import MetricsLog, Progress
-from rl.rewards import compute_rewards
-from rl.rollout import filters
-from rl.rollout.engine import Generation, SamplingParams, sample_seed
+from rl.rollout.client import EngineClient
+from rl.rollout.engine import SamplingParams
 from rl.rollout.pool import EnginePool
-from rl.sample import Sample
+from rl.rollout.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -40,14 +38,6 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_
 PLACEMENT_TIMEOUT_S = 120
 
 
-MAX_SAMPLING_ROUNDS = 32
-"""Rounds of over-sampling a rollout may take before a filter that passes too few groups is an error."""
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or go on; the message names the cause."""
-
-
 def _check_inputs(cfg: RLConfig) -> None:
     problems = [f"{field}: {path} does not exist" for field, path in cfg.missing_paths()]
     if not problems and not (cfg.ckpt.hf_checkpoint / "config.json").exists():
@@ -55,17 +45,8 @@ def _check_inputs(cfg: RLConfig) -> None:
                         "(no config.json)")
     if cfg.grpo.advantage_estimator == "ppo":
         problems.append("grpo.advantage_estimator: 'ppo' needs a critic, which arrives with issue #8")
-    r = cfg.rollout
-    later = {
-        "rollout.partial_rollout": r.partial_rollout,
-        "rollout.custom_generate_function_path": r.custom_generate_function_path is not None,
-        "rollout.async_train": r.async_train,
-    }
-    if r.dynamic_sampling_filter_path is not None and r.over_sampling_batch_size is None:
-        problems.append("rollout.dynamic_sampling_filter_path: filters the groups of over-sampling; set "
-                        "rollout.over_sampling_batch_size too")
-    if unsupported := [field for field, on in later.items() if on]:
-        problems.append(f"{', '.join(unsupported)}: not supported by the loop yet (issue #8); unset to run")
+    if cfg.rollout.async_train:
+        problems.append("rollout.async_train: not supported by the loop yet (issue #8); unset to run")
     if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
         problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
     if problems:
@@ -110,16 +91,10 @@ class Driver:
             name: prompts(path, cfg.eval.eval_input_key or r.input_key, cfg.eval.eval_label_key or r.label_key)
             for name, path in cfg.eval.eval_prompt_data.items()
         }
-        self.cursor = PromptCursor(len(self.dataset), shuffle=r.rollout_shuffle, seed=r.rollout_seed)
+        self.sampler = Sampler(cfg, self.tokenizer, self.dataset)
         self.num_rollout = cfg.num_rollout_for(len(self.dataset))
         self.total_steps = self.num_rollout * r.num_steps_per_rollout
         self.stop_ids = tuple(dict.fromkeys([*r.rollout_stop_token_ids, self.tokenizer.eos_token_id]))
-        self.keep_group = None
-        if r.over_sampling_batch_size is not None:
-            try:
-                self.keep_group = load_function(r.dynamic_sampling_filter_path or filters.DEFAULT)
-            except ValueError as e:
-                raise RunError(f"rollout.dynamic_sampling_filter_path: {e}") from None
         ref = cfg.ckpt.ref_load
         self.init_from = str(ref if ref is not None and (ref / "config.json").exists() else cfg.ckpt.hf_checkpoint)
 
@@ -167,7 +142,7 @@ class Driver:
         # torch.distributed's rendezvous lives with rank 0, wherever the group put it.
         master, port = ray.get(ray.remote(_address_and_free_port).options(
             **{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote())
-        worker_cls = ray.remote(TrainWorker)
+        worker_cls = EnginePool.actor_class(TrainWorker)  # a colocated one generates: it answers abort
         self.workers = [
             worker_cls.options(**in_bundle(rank)).remote(
                 self.cfg, rank=rank, world_size=world, master_addr=master, master_port=port,
@@ -197,10 +172,10 @@ class Driver:
 
     # --- one rollout -----------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                 abandonable: bool = False) -> list[Generation]:
-        """Generations in request order. An `abandonable` one raises Interrupted as soon as a stop is asked."""
-        return self.pool.generate(prompts, params, seeds, self.stop.is_set if abandonable else lambda: False)
+    def engine(self, abandonable: bool = False) -> EngineClient:
+        """The engines for generate functions; an `abandonable` generation raises Interrupted as soon as a
+        stop is asked (nothing has changed yet)."""
+        return EngineClient(self.pool, self.tokenizer, self.stop.is_set if abandonable else lambda: False)
 
     def sampling_params(self, *, evaluation: bool = False) -> SamplingParams:
         r, e = self.cfg.rollout, self.cfg.eval
@@ -215,26 +190,6 @@ class Driver:
             top_p=r.rollout_top_p if e.eval_top_p is None else e.eval_top_p,
             top_k=r.rollout_top_k if e.eval_top_k is None else e.eval_top_k,
             stop_token_ids=self.stop_ids)
-
-    def sample(self, dataset: PromptDataset, indices: list[int], n: int, params: SamplingParams,
-               rollout_id: int, salt: int = 0, abandonable: bool = False, first_index: int = 0,
-               ) -> tuple[list[Sample], list[list[int]], list[Generation]]:
-        """n samples of each prompt, rewarded. Seeds depend on (run seed, rollout, sample index) only; the
-        samples are numbered from `first_index` (the rollout's earlier rounds of over-sampling)."""
-        prompts = [dataset[i] for i in indices]
-        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in prompts]
-        requests = [ids for ids in prompt_ids for _ in range(n)]
-        seeds = [sample_seed(self.cfg.run.seed + salt, rollout_id, first_index + i) for i in range(len(requests))]
-        gens = self.generate(requests, params, seeds, abandonable)
-        samples = [
-            Sample(prompt=prompts[g].text, label=prompts[g].label, metadata=dict(prompts[g].metadata),
-                   index=prompts[g].index, group_index=g,
-                   response=self.tokenizer.decode(gens[g * n + j].output_ids, skip_special_tokens=True))
-            for g in range(len(prompts)) for j in range(n)
-        ]
-        for s, reward in zip(samples, asyncio.run(compute_rewards(self.cfg.rollout, samples))):
-            s.reward = reward
-        return samples, requests, gens
 
     def advantages(self, train: list[TrainSample]) -> list[list[float]] | None:
         """Fill in each sample's per-token advantages for the configured estimator; return the policy's
@@ -309,8 +264,8 @@ class Driver:
         out: dict[str, float] = {}
         n = self.cfg.eval.n_samples_per_eval_prompt
         for k, (name, dataset) in enumerate(self.eval_sets.items()):
-            samples, _, _ = self.sample(dataset, list(range(len(dataset))), n, self.sampling_params(evaluation=True),
-                                        rollout_id, salt=1_000_003 * (k + 1))
+            samples = self.sampler.evaluate(dataset, rollout_id, n, self.sampling_params(evaluation=True),
+                                            self.engine(), salt=1_000_003 * (k + 1))
             out |= summarize(name, [s.reward for s in samples], n)
         return out
 
@@ -322,7 +277,7 @@ class Driver:
 
         def fill(tmp: Path) -> None:
             ray.get([w.save.remote(str(tmp)) for w in self.workers])
-            state = {"rollout_id": completed, "data": self.cursor.state_dict(), "seed": self.cfg.run.seed}
+            state = {"rollout_id": completed, **self.sampler.state_dict(), "seed": self.cfg.run.seed}
             (tmp / "state.json").write_text(json.dumps(state))
 
         try:
@@ -351,7 +306,7 @@ class Driver:
             return 0
         ray.get([w.load.remote(str(folder)) for w in self.workers])
         state = json.loads((folder / "state.json").read_text())
-        self.cursor.load_state_dict(state["data"])
+        self.sampler.load_state_dict(state)
         return int(state["rollout_id"])
 
     # --- the loop --------------------------------------------------------------------------------------
@@ -375,13 +330,13 @@ class Driver:
             saved, stopped_at = start, None
             for rollout_id in range(start, self.num_rollout):
                 # Safe points: before a rollout, and inside its generation (abandoned; nothing has changed yet).
-                position = self.cursor.state_dict()
+                position = self.sampler.state_dict()
                 try:
                     if self.stop.is_set():
                         raise Interrupted
                     row = self.one_rollout(rollout_id, pending_eval)
                 except Interrupted:
-                    self.cursor.load_state_dict(position)
+                    self.sampler.load_state_dict(position)
                     if saved != rollout_id:
                         self.save_before_stopping(rollout_id)
                     stopped_at = rollout_id
@@ -404,49 +359,15 @@ class Driver:
         finally:
             self.stop_actors()
 
-    def groups(self, rollout_id: int) -> tuple[list[Sample], list[list[int]], list[Generation], int]:
-        """The rollout's `rollout_batch_size` groups of `n_samples_per_prompt` samples, and how many groups
-        dynamic sampling dropped. With `over_sampling_batch_size`, rounds of that many prompts are sampled
-        until enough groups pass the filter (slime's dynamic sampling); groups sampled beyond those are
-        discarded unseen by the filter."""
-        r = self.cfg.rollout
-        n, params = r.n_samples_per_prompt, self.sampling_params()
-        if self.keep_group is None:
-            indices = self.cursor.next_batch(r.rollout_batch_size)
-            return *self.sample(self.dataset, indices, n, params, rollout_id, abandonable=True), 0
-        kept: tuple[list, list, list] = ([], [], [])
-        dropped = drawn = 0
-        for _ in range(MAX_SAMPLING_ROUNDS):
-            indices = self.cursor.next_batch(r.over_sampling_batch_size)
-            samples, requests, gens = self.sample(self.dataset, indices, n, params, rollout_id, abandonable=True,
-                                                  first_index=drawn)
-            drawn += len(requests)
-            for g in range(len(indices)):
-                group = slice(g * n, (g + 1) * n)
-                if len(kept[0]) == r.rollout_batch_size * n:
-                    break
-                if not self.keep_group(r, samples[group]):
-                    dropped += 1
-                    continue
-                for s in samples[group]:
-                    s.group_index = len(kept[0]) // n
-                for out, part in zip(kept, (samples[group], requests[group], gens[group])):
-                    out.extend(part)
-            if len(kept[0]) == r.rollout_batch_size * n:
-                return *kept, dropped
-        raise RunError(f"rollout {rollout_id}: only {len(kept[0]) // n} of {r.rollout_batch_size} groups passed "
-                       f"{r.dynamic_sampling_filter_path or filters.DEFAULT} in {MAX_SAMPLING_ROUNDS} rounds of "
-                       f"{r.over_sampling_batch_size} prompts")
-
     def one_rollout(self, rollout_id: int, pending_eval: dict[str, float]) -> dict[str, Any]:
         """Generate, reward, train and sync once; return the rollout's metrics row."""
         t0 = time.perf_counter()
         self.heartbeat.beat(rollout_id, "rollout")
-        samples, requests, gens, dropped = self.groups(rollout_id)
-        train = [TrainSample(tokens=req + gen.output_ids, response_length=len(gen.output_ids),
-                             loss_mask=[1] * len(gen.output_ids), reward=s.reward,
-                             rollout_log_probs=gen.log_probs, weight_version=gen.weight_version)
-                 for s, req, gen in zip(samples, requests, gens)]
+        samples, dropped = self.sampler.rollout(rollout_id, self.sampling_params(), self.engine(abandonable=True))
+        train = [TrainSample(tokens=s.tokens, response_length=s.response_length, loss_mask=s.loss_mask,
+                             reward=s.reward, rollout_log_probs=s.rollout_log_probs,
+                             weight_version=min(s.weight_versions, default=0))
+                 for s in samples]
         self.heartbeat.beat(rollout_id, "train")
         old = self.advantages(train)
         t1 = time.perf_counter()
@@ -459,16 +380,18 @@ class Driver:
             "rollout_id": rollout_id,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "response_len_mean": sum(len(g.output_ids) for g in gens) / len(gens),
-            "truncated_frac": sum(g.finish_reason == "length" for g in gens) / len(gens),
-            "weight_version": min(g.weight_version for g in gens),
+            "response_len_mean": sum(s.response_length for s in samples) / len(samples),
+            "truncated_frac": sum(s.status == "truncated" for s in samples) / len(samples),
+            "weight_version": min(t.weight_version for t in train),
             "kl": train_metrics.get("kl", 0.0),
             **{k: v for k, v in train_metrics.items() if k != "kl"},
             "time_rollout_s": t1 - t0,
             "time_train_s": t2 - t1,
             "time_sync_s": sync_s,
             "engine_restarts": self.pool.restarts,
-            **({"dynamic_sampling_dropped_groups": dropped} if self.keep_group else {}),
+            **({"dynamic_sampling_dropped_groups": dropped} if self.sampler.keep_group else {}),
+            **({"partial_rollout_buffered_groups": len(self.sampler.buffer)} if self.cfg.rollout.partial_rollout
+               else {}),
             "samples_per_s": len(samples) / (time.perf_counter() - t0),
             **pending_eval,
             "num_rollout": self.num_rollout,

@@ -107,6 +107,8 @@ def test_unknown_section_gets_did_you_mean(write_config):
         (["grpo.kl_coef=0.1", "grpo.kl_loss_coef=0.1"], "grpo.kl_coef / grpo.kl_loss_coef", "only one of"),
         (["rollout.over_sampling_batch_size=2"], "rollout.over_sampling_batch_size", "at least rollout_batch_size"),
         (["rollout.rm_type='remote_rm'"], "rollout.rm_url", "needs rm_url"),
+        (["rollout.partial_rollout=true"], "rollout.partial_rollout / rollout.over_sampling_batch_size",
+         "set over_sampling_batch_size too"),
         (["rollout.top_k=0"], "rollout.rollout_top_k", "-1 (off)"),
     ],
 )

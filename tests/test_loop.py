@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -198,8 +199,6 @@ def test_export_gives_a_loadable_hugging_face_folder(ray_local, tmp_path, tiny_m
         (["ckpt.hf_checkpoint='{data}'"], "is not a Hugging Face model folder"),
         (["rollout.prompt_data='{broken}'"], "broken.jsonl:2: not valid JSON"),
         (["ckpt.save='/proc/rlhpc-cannot-write'"], "cannot write to /proc/rlhpc-cannot-write"),
-        (["rollout.dynamic_sampling_filter_path='test_loop:recording_filter'"],
-         "rollout.dynamic_sampling_filter_path: filters the groups of over-sampling"),
         (["rollout.over_sampling_batch_size=8", "rollout.dynamic_sampling_filter_path='nowhere_at_all:keep'"],
          "rollout.dynamic_sampling_filter_path: hook 'nowhere_at_all:keep': cannot import module"),
     ],
@@ -235,8 +234,8 @@ def test_rlhpc_run_freezes_the_config_and_reports_rewards(ray_local, tmp_path, t
 
 
 def test_modes_of_a_later_issue_are_refused_not_ignored(tmp_path, tiny_model_dir):
-    cfg = tiny(tmp_path, tiny_model_dir, "rollout.partial_rollout=true")
-    with pytest.raises(RunError, match="rollout.partial_rollout: not supported by the loop yet"):
+    cfg = tiny(tmp_path, tiny_model_dir, "rollout.async_train=true")
+    with pytest.raises(RunError, match="rollout.async_train: not supported by the loop yet"):
         run(cfg)
 
 
@@ -303,7 +302,7 @@ def engine_processes(state: str = "") -> list[int]:
 
 def test_failed_engines_are_replaced_and_the_rollout_completes_unchanged(ray_local, tmp_path, tiny_model_dir):
     """Three engines; while rollout 1 generates, one dies (SIGKILL) and one stops answering (SIGSTOP)."""
-    settings = ["rollout.num_rollout=3", "rollout.rollout_max_response_len=24", "sglang.rollout_num_gpus=3",
+    settings = ["rollout.num_rollout=2", "rollout.rollout_max_response_len=24", "sglang.rollout_num_gpus=3",
                 "rollout.use_fault_tolerance=true", "rollout.rollout_health_check_interval=0.5",
                 "rollout.rollout_health_check_timeout=2"]
     expected_rows = run(tiny(tmp_path / "straight", tiny_model_dir, *settings))["rows"]
@@ -327,8 +326,87 @@ def test_failed_engines_are_replaced_and_the_rollout_completes_unchanged(ray_loc
     rows = run(tiny(run_dir, tiny_model_dir, *settings))["rows"]
     striker.join()
     assert len(hit) == 2 and not set(hit) & set(engine_processes())  # both struck, both gone
-    assert [r["engine_restarts"] for r in rows] == [0, 2, 2]
+    assert [r["engine_restarts"] for r in rows] == [0, 2]
     assert [{k: r[k] for k in REWARD_COLUMNS} for r in rows] == [{k: r[k] for k in REWARD_COLUMNS}
                                                                  for r in expected_rows]
     weights = final_weights(run_dir, tiny_model_dir)[1]
     assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+
+
+def test_a_multi_turn_generate_function_trains_on_the_policy_turns_only(ray_local, tmp_path, tiny_model_dir,
+                                                                         monkeypatch):
+    """examples/tool_use: two calculator calls, then the answer; the calculator's replies get loss mask 0."""
+    from transformers import AutoTokenizer
+
+    from rl.hooks import load_function
+    from rl.loop import Driver
+
+    example = ROOT / "examples" / "tool_use"
+    calculate = load_function(f"{example / 'calculator.py'}:calculate")
+    assert (calculate("12+30"), calculate("x(2*3)-1 y"), calculate("abc")) == ("12+30 = 42", "(2*3)-1 = 5",
+                                                                                "no expression")
+    trained = []
+    original = Driver.train
+    monkeypatch.setattr(Driver, "train", lambda self, train, old=None: (trained.extend(train),
+                                                                         original(self, train, old))[1])
+    cfg = load_config(example / "calculator.toml", [
+        f"ckpt.hf_checkpoint='{tiny_model_dir}'", f"run.output_dir='{tmp_path}'", "rollout.num_rollout=1",
+        "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=3", "run.use_tensorboard=false"])
+    rows = run(cfg)["rows"]
+    assert len(rows) == 1 and len(trained) == 6
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for s in trained:
+        response = s.tokens[s.prompt_length:]
+        runs: list[tuple[int, list[int]]] = []  # maximal runs of equal loss mask: (mask, tokens)
+        for token, m in zip(response, s.loss_mask):
+            if runs and runs[-1][0] == m:
+                runs[-1][1].append(token)
+            else:
+                runs.append((m, [token]))
+        assert [m for m, _ in runs] == [1, 0, 1, 0, 1]  # query, reply, query, reply, answer
+        for m, tokens in runs:
+            text = tokenizer.decode(tokens)
+            if m:
+                assert tokenizer.eos_token not in text[:-1]
+            else:
+                assert text.startswith("\n[calculator: ") and text.endswith("]\n") and text.count("]") == 1
+        assert all(len(tokens) <= 6 for _, tokens in runs[:-1:2])
+
+
+PARTIAL_JUDGED: list[list] = []
+
+
+def recording_partial(args, samples):
+    """The default filter, recording the samples of each group it judged."""
+    PARTIAL_JUDGED.append([dataclasses.replace(s, metadata=dict(s.metadata)) for s in samples])
+    return check_reward_nonzero_std(args, samples)
+
+
+def test_partial_rollout_continues_cut_off_groups_in_the_next_rollout_and_checkpoints_them(ray_local, tmp_path,
+                                                                                          tiny_model_dir):
+    """Six groups of two sampled, two needed: once two have passed, the others are aborted mid-generation and
+    continued by the next rollout, keeping the rollout they began in; the buffer survives a resume."""
+    settings = ["rollout.over_sampling_batch_size=6", "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=2",
+                "rollout.num_steps_per_rollout=1", "rollout.partial_rollout=true", "rollout.rollout_max_response_len=24",
+                # a fifth of the vocabulary ends a sample: groups finish at different times
+                f"rollout.rollout_stop_token_ids={list(range(20, 40))}", "ckpt.save_interval=1",
+                "rollout.dynamic_sampling_filter_path='test_loop:recording_partial'", "eval.eval_interval=100"]
+    PARTIAL_JUDGED.clear()
+    rows = run(tiny(tmp_path, tiny_model_dir, *settings, "rollout.num_rollout=2"))["rows"]
+    assert all(r["partial_rollout_buffered_groups"] > 0 for r in rows)
+    continued = [s for group in PARTIAL_JUDGED for s in group if len(s.weight_versions) > 1]
+    assert continued, "no cut-off sample was continued"
+    for s in continued:  # begun under the policy of rollout 0, finished under that of rollout 1
+        assert s.metadata["start_rollout_id"] == 0 and s.weight_versions[0] == 0 and s.weight_versions[-1] == 1
+        assert len(s.loss_mask) == len(s.rollout_log_probs) == s.response_length <= 24
+    saved = json.loads((checkpoint.latest(tmp_path / "checkpoints") / "state.json").read_text())["buffer"]
+    assert saved and all(s["status"] in ("aborted", "completed", "truncated") for g in saved for s in g)
+
+    PARTIAL_JUDGED.clear()
+    run(tiny(tmp_path, tiny_model_dir, *settings, "rollout.num_rollout=3"))
+    after = json.loads((checkpoint.latest(tmp_path / "checkpoints") / "state.json").read_text())["buffer"]
+    seen = {s.seed: s for group in PARTIAL_JUDGED for s in group} | {s["seed"]: s for g in after for s in g}
+    for s in (s for group in saved for s in group):  # none lost: judged in rollout 2 or still buffered, grown
+        now = seen[s["seed"]]
+        tokens = now.tokens if hasattr(now, "tokens") else now["tokens"]
+        assert tokens[: len(s["tokens"])] == s["tokens"]

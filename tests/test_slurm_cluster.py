@@ -14,6 +14,7 @@ import pytest
 from conftest import CONFIGS, RLHPC, SHAPE, STATE, rlhpc, wait_gone
 from hpc.local_cluster import LocalCluster
 from hpc.slurm import accounting
+from rl import heartbeat
 
 pytestmark = pytest.mark.slurm
 ACCOUNTING = "--accounting" in SHAPE
@@ -35,7 +36,7 @@ def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_model_dir: Path
     run_dir = tmp_path / "run"
     done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "--cpus-per-task", "2", "--wait",
                  "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=3",
-                 "--set", "eval.eval_interval=2", "--set", f"run.output_dir='{run_dir}'", env=cluster.env)
+                 "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=2", "--set", f"run.output_dir='{run_dir}'", env=cluster.env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "finished: 3 rollouts" in done.stdout
 
@@ -81,7 +82,7 @@ def test_rendered_sbatch_script_completes(cluster: LocalCluster, tiny_model_dir:
     run_dir, script, pwned = tmp_path / "run", tmp_path / "run.sbatch", tmp_path / "pwned"
     rendered = rlhpc("render", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "-o", str(script),
                      "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=2",
-                     "--set", "eval.eval_interval=5", "--set", f"run.output_dir='{run_dir}'",
+                     "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=5", "--set", f"run.output_dir='{run_dir}'",
                      "--set", "slurm.cpus_per_task=2",
                      "--set", f"slurm.job_name='x; touch {pwned}'",
                      "--set", f"slurm.env={{RLHPC_PROBE='$(touch {pwned})'}}", env=cluster.env)
@@ -125,7 +126,7 @@ def test_cancel_mid_run_leaves_no_process(cluster: LocalCluster, tiny_model_dir:
                       env=cluster.env)
     assert submitted.returncode == 0, submitted.stderr
     deadline = time.monotonic() + 300
-    while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:  # training under way
+    while heartbeat.read(run_dir) is None and time.monotonic() < deadline:  # the driver's actors are up
         time.sleep(0.5)
     assert node_processes(cluster.env)
     cancelled = rlhpc("cancel", str(run_dir), env=cluster.env)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -88,6 +89,34 @@ def test_packed_micro_batches_give_the_unpacked_gradient(write_config, tiny_mode
         backend.accumulate_gradients(samples, num_samples=len(samples), num_tokens=num_tokens)
         for name, p in backend.model.named_parameters():
             assert torch.allclose(p.grad, expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_tool_output_gets_no_loss(write_config, tiny_model_dir):
+    """Tokens with loss mask 0 (what a tool wrote) are context only: whatever advantage, sampling log-prob or
+    KL they would have, the gradient is the same; with mask 1 it is not."""
+    backend = backend_for(write_config, tiny_model_dir)
+    samples = [s for s in make_samples() if 0 in s.loss_mask]
+    num_tokens = sum(sum(s.loss_mask) for s in samples)
+
+    def grads(batch):
+        backend.model.zero_grad()
+        backend.accumulate_gradients(batch, num_samples=len(batch), num_tokens=num_tokens)
+        return [p.grad.clone() for p in backend.model.parameters()]
+
+    def at_tool_tokens(advantage, mask_value):
+        out = []
+        for s in samples:
+            adv, lps = list(s.advantages), list(s.rollout_log_probs)
+            for i, m in enumerate(s.loss_mask):
+                if not m:
+                    adv[i], lps[i] = advantage, -9.0
+            mask = [m or mask_value for m in s.loss_mask]
+            out.append(dataclasses.replace(s, advantages=adv, rollout_log_probs=lps, loss_mask=mask))
+        return out
+
+    base = grads(samples)
+    assert all(torch.equal(a, b) for a, b in zip(base, grads(at_tool_tokens(50.0, 0))))
+    assert not all(torch.allclose(a, b) for a, b in zip(base, grads(at_tool_tokens(50.0, 1))))
 
 
 def test_train_step_moves_the_policy_and_reports(write_config, tiny_model_dir):

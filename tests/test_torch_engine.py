@@ -116,3 +116,25 @@ def test_finished_samples_leave_the_batch(engine, tokenizer):
     assert gens[0].output_ids == [first[0]] and gens[0].finish_reason == "stop"
     assert len(gens[1].output_ids) > 1
     assert batch_sizes[0] == 2 and batch_sizes[1:] == [1] * (len(batch_sizes) - 1)
+
+
+def test_generations_stream_as_they_end_and_an_abort_returns_the_unfinished_partial(engine, tokenizer):
+    prompts = prompts_of(tokenizer, ["1+1=", "22+33=", "5*6=", "9-4="])
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=(tokenizer.eos_token_id,))
+    seeds = [1, 2, 3, 4]
+    whole = engine.generate(prompts, params, seeds)
+    ended = [i for i, _ in engine.generate_stream(prompts, params, seeds)]
+    assert ended == sorted(range(4), key=lambda i: (whole[i].finish_reason == "length", len(whole[i].output_ids)))
+    assert whole[ended[0]].finish_reason == "stop" and len(whole[ended[0]].output_ids) < 12
+
+    stream = engine.generate_stream(prompts, params, seeds)
+    first, gen = next(stream)
+    engine.abort()
+    rest = dict(stream)
+    assert gen.output_ids == whole[first].output_ids
+    assert rest and all(g.finish_reason == "abort" for g in rest.values())
+    for i, g in rest.items():  # what an abort returns is the start of what the sample would have been
+        assert len(g.output_ids) == len(gen.output_ids) and whole[i].output_ids[: len(g.output_ids)] == g.output_ids
+        assert g.log_probs == pytest.approx(whole[i].log_probs[: len(g.log_probs)], abs=1e-5)
+    engine.abort()  # idle: nothing to end, the next generation is whole
+    assert [g.output_ids for g in engine.generate(prompts, params, seeds)] == [g.output_ids for g in whole]

@@ -2,14 +2,15 @@
 
 Shaped after SGLang's server API so the SGLang engine is a thin client: `generate` is `/generate` with
 `return_logprob` (token ids in, output ids, per-token log-probs and finish reason out), `update_weights` is
-`update_weights_from_tensor` (colocated) / `update_weights_from_distributed` (decoupled), and
-`release_memory` / `resume_memory` are `release_memory_occupation` / `resume_memory_occupation`.
+`update_weights_from_tensor` (colocated) / `update_weights_from_distributed` (decoupled), `abort` is
+`/abort_request`, and `release_memory` / `resume_memory` are `release_memory_occupation` /
+`resume_memory_occupation`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -42,6 +43,17 @@ class Generation:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
         """One response per prompt (repeat a prompt for n samples); `seeds[i]` fixes sample i's randomness."""
+        ...
+
+    def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
+                        seeds: list[int]) -> Iterator[tuple[int, Generation]]:
+        """The same generations, each as `(index, generation)` as soon as it ends (SGLang answers each
+        request on its own), so that a rollout can stop waiting once it has enough."""
+        ...
+
+    def abort(self) -> None:
+        """End the generations in progress at once, returning what each has so far (finish reason "abort");
+        SGLang's `/abort_request`."""
         ...
 
     def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:

@@ -66,42 +66,61 @@ class EnginePool:
         self.restarts += 1
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                 abandon: Callable[[], bool] = lambda: False) -> list[Generation]:
-        """Generations in request order, each engine taking an equal share. Raises Interrupted as soon as
-        `abandon()` turns true (the engines' work is discarded with them)."""
+                 abandon: Callable[[], bool] = lambda: False,
+                 on_result: Callable[[int, Generation], None] = lambda i, gen: None) -> list[Generation]:
+        """Generations in request order, each engine taking an equal share; `on_result(i, generation)` hears
+        of each as soon as it ends. Raises Interrupted as soon as `abandon()` turns true (the engines' work is
+        discarded with them)."""
         import ray
 
-        shares = [s for s in split_for_ranks(len(prompts), len(self.engines)) if len(s)]
+        results: list[Generation | None] = [None] * len(prompts)
+        streams: dict[Any, tuple[int, list[int]]] = {}  # engine's stream -> (slot, its requests)
 
-        def issue(slot: int) -> Any:
-            share = shares[slot]
-            return self.engines[slot].generate.remote([prompts[i] for i in share], params, [seeds[i] for i in share])
+        def issue(slot: int, requests: list[int]) -> None:
+            if requests:
+                stream = self.engines[slot].generate_stream.options(num_returns="streaming").remote(
+                    [prompts[i] for i in requests], params, [seeds[i] for i in requests])
+                streams[stream] = (slot, requests)
 
-        pending = {issue(slot): slot for slot in range(len(shares))}
-        done: dict[int, list[Generation]] = {}
-        started = time.monotonic()
-        next_check = started + self.cfg.rollout_health_check_first_wait + self.cfg.rollout_health_check_interval
-        while pending:
+        def reissue(slot: int, why: str) -> None:
+            for stream in [s for s, (other, _) in streams.items() if other == slot]:
+                _, requests = streams.pop(stream)
+                self.replace(slot, why)
+                issue(slot, [i for i in requests if results[i] is None])
+
+        for slot, share in enumerate(split_for_ranks(len(prompts), len(self.engines))):
+            issue(slot, list(share))
+        next_check = time.monotonic() + self.cfg.rollout_health_check_first_wait + self.cfg.rollout_health_check_interval
+        while streams:
             if abandon():
                 raise Interrupted
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
-            for future in ready:
-                slot = pending.pop(future)
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=POLL_S)
+            for stream in ready:
+                slot, requests = streams[stream]
                 try:
-                    done[slot] = ray.get(future)
+                    k, gen = ray.get(next(stream))
+                except StopIteration:
+                    del streams[stream]
+                    continue
                 except ray.exceptions.RayActorError:
                     if not self.fault_tolerant:
                         raise
-                    self.replace(slot, "died")
-                    pending[issue(slot)] = slot
-            if self.fault_tolerant and pending and time.monotonic() >= next_check:
-                for slot in self._unresponsive(sorted(pending.values())):
-                    pending = {f: s for f, s in pending.items() if s != slot}
-                    self.replace(slot, f"did not answer its health check within "
-                                       f"{self.cfg.rollout_health_check_timeout:.0f}s")
-                    pending[issue(slot)] = slot
+                    reissue(slot, "died")
+                    continue
+                results[requests[k]] = gen
+                on_result(requests[k], gen)
+            if self.fault_tolerant and streams and time.monotonic() >= next_check:
+                for slot in self._unresponsive(sorted({slot for slot, _ in streams.values()})):
+                    reissue(slot, f"did not answer its health check within "
+                                  f"{self.cfg.rollout_health_check_timeout:.0f}s")
                 next_check = time.monotonic() + self.cfg.rollout_health_check_interval
-        return [gen for slot in range(len(shares)) for gen in done[slot]]
+        return results  # type: ignore[return-value]
+
+    def abort(self) -> None:
+        """Ask every engine to end its generation in progress now; the unfinished samples come back partial
+        (finish reason "abort") through `generate`. Not waited for: an idle engine has nothing to end."""
+        for engine in self.engines:
+            engine.abort.options(concurrency_group=HEALTH).remote()
 
     def _unresponsive(self, slots: list[int]) -> list[int]:
         import ray

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,11 +42,19 @@ class TorchEngine:
         self.pad_id = self.model.config.pad_token_id or 0
         self.shapes = {name: p.shape for name, p in self.model.named_parameters()}
         self.weight_version = 0
+        self._generating = self._aborting = False
         self.needs_weights = False
         """True between release_memory and the update_weights that brings every parameter back."""
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
+        out: list[Generation | None] = [None] * len(prompts)
+        for i, gen in self.generate_stream(prompts, params, seeds):
+            out[i] = gen
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
+                        seeds: list[int]) -> Iterator[tuple[int, Generation]]:
         from transformers import DynamicCache
 
         if self.needs_weights:
@@ -53,7 +62,16 @@ class TorchEngine:
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not prompts:
-            return []
+            return
+        self._aborting = False
+        self._generating = True
+        try:
+            yield from self._sample(prompts, params, seeds, DynamicCache())
+        finally:
+            self._generating = False
+
+    def _sample(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
+                cache: Any) -> Iterator[tuple[int, Generation]]:
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -68,8 +86,6 @@ class TorchEngine:
                                 for s in seeds])
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
         out = [Generation([], [], "length", self.weight_version) for _ in prompts]
-
-        cache = DynamicCache()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits[:, -1]
         active = torch.arange(n)
@@ -86,9 +102,15 @@ class TorchEngine:
                 out[i].log_probs.append(float(token_log_probs[j]))
                 if finished[j]:
                     out[i].finish_reason = "stop"
+                    yield i, out[i]
             keep = (~finished).nonzero()[:, 0]
             if len(keep) == 0:
-                break
+                return
+            if self._aborting:
+                for i in active[keep].tolist():
+                    out[i].finish_reason = "abort"
+                    yield i, out[i]
+                return
             if len(keep) < len(active):
                 cache.batch_select_indices(keep.to(self.device))
                 active, tokens, mask, positions = active[keep], tokens[keep], mask[keep], positions[keep]
@@ -96,7 +118,14 @@ class TorchEngine:
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=mask,
                                 position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
-        return out
+        for i in active.tolist():
+            yield i, out[i]
+
+    def abort(self) -> None:
+        """End the generation in progress (if any) at its next token: unfinished samples come back as they
+        are, with finish reason "abort"."""
+        if self._generating:
+            self._aborting = True
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:

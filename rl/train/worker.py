@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,8 +76,12 @@ class TrainWorker:
 
     # --- the hosted engine (colocated) ---
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
-        return self.engine.generate(prompts, params, seeds)
+    def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
+                        seeds: list[int]) -> Iterator[tuple[int, Generation]]:
+        yield from self.engine.generate_stream(prompts, params, seeds)
+
+    def abort(self) -> None:
+        self.engine.abort()
 
     def sync_engine(self, version: int) -> float:
         """Load the policy into the hosted engine; ranks without one take part in gathering sharded weights."""
