@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from rl.heartbeat import Heartbeat
 from rl.interrupt import Interrupted, StopRequest
 from rl.losses import approx_kl
 from rl.metrics import MetricsLog, Progress
+from rl.rollout.ahead import Generated, RolloutsAhead
 from rl.rollout.client import EngineClient
 from rl.rollout.engine import SamplingParams
 from rl.rollout.pool import EnginePool
@@ -45,8 +47,6 @@ def _check_inputs(cfg: RLConfig) -> None:
                         "(no config.json)")
     if cfg.grpo.advantage_estimator == "ppo":
         problems.append("grpo.advantage_estimator: 'ppo' needs a critic, which arrives with issue #8")
-    if cfg.rollout.async_train:
-        problems.append("rollout.async_train: not supported by the loop yet (issue #8); unset to run")
     if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
         problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
     if problems:
@@ -73,6 +73,8 @@ class Driver:
         self.stop = stop or StopRequest()
         self.start_record = start_record
         self.heartbeat = Heartbeat(self.run_dir)
+        self.ahead: RolloutsAhead | None = None
+        """Async training's generator of rollouts ahead of training."""
         self.save_s: float | None = None  # how long the last save took, to judge whether a stop leaves time for one
         self.save_dir = cfg.save_dir(self.run_dir)
         self.load_dir = Path(cfg.ckpt.load) if cfg.ckpt.load else self.save_dir
@@ -172,10 +174,13 @@ class Driver:
 
     # --- one rollout -----------------------------------------------------------------------------------
 
-    def engine(self, abandonable: bool = False) -> EngineClient:
-        """The engines for generate functions; an `abandonable` generation raises Interrupted as soon as a
-        stop is asked (nothing has changed yet)."""
-        return EngineClient(self.pool, self.tokenizer, self.stop.is_set if abandonable else lambda: False)
+    def generated(self, rollout_id: int, abandon: Callable[[], bool]) -> Generated:
+        """The rollout's groups; raises Interrupted as soon as `abandon()` turns true (nothing has changed
+        but the sampler, whose state the caller kept)."""
+        start = time.perf_counter()
+        samples, dropped = self.sampler.rollout(rollout_id, self.sampling_params(),
+                                                EngineClient(self.pool, self.tokenizer, abandon))
+        return Generated(rollout_id, samples, dropped, time.perf_counter() - start)
 
     def sampling_params(self, *, evaluation: bool = False) -> SamplingParams:
         r, e = self.cfg.rollout, self.cfg.eval
@@ -265,7 +270,7 @@ class Driver:
         n = self.cfg.eval.n_samples_per_eval_prompt
         for k, (name, dataset) in enumerate(self.eval_sets.items()):
             samples = self.sampler.evaluate(dataset, rollout_id, n, self.sampling_params(evaluation=True),
-                                            self.engine(), salt=1_000_003 * (k + 1))
+                                            EngineClient(self.pool, self.tokenizer), salt=1_000_003 * (k + 1))
             out |= summarize(name, [s.reward for s in samples], n)
         return out
 
@@ -275,9 +280,12 @@ class Driver:
         self.heartbeat.beat(completed, "save")
         start = time.monotonic()
 
+        sampler_state, pending = self.ahead.settle() if self.ahead else (self.sampler.state_dict(), [])
+
         def fill(tmp: Path) -> None:
             ray.get([w.save.remote(str(tmp)) for w in self.workers])
-            state = {"rollout_id": completed, **self.sampler.state_dict(), "seed": self.cfg.run.seed}
+            state = {"rollout_id": completed, **sampler_state, "pending": [g.to_json() for g in pending],
+                     "seed": self.cfg.run.seed}
             (tmp / "state.json").write_text(json.dumps(state))
 
         try:
@@ -297,17 +305,18 @@ class Driver:
             return
         self.save(completed)
 
-    def resume(self) -> int:
-        """Load the newest complete checkpoint, if any; returns the first rollout to run."""
+    def resume(self) -> tuple[int, list[Generated]]:
+        """Load the newest complete checkpoint, if any; returns the first rollout to run and the rollouts
+        generated ahead of it (async training)."""
         import ray
 
         folder = checkpoint.latest(self.load_dir)
         if folder is None:
-            return 0
+            return 0, []
         ray.get([w.load.remote(str(folder)) for w in self.workers])
         state = json.loads((folder / "state.json").read_text())
         self.sampler.load_state_dict(state)
-        return int(state["rollout_id"])
+        return int(state["rollout_id"]), [Generated.from_json(g) for g in state.get("pending", [])]
 
     # --- the loop --------------------------------------------------------------------------------------
 
@@ -315,7 +324,7 @@ class Driver:
         cfg = self.cfg
         self.start_actors()
         try:
-            start = self.resume()
+            start, pending = self.resume()
             self.heartbeat.beat(start, "start")
             log = MetricsLog(self.run_dir, tensorboard=cfg.run.use_tensorboard, resume_from=start)
             if self.start_record is not None:
@@ -327,21 +336,31 @@ class Driver:
             if self.eval_sets and start == 0 and not cfg.eval.skip_eval_before_train:
                 self.heartbeat.beat(0, "eval")
                 pending_eval = {k.replace("eval/", "eval_before_train/", 1): v for k, v in self.evaluate(-1).items()}
+            if cfg.rollout.async_train:
+                self.ahead = RolloutsAhead(self.generated, self.sampler, first=start, end=self.num_rollout,
+                                           ahead=cfg.rollout.async_buffer_size, stop=self.stop.is_set,
+                                           pending=pending)
             saved, stopped_at = start, None
+            self.last_row_t = time.perf_counter()
             for rollout_id in range(start, self.num_rollout):
                 # Safe points: before a rollout, and inside its generation (abandoned; nothing has changed yet).
-                position = self.sampler.state_dict()
+                position = self.sampler.state_dict() if self.ahead is None else None
                 try:
                     if self.stop.is_set():
                         raise Interrupted
-                    row = self.one_rollout(rollout_id, pending_eval)
+                    self.heartbeat.beat(rollout_id, "rollout")
+                    batch = self.ahead.take(rollout_id) if self.ahead else self.generated(rollout_id, self.stop.is_set)
                 except Interrupted:
-                    self.sampler.load_state_dict(position)
+                    if self.ahead:
+                        self.ahead.close()
+                    else:
+                        self.sampler.load_state_dict(position)
                     if saved != rollout_id:
                         self.save_before_stopping(rollout_id)
                     stopped_at = rollout_id
                     self.heartbeat.beat(rollout_id, "stopped")
                     break
+                row = self.learn(batch, pending_eval)
                 pending_eval = {}
                 completed = rollout_id + 1
                 if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0):
@@ -357,42 +376,52 @@ class Driver:
             return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows, "workers": self.placement,
                     "stopped_at": stopped_at}
         finally:
+            if self.ahead:
+                self.ahead.close()
             self.stop_actors()
 
-    def one_rollout(self, rollout_id: int, pending_eval: dict[str, float]) -> dict[str, Any]:
-        """Generate, reward, train and sync once; return the rollout's metrics row."""
-        t0 = time.perf_counter()
-        self.heartbeat.beat(rollout_id, "rollout")
-        samples, dropped = self.sampler.rollout(rollout_id, self.sampling_params(), self.engine(abandonable=True))
+    def learn(self, batch: Generated, pending_eval: dict[str, float]) -> dict[str, Any]:
+        """Train on a generated rollout and update the engines' weights (with async training, every
+        `update_weights_interval` rollouts, once no generation is in progress); return its metrics row."""
+        import ray
+
+        rollout_id, samples = batch.rollout_id, batch.samples
         train = [TrainSample(tokens=s.tokens, response_length=s.response_length, loss_mask=s.loss_mask,
                              reward=s.reward, rollout_log_probs=s.rollout_log_probs,
                              weight_version=min(s.weight_versions, default=0))
                  for s in samples]
         self.heartbeat.beat(rollout_id, "train")
-        old = self.advantages(train)
         t1 = time.perf_counter()
-        train_metrics = self.train(train, old)
+        if self.cfg.perf.colocate:
+            ray.get([w.to_training.remote() for w in self.workers])
+        train_metrics = self.train(train, self.advantages(train))
         t2 = time.perf_counter()
-        self.heartbeat.beat(rollout_id, "sync")
-        sync_s = self.sync_weights(rollout_id + 1)
+        sync_s = 0.0
+        if self.ahead is None or (rollout_id + 1) % self.cfg.rollout.update_weights_interval == 0:
+            self.heartbeat.beat(rollout_id, "sync")
+            if self.ahead:
+                self.ahead.settle()
+            sync_s = self.sync_weights(rollout_id + 1)
         rewards = torch.tensor([s.reward for s in samples])
+        oldest = min(t.weight_version for t in train)
         row: dict[str, Any] = {
             "rollout_id": rollout_id,
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "response_len_mean": sum(s.response_length for s in samples) / len(samples),
             "truncated_frac": sum(s.status == "truncated" for s in samples) / len(samples),
-            "weight_version": min(t.weight_version for t in train),
+            "weight_version": oldest,
+            "staleness": rollout_id - oldest,
             "kl": train_metrics.get("kl", 0.0),
             **{k: v for k, v in train_metrics.items() if k != "kl"},
-            "time_rollout_s": t1 - t0,
+            "time_rollout_s": batch.seconds,
             "time_train_s": t2 - t1,
             "time_sync_s": sync_s,
             "engine_restarts": self.pool.restarts,
-            **({"dynamic_sampling_dropped_groups": dropped} if self.sampler.keep_group else {}),
+            **({"dynamic_sampling_dropped_groups": batch.dropped} if self.sampler.keep_group else {}),
             **({"partial_rollout_buffered_groups": len(self.sampler.buffer)} if self.cfg.rollout.partial_rollout
                else {}),
-            "samples_per_s": len(samples) / (time.perf_counter() - t0),
+            "samples_per_s": len(samples) / (time.perf_counter() - self.last_row_t),  # since the last row
             **pending_eval,
             "num_rollout": self.num_rollout,
             "timestamp": time.time(),
@@ -400,6 +429,7 @@ class Driver:
         if self.eval_sets and self.cfg.eval.eval_interval and (rollout_id + 1) % self.cfg.eval.eval_interval == 0:
             self.heartbeat.beat(rollout_id, "eval")
             row |= self.evaluate(rollout_id)
+        self.last_row_t = time.perf_counter()
         return row
 
 

@@ -234,8 +234,8 @@ def test_rlhpc_run_freezes_the_config_and_reports_rewards(ray_local, tmp_path, t
 
 
 def test_modes_of_a_later_issue_are_refused_not_ignored(tmp_path, tiny_model_dir):
-    cfg = tiny(tmp_path, tiny_model_dir, "rollout.async_train=true")
-    with pytest.raises(RunError, match="rollout.async_train: not supported by the loop yet"):
+    cfg = tiny(tmp_path, tiny_model_dir, "grpo.advantage_estimator='ppo'")
+    with pytest.raises(RunError, match="'ppo' needs a critic"):
         run(cfg)
 
 
@@ -410,3 +410,29 @@ def test_partial_rollout_continues_cut_off_groups_in_the_next_rollout_and_checkp
         now = seen[s["seed"]]
         tokens = now.tokens if hasattr(now, "tokens") else now["tokens"]
         assert tokens[: len(s["tokens"])] == s["tokens"]
+
+
+def test_async_training_generates_ahead_within_the_staleness_bound_and_resumes_exactly(ray_local, tmp_path,
+                                                                                       tiny_model_dir):
+    """Rollout r+1 generates while r trains: its samples come from the policy one version behind; a run stopped
+    after a checkpoint (which holds the rollout generated ahead) ends bitwise as the uninterrupted one."""
+    settings = ["rollout.async_train=true", "rollout.async_buffer_size=1", "rollout.update_weights_interval=1",
+                "eval.eval_interval=100"]
+    rows = run(tiny(tmp_path / "straight", tiny_model_dir, *settings, "rollout.num_rollout=4"))["rows"]
+    assert [r["staleness"] for r in rows] == [0, 1, 1, 1]
+    state = json.loads((checkpoint.iteration_dir(tmp_path / "straight" / "checkpoints", 2) / "state.json").read_text())
+    assert [g["rollout_id"] for g in state["pending"]] == [2]
+
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")  # then lose everything after checkpoint 2
+    shutil.rmtree(checkpoint.iteration_dir(tmp_path / "resumed" / "checkpoints", 4))
+    (tmp_path / "resumed" / "checkpoints" / checkpoint.LATEST).write_text("2\n")
+    run(tiny(tmp_path / "resumed", tiny_model_dir, *settings, "rollout.num_rollout=4"))
+    assert reward_columns(tmp_path / "resumed") == reward_columns(tmp_path / "straight")
+    expected = final_weights(tmp_path / "straight", tiny_model_dir)[1]
+    weights = final_weights(tmp_path / "resumed", tiny_model_dir)[1]
+    assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+    wider = run(tiny(tmp_path / "wider", tiny_model_dir, "rollout.async_train=true", "rollout.async_buffer_size=2",
+                     "rollout.update_weights_interval=2", "rollout.num_rollout=4", "eval.eval_interval=100"))["rows"]
+    assert all(r["staleness"] <= 2 + 2 - 1 for r in wider)
+    assert [r["time_sync_s"] > 0 for r in wider] == [False, True, False, True]  # weights every second rollout

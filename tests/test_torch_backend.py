@@ -183,3 +183,44 @@ def test_lr_schedules():
     assert lr_at(7, style="cosine", **kw) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(12, style="cosine", **kw) == pytest.approx(0.1)
     assert lr_at(4, style="cosine", **kw) == pytest.approx(0.1 + 0.45 * (1 + 0.8090169943749475))
+
+
+def test_a_colocated_engine_gives_its_memory_to_training_and_gets_the_new_weights_back(write_config, tiny_model_dir):
+    from rl.rollout.engine import SamplingParams
+    from rl.train.worker import TrainWorker
+
+    cfg = load_config(write_config(MINIMAL), ["perf.colocate=true", "perf.offload_optimizer_states=true",
+                                               "optimizer.lr=1e-2"])
+    worker = TrainWorker(cfg, rank=0, world_size=1, master_addr="", master_port=0, init_from=tiny_model_dir,
+                         total_steps=10, threads=1, host_engine=True)
+    engine, params = worker.engine, SamplingParams(max_new_tokens=3)
+    worker.sync_engine(0)
+    before = engine.generate([[5, 6, 7]], params, [1])[0]
+    worker.to_training()
+    assert sum(p.numel() for p in engine.model.parameters()) == 0  # released while the policy trains
+    with pytest.raises(RuntimeError, match="memory was released"):
+        engine.generate([[5, 6, 7]], params, [1])
+    samples = make_samples()
+    worker.train_step(samples, len(samples), sum(sum(s.loss_mask) for s in samples))
+    worker.sync_engine(1)
+    trained = dict(worker.backend.named_weights())
+    assert engine.weight_version == 1
+    assert all(torch.equal(p, trained[name]) for name, p in engine.model.named_parameters())
+    assert engine.generate([[5, 6, 7]], params, [1])[0].log_probs != before.log_probs
+    assert all(v.device.type == "cpu" for s in worker.backend.optimizer.state.values() for v in s.values())
+
+
+@pytest.mark.gpu
+def test_optimizer_offload_moves_its_state_to_the_host_and_back(write_config, tiny_model_dir):
+    cfg = load_config(write_config(MINIMAL), ["optimizer.lr=1e-2"])
+    backend = TorchBackend(cfg, init_from=tiny_model_dir, total_steps=10, device="cuda")
+    samples = make_samples()
+    sizes = {"num_samples": len(samples), "num_tokens": sum(sum(s.loss_mask) for s in samples)}
+    backend.train_step(samples, **sizes)
+    on_gpu = torch.cuda.memory_allocated()
+    backend.offload_optimizer()
+    assert torch.cuda.memory_allocated() < on_gpu
+    assert all(v.device.type == "cpu" for s in backend.optimizer.state.values() for v in s.values())
+    backend.reload_optimizer()
+    assert all(v.device.type == "cuda" for s in backend.optimizer.state.values() for k, v in s.items() if k != "step")
+    backend.train_step(samples, **sizes)

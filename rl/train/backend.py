@@ -45,6 +45,15 @@ class TrainingBackend(Protocol):
         """The full policy weights by Hugging Face parameter name, for the rollout engines."""
         ...
 
+    def offload_optimizer(self) -> None:
+        """Move the optimizer's state to host memory (colocated runs with `offload_optimizer_states`: the
+        engines generate in that memory)."""
+        ...
+
+    def reload_optimizer(self) -> None:
+        """Bring the optimizer's state back to the device before training."""
+        ...
+
     def save(self, folder: Path) -> None:
         """Write model, optimizer and step into `folder` (every rank calls this, collectively)."""
         ...

@@ -223,6 +223,21 @@ class TorchBackend:
         for name, p in self.model.named_parameters():
             yield name, _full(p.detach())
 
+    def offload_optimizer(self) -> None:
+        self._move_optimizer(torch.device("cpu"))
+
+    def reload_optimizer(self) -> None:
+        self._move_optimizer(self.device)
+
+    def _move_optimizer(self, device: torch.device) -> None:
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and key != "step":  # Adam keeps its step count on the host anyway
+                    state[key] = value.to(device, non_blocking=True)
+        if device.type == "cpu" and self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
     def save(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         save_model_state({"model": model_state, "optim": optim_state, "step": self.step}, Path(folder))

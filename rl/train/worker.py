@@ -41,6 +41,7 @@ class TrainWorker:
                                     world_size=world_size, init_method=f"tcp://{master_addr}:{master_port}")
         self.backend: TrainingBackend = TorchBackend(cfg, init_from=init_from, total_steps=total_steps, device=device)
         self.engine = None
+        self.offload_optimizer = cfg.perf.colocate and cfg.perf.offload_optimizer_states
         if host_engine:
             from rl.rollout.torch_engine import TorchEngine
 
@@ -83,10 +84,22 @@ class TrainWorker:
     def abort(self) -> None:
         self.engine.abort()
 
-    def sync_engine(self, version: int) -> float:
-        """Load the policy into the hosted engine; ranks without one take part in gathering sharded weights."""
-        start = time.perf_counter()
+    def to_training(self) -> None:
+        """Colocated: the hosted engine frees its memory for training (its weights come back with
+        `sync_engine`), and the optimizer's state returns from the host if it was offloaded."""
         if self.engine is not None:
+            self.engine.release_memory()
+        if self.offload_optimizer:
+            self.backend.reload_optimizer()
+
+    def sync_engine(self, version: int) -> float:
+        """Load the policy into the hosted engine, the memory the optimizer held first given back to it when
+        offloading; ranks without an engine take part in gathering sharded weights."""
+        start = time.perf_counter()
+        if self.offload_optimizer:
+            self.backend.offload_optimizer()
+        if self.engine is not None:
+            self.engine.resume_memory()
             self.engine.update_weights(self.backend.named_weights(), version)
         else:
             self._join_gather()
