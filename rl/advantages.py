@@ -109,3 +109,32 @@ def reinforce_plus_plus_baseline_advantages(
     """
     centered = group_normalize(rewards, n_samples_per_prompt, std_normalize=False).to(kl.dtype)
     return (centered[:, None] - kl_coef * kl) * mask.to(kl.dtype)
+
+
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lambd: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (PPO, `advantage_estimator = "ppo"`) along the response tokens:
+
+        δ_t = r_t + γ·V_{t'} − V_t,   A_t = δ_t + γλ·A_{t'},   R_t = A_t + V_t (the critic's target)
+
+    t' is the next token with mask 1 (tokens with mask 0, tool output, are skipped over as if absent);
+    past the last one V = A = 0. Returns (A, R), 0 where the mask is 0.
+    """
+    m = mask.bool()
+    advantages, returns = torch.zeros_like(values), torch.zeros_like(values)
+    next_value = torch.zeros_like(values[..., 0])
+    next_advantage = torch.zeros_like(values[..., 0])
+    for t in range(values.shape[-1] - 1, -1, -1):
+        a = token_rewards[..., t] + gamma * next_value - values[..., t] + gamma * lambd * next_advantage
+        advantages[..., t] = torch.where(m[..., t], a, 0.0)
+        returns[..., t] = torch.where(m[..., t], a + values[..., t], 0.0)
+        next_value = torch.where(m[..., t], values[..., t], next_value)
+        next_advantage = torch.where(m[..., t], a, next_advantage)
+    return advantages, returns
+
+
+def ppo_token_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """PPO's token rewards: the sample's reward on its last loss token, a KL penalty on every one.
+
+        r_t = [t = last response token] · r − kl_coef · kl_t · mask_t
+    """
+    return _last_token_reward(rewards, mask).to(kl.dtype) - kl_coef * kl * mask.to(kl.dtype)

@@ -24,6 +24,10 @@ class TrainSample:
     rollout_log_probs: list[float]
     advantages: list[float] | None = None
     """Per response token; filled in by the driver."""
+    values: list[float] | None = None
+    """PPO: the critic's values per response token at the rollout (the value clip's reference)."""
+    returns: list[float] | None = None
+    """PPO: the critic's targets per response token."""
     weight_version: int = 0
 
     @property
@@ -58,6 +62,21 @@ def split_for_ranks(n: int, world_size: int) -> list[range]:
     base, extra = divmod(n, world_size)
     starts = [r * base + min(r, extra) for r in range(world_size + 1)]
     return [range(starts[r], starts[r + 1]) for r in range(world_size)]
+
+
+def balanced_shares(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Shares of a global batch for each data-parallel rank with about equal tokens (`balance_data`): as
+    many samples per rank as `split_for_ranks` gives, the longest sequences placed first, each on the rank
+    with the fewest tokens that still has room (longest-processing-time first). Indices in batch order."""
+    room = [len(r) for r in split_for_ranks(len(lengths), world_size)]
+    tokens = [0] * world_size
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        rank = min((r for r in range(world_size) if room[r]), key=lambda r: tokens[r])
+        shares[rank].append(i)
+        tokens[rank] += lengths[i]
+        room[rank] -= 1
+    return [sorted(share) for share in shares]
 
 
 def pad_rows(rows: list, width: int | None = None) -> torch.Tensor:

@@ -252,6 +252,8 @@ class GrpoConfig(Section):
 class OptimizerConfig(Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: Annotated[float, Field(gt=0)] = 1e-6
+    critic_lr: Annotated[float, Field(gt=0)] | None = None
+    """PPO's critic; lr when unset."""
     min_lr: Annotated[float, Field(ge=0)] = 0.0
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
     lr_warmup_iters: Annotated[int, Field(ge=0)] = 0

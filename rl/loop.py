@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from rl import checkpoint
-from rl.advantages import group_normalize, reinforce_plus_plus_baseline_advantages, reinforce_plus_plus_returns, whiten
-from rl.batch import TrainSample, pad_rows, split_for_ranks
+from rl.advantages import (gae, group_normalize, ppo_token_rewards, reinforce_plus_plus_baseline_advantages,
+                           reinforce_plus_plus_returns, whiten)
+from rl.batch import TrainSample, balanced_shares, pad_rows, split_for_ranks
 from rl.config import RLConfig
 from rl.data import PromptDataset
 from rl.errors import RunError
@@ -45,8 +46,6 @@ def _check_inputs(cfg: RLConfig) -> None:
     if not problems and not (cfg.ckpt.hf_checkpoint / "config.json").exists():
         problems.append(f"ckpt.hf_checkpoint: {cfg.ckpt.hf_checkpoint} is not a Hugging Face model folder "
                         "(no config.json)")
-    if cfg.grpo.advantage_estimator == "ppo":
-        problems.append("grpo.advantage_estimator: 'ppo' needs a critic, which arrives with issue #8")
     if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
         problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
     if problems:
@@ -73,6 +72,8 @@ class Driver:
         self.stop = stop or StopRequest()
         self.start_record = start_record
         self.heartbeat = Heartbeat(self.run_dir)
+        self.groups: list[Any] = []
+        """Ray placement groups of the actors."""
         self.ahead: RolloutsAhead | None = None
         """Async training's generator of rollouts ahead of training."""
         self.save_s: float | None = None  # how long the last save took, to judge whether a stop leaves time for one
@@ -104,7 +105,9 @@ class Driver:
 
     def start_actors(self) -> None:
         """Training workers in a placement group of one bundle per node (`actor_num_nodes`; strictly spread
-        over nodes when several, strictly packed on one otherwise), rollout engines beside them."""
+        over nodes when several, strictly packed on one otherwise); decoupled rollout engines in a second
+        group of one bundle each (`rollout_num_gpus / rollout_num_gpus_per_engine` of them), or, with
+        `colocate`, hosted by the first worker."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -129,17 +132,27 @@ class Driver:
         slot = node_cpus // per_node or node_cpus / per_node
         threads = p.cpu_threads or max(1, int(slot))
         gpus = 1 if torch.cuda.is_available() else 0
+
+        def reserve(what: str, bundles: list[dict[str, float]], strategy: str) -> Any:
+            group = placement_group(bundles, strategy=strategy)
+            self.groups.append(group)
+            if not group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
+                raise RunError(f"the {what} did not fit on the cluster within {PLACEMENT_TIMEOUT_S}s: "
+                               f"{len(bundles)} x {bundles[0]} asked ({strategy}), nodes have {alive}")
+            return group
+
+        # Training: one bundle per node. Engines (decoupled): one bundle each, packed where they fit. On CPU
+        # the bundles hold CPUs only, the same placement.
         bundle = {"CPU": slot * p.actor_num_gpus_per_node, **({"GPU": p.actor_num_gpus_per_node} if gpus else {})}
-        self.group = placement_group([bundle] * p.actor_num_nodes,
-                                     strategy="STRICT_SPREAD" if p.actor_num_nodes > 1 else "STRICT_PACK")
-        if not self.group.wait(timeout_seconds=PLACEMENT_TIMEOUT_S):
-            raise RunError(f"the training workers did not fit on the cluster within {PLACEMENT_TIMEOUT_S}s: "
-                           f"{p.actor_num_nodes} node(s) x {bundle} asked, nodes have {alive}")
+        training = reserve("training workers", [bundle] * p.actor_num_nodes,
+                           "STRICT_SPREAD" if p.actor_num_nodes > 1 else "STRICT_PACK")
+        engines = reserve("rollout engines", [{"CPU": slot, **({"GPU": gpus} if gpus else {})}] * n_engines,
+                          "PACK") if n_engines else None
 
         def in_bundle(rank: int) -> dict[str, Any]:
             return {"num_cpus": slot, "num_gpus": gpus, "runtime_env": {"env_vars": WORKER_ENV},
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                        self.group, placement_group_bundle_index=rank // p.actor_num_gpus_per_node)}
+                        training, placement_group_bundle_index=rank // p.actor_num_gpus_per_node)}
 
         # torch.distributed's rendezvous lives with rank 0, wherever the group put it.
         master, port = ray.get(ray.remote(_address_and_free_port).options(
@@ -154,8 +167,10 @@ class Driver:
         ]
         engine_cls = EnginePool.actor_class(TorchEngine)
 
-        def make_engine() -> Any:
-            return engine_cls.options(num_cpus=slot, num_gpus=gpus, runtime_env={"env_vars": WORKER_ENV}).remote(
+        def make_engine(index: int) -> Any:
+            return engine_cls.options(num_cpus=slot, num_gpus=gpus, runtime_env={"env_vars": WORKER_ENV},
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                          engines, placement_group_bundle_index=index)).remote(
                 self.init_from, threads=threads)
 
         self.pool = (EnginePool(None, 1, self.cfg.rollout, engines=[self.workers[0]]) if p.colocate else
@@ -169,8 +184,8 @@ class Driver:
             self.pool.kill()
         for actor in getattr(self, "workers", []):
             ray.kill(actor)
-        if getattr(self, "group", None) is not None:
-            ray.util.remove_placement_group(self.group)
+        for group in self.groups:
+            ray.util.remove_placement_group(group)
 
     # --- one rollout -----------------------------------------------------------------------------------
 
@@ -206,8 +221,18 @@ class Driver:
         if g.advantage_estimator in ("grpo", "gspo"):
             per_sample = group_normalize(rewards, n, std_normalize=not g.disable_grpo_std_normalization)
             adv, old = per_sample[:, None] * mask, None
+        elif g.advantage_estimator == "ppo":
+            old, kl = None, torch.zeros_like(mask)
+            if g.kl_coef:
+                old, ref = self.per_rank("compute_log_probs", train), self.per_rank("compute_log_probs", train, True)
+                kl = approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
+            values = self.per_rank("compute_values", train)
+            adv, returns = gae(ppo_token_rewards(rewards, kl, mask, g.kl_coef), pad_rows(values, width), mask,
+                               g.gamma, g.lambd)
+            for i, s in enumerate(train):
+                s.values, s.returns = values[i], returns[i, : s.response_length].tolist()
         else:
-            old, ref = self.trainer_log_probs(train), self.trainer_log_probs(train, ref=True)
+            old, ref = self.per_rank("compute_log_probs", train), self.per_rank("compute_log_probs", train, True)
             kl = approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
             if g.advantage_estimator == "reinforce_plus_plus":
                 adv = reinforce_plus_plus_returns(rewards, kl, mask, g.kl_coef, g.gamma)
@@ -219,36 +244,40 @@ class Driver:
             s.advantages = adv[i, : s.response_length].tolist()
         return old
 
-    def trainer_log_probs(self, train: list[TrainSample], ref: bool = False) -> list[list[float]]:
+    def per_rank(self, method: str, train: list[TrainSample], *args: Any) -> list[Any]:
+        """A per-sample computation of the training workers (log-probs, values), each on its share."""
         import ray
 
         shares = split_for_ranks(len(train), len(self.workers))
-        parts = ray.get([w.compute_log_probs.remote([train[i] for i in s], ref) for w, s in zip(self.workers, shares)])
-        return [lp for part in parts for lp in part]
+        parts = ray.get([getattr(w, method).remote([train[i] for i in s], *args) for w, s in zip(self.workers, shares)])
+        return [x for part in parts for x in part]
 
     def train(self, train: list[TrainSample], old: list[list[float]] | None = None) -> dict[str, float]:
         """`num_steps_per_rollout` optimizer steps; `old` are the policy's log-probs if already computed."""
         import ray
 
-        r = self.cfg.rollout
+        r, g = self.cfg.rollout, self.cfg.grpo
         gbs = r.global_batch_size
         if r.num_steps_per_rollout == 1:
             old = None  # one step: the ratio is 1 at the step's start, nothing to compare against
         elif old is None:
-            old = self.trainer_log_probs(train)
+            old = self.per_rank("compute_log_probs", train)
         totals: dict[str, float] = {}
         for step in range(r.num_steps_per_rollout):
             batch = list(range(step * gbs, (step + 1) * gbs))
             num_tokens = sum(sum(train[i].loss_mask) for i in batch)
-            shares = split_for_ranks(len(batch), len(self.workers))
-            results = ray.get([
-                w.train_step.remote([train[batch[i]] for i in s], len(batch), num_tokens,
-                                    None if old is None else [old[batch[i]] for i in s])
-                for w, s in zip(self.workers, shares)
-            ])
-            # Loss terms are partial sums of the global mean on each rank; norm and lr are the same on all.
-            step_metrics = {k: sum(m[k] for m in results) for k in results[0] if k not in ("grad_norm", "lr")}
-            step_metrics |= {"grad_norm": results[0]["grad_norm"], "lr": results[0]["lr"]}
+            shares = [[batch[i] for i in s] for s in (
+                balanced_shares([len(train[i].tokens) for i in batch], len(self.workers)) if r.balance_data
+                else split_for_ranks(len(batch), len(self.workers)))]
+            policy = [w.train_step.remote([train[i] for i in s], len(batch), num_tokens,
+                                          None if old is None else [old[i] for i in s])
+                      for w, s in zip(self.workers, shares)]
+            critic = [w.critic_step.remote([train[i] for i in s], len(batch), num_tokens)
+                      for w, s in zip(self.workers, shares)] if g.advantage_estimator == "ppo" else []
+            step_metrics = _across_ranks(ray.get(policy))
+            if critic:
+                step_metrics |= {f"critic_{k}" if k in ("grad_norm", "lr") else k: v
+                                 for k, v in _across_ranks(ray.get(critic)).items()}
             for k, v in step_metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / r.num_steps_per_rollout
         return totals
@@ -431,6 +460,13 @@ class Driver:
             row |= self.evaluate(rollout_id)
         self.last_row_t = time.perf_counter()
         return row
+
+
+def _across_ranks(results: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from every rank's: loss terms are partial sums of the global mean on each rank;
+    gradient norm and learning rate are the same on all."""
+    same = ("grad_norm", "lr")
+    return {k: sum(m[k] for m in results) for k in results[0] if k not in same} | {k: results[0][k] for k in same}
 
 
 def _address_and_free_port() -> tuple[str, int]:

@@ -117,3 +117,13 @@ def token_mean(values: Tensor, mask: Tensor, num_tokens: int | None = None) -> T
     m = mask.to(values.dtype)
     total = m.sum().clamp(min=1) if num_tokens is None else num_tokens
     return (values * m).sum() / total
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip: float) -> tuple[Tensor, Tensor]:
+    """PPO's clipped value loss per token (`value_clip`), and where the clipped term was the larger:
+
+        V_c = V_old + clamp(V − V_old, −ε_v, ε_v),   L_t = ½ · max((V − R)², (V_c − R)²)
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped_loss, clipped_loss = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.maximum(unclipped_loss, clipped_loss), (clipped_loss > unclipped_loss).float()

@@ -83,3 +83,32 @@ def test_reinforce_plus_plus_baseline_by_hand():
     a = reinforce_plus_plus_baseline_advantages(torch.tensor([1.0, 0.0]), kl, mask, kl_coef=0.5,
                                                 n_samples_per_prompt=2)
     assert torch.allclose(a, torch.tensor([[0.5 - 0.05, 0.5 - 0.1], [-0.5 - 0.15, 0.0]]))
+
+
+def test_gae_against_its_recursion_and_over_tool_tokens():
+    from rl.advantages import gae
+
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.2, 0.4, 0.6]])
+    adv, ret = gae(r, v, torch.ones(1, 3), gamma=0.9, lambd=0.8)
+    d2 = 1.0 - 0.6
+    d1 = 0.9 * 0.6 - 0.4
+    d0 = 0.9 * 0.4 - 0.2
+    a2, a1 = d2, d1 + 0.72 * d2
+    expected = torch.tensor([[d0 + 0.72 * a1, a1, a2]])
+    assert torch.allclose(adv, expected) and torch.allclose(ret, expected + v)
+    # λ = 1, γ = 1: the advantage is the return minus the value, the return the final reward
+    adv, ret = gae(r, v, torch.ones(1, 3), gamma=1.0, lambd=1.0)
+    assert torch.allclose(ret, torch.ones(1, 3)) and torch.allclose(adv, 1 - v)
+    # a masked token in the middle (tool output) is skipped over: same as if it were not there
+    with_tool, _ = gae(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.tensor([[0.2, 9.0, 0.4, 0.6]]),
+                       torch.tensor([[1, 0, 1, 1]]), gamma=0.9, lambd=0.8)
+    assert torch.allclose(with_tool[:, [0, 2, 3]], expected) and with_tool[0, 1] == 0
+
+
+def test_ppo_token_rewards_put_the_reward_last_and_the_kl_everywhere():
+    from rl.advantages import ppo_token_rewards
+
+    out = ppo_token_rewards(torch.tensor([2.0]), torch.tensor([[0.1, 0.2, 0.3, 0.0]]),
+                            torch.tensor([[1, 1, 1, 0]]), kl_coef=0.5)
+    assert torch.allclose(out, torch.tensor([[-0.05, -0.1, 2.0 - 0.15, 0.0]]))

@@ -147,9 +147,9 @@ def one_worker_weights(ray_local, tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.parametrize(
     "placement",
-    [["perf.colocate=true"], ["perf.actor_num_gpus_per_node=2"],
+    [["perf.colocate=true"], ["perf.actor_num_gpus_per_node=2", "rollout.balance_data=true"],
      ["perf.actor_num_gpus_per_node=2", "perf.torch_data_parallel='fsdp2'", "perf.colocate=true"]],
-    ids=["colocated-engine", "two-ddp-workers", "two-fsdp2-workers-colocated"],
+    ids=["colocated-engine", "two-ddp-workers-balanced", "two-fsdp2-workers-colocated"],
 )
 def test_other_placements_train_the_same_policy(ray_local, tmp_path, tiny_model_dir, one_worker_weights, placement):
     rows, expected = one_worker_weights
@@ -233,10 +233,16 @@ def test_rlhpc_run_freezes_the_config_and_reports_rewards(ray_local, tmp_path, t
     assert list((tmp_path / "tensorboard").iterdir())
 
 
-def test_modes_of_a_later_issue_are_refused_not_ignored(tmp_path, tiny_model_dir):
-    cfg = tiny(tmp_path, tiny_model_dir, "grpo.advantage_estimator='ppo'")
-    with pytest.raises(RunError, match="'ppo' needs a critic"):
-        run(cfg)
+def test_ppo_trains_a_critic_whose_value_loss_falls(ray_local, tmp_path, tiny_model_dir):
+    """PPO with GAE: the critic learns to predict the reward (its loss falls) while the policy trains on its
+    advantages; the critic is checkpointed with the policy."""
+    rows = run(tiny(tmp_path, tiny_model_dir, "grpo.advantage_estimator='ppo'", "grpo.gamma=1.0", "grpo.lambd=0.95",
+                    "optimizer.critic_lr=1e-2", "rollout.num_rollout=8", "ckpt.save_interval=4",
+                    "eval.eval_interval=100"))["rows"]
+    losses = [r["value_loss"] for r in rows]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["value_loss"], r["critic_grad_norm"]])).all() for r in rows)
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:2]) / 2, losses
+    assert (checkpoint.latest(tmp_path / "checkpoints") / "critic" / "model").is_dir()
 
 
 GROUPS_JUDGED: list[tuple[list[float], bool]] = []
@@ -271,20 +277,20 @@ def test_reinforce_pp_computes_log_probs_once_and_keep_last_prunes(ray_local, tm
     from rl.loop import Driver
 
     calls = []
-    original = Driver.trainer_log_probs
+    original = Driver.per_rank
 
-    def counted(self, train, ref=False):
-        calls.append(ref)
-        return original(self, train, ref)
+    def counted(self, method, train, *args):
+        calls.append((method, *args))
+        return original(self, method, train, *args)
 
-    monkeypatch.setattr(Driver, "trainer_log_probs", counted)
+    monkeypatch.setattr(Driver, "per_rank", counted)
     rows = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=3", "ckpt.save_interval=1", "ckpt.keep_last=2",
                     "grpo.advantage_estimator='reinforce_plus_plus_baseline'", "grpo.normalize_advantages=true",
                     "grpo.kl_coef=0.01",
                     "eval.eval_interval=10"))["rows"]
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     # per rollout: the policy's and the reference's log-probs for the advantages, reused as old log-probs
-    assert calls == [False, True] * 3
+    assert calls == [("compute_log_probs",), ("compute_log_probs", True)] * 3
     assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [2, 3]
 
 

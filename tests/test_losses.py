@@ -109,3 +109,16 @@ def test_micro_batch_reductions_add_up_to_the_global_one():
         whole = reduce(x, mask)
         parts = reduce(x[:2], mask[:2], **kw) + reduce(x[2:], mask[2:], **kw)
         assert torch.allclose(whole, parts)
+
+
+def test_value_loss_clips_the_move_from_the_old_values():
+    from rl.losses import value_loss
+
+    old = torch.tensor([0.0, 0.0, 0.0])
+    values = torch.tensor([0.1, 0.5, -0.5])
+    returns = torch.tensor([0.2, 1.0, 1.0])
+    loss, clipped = value_loss(values, old, returns, clip=0.2)
+    # inside the clip range: plain squared error; moved towards the target beyond it: the clipped (larger) one
+    # counts; moved away from it: the unclipped one is the larger
+    assert torch.allclose(loss, torch.tensor([0.5 * 0.01, 0.5 * 0.64, 0.5 * 2.25]))
+    assert clipped.tolist() == [0.0, 1.0, 0.0]

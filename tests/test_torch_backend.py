@@ -224,3 +224,15 @@ def test_optimizer_offload_moves_its_state_to_the_host_and_back(write_config, ti
     backend.reload_optimizer()
     assert all(v.device.type == "cuda" for s in backend.optimizer.state.values() for k, v in s.items() if k != "step")
     backend.train_step(samples, **sizes)
+
+
+def test_balanced_shares_even_out_tokens_across_ranks():
+    from rl.batch import balanced_shares
+
+    lengths = [50, 48, 47, 3, 4, 5, 6, 2, 9]
+    shares = balanced_shares(lengths, 3)
+    assert sorted(i for s in shares for i in s) == list(range(9))
+    assert [len(s) for s in shares] == [len(r) for r in split_for_ranks(9, 3)]
+    tokens = [sum(lengths[i] for i in s) for s in shares]
+    contiguous = [sum(lengths[i] for i in r) for r in split_for_ranks(9, 3)]
+    assert max(tokens) - min(tokens) <= 10 < max(contiguous) - min(contiguous)

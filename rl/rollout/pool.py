@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 class EnginePool:
     def __init__(self, make: Callable[..., Any] | None, count: int, rollout: RolloutConfig,
                  engines: list[Any] | None = None):
-        """`make()` creates one engine actor (of an `actor_class`). A pool of given `engines` instead (a
-        colocated trainer generating) never replaces them."""
+        """`make(slot)` creates the engine actor (of an `actor_class`) of a slot (its placement). A pool of
+        given `engines` instead (a colocated trainer generating) never replaces them."""
         self._make, self.cfg = make, rollout
-        self.engines = engines or [self._start() for _ in range(count)]
+        self.engines = engines or [self._start(slot) for slot in range(count)]
         self.fault_tolerant = rollout.use_fault_tolerance and make is not None
         self.weights: tuple[Any, int] | None = None
         self.restarts = 0
@@ -44,9 +44,9 @@ class EnginePool:
 
         return ray.remote(concurrency_groups={HEALTH: 1})(engine)
 
-    def _start(self) -> Any:
+    def _start(self, slot: int) -> Any:
         assert self._make is not None
-        return self._make()
+        return self._make(slot)
 
     def update_weights(self, weights: Any, version: int) -> None:
         """Send the policy's weights (a Ray object) to every engine; kept for engines started later."""
@@ -60,7 +60,7 @@ class EnginePool:
 
         log.warning("rollout engine %d %s: replacing it (restart %d)", slot, why, self.restarts + 1)
         ray.kill(self.engines[slot], no_restart=True)
-        self.engines[slot] = self._start()
+        self.engines[slot] = self._start(slot)
         if self.weights is not None:
             ray.get(self.engines[slot].update_weights.remote(*self.weights))
         self.restarts += 1

@@ -1,12 +1,13 @@
-"""The policy objective of one micro-batch, shared by every training backend."""
+"""The objectives of one micro-batch (the policy's, and PPO's critic's), shared by every training backend."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from rl.losses import approx_kl, policy_loss, sample_mean, sequence_log_probs, tis_weights, token_mean
+from rl.losses import approx_kl, policy_loss, sample_mean, sequence_log_probs, tis_weights, token_mean, value_loss
 
 if TYPE_CHECKING:
     from rl.config import GrpoConfig
@@ -35,13 +36,7 @@ def policy_objective(
     global batch's, so the losses of all micro-batches (and ranks) add up to the global batch's loss.
     Metrics are reduced the same way: summed over micro-batches they give the batch means.
     """
-    if grpo.calculate_per_token_loss:
-        def reduce(x: Tensor) -> Tensor:
-            return token_mean(x, mask, num_tokens)
-    else:
-        def reduce(x: Tensor) -> Tensor:
-            return sample_mean(x, mask, num_samples)
-
+    reduce = reduction(grpo, mask, num_samples, num_tokens)
     ratio_log_probs = sequence_log_probs(log_probs, old_log_probs, mask) if grpo.advantage_estimator == "gspo" else log_probs
     eps_high = grpo.eps_clip if grpo.eps_clip_high is None else grpo.eps_clip_high
     pg, clipfrac = policy_loss(ratio_log_probs, old_log_probs, advantages, grpo.eps_clip, eps_high, grpo.eps_clip_c)
@@ -57,3 +52,21 @@ def policy_objective(
         metrics["kl"] = kl.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics
+
+
+def value_objective(grpo: GrpoConfig, *, values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+                    num_samples: int, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's critic loss of a micro-batch, L = R(½ · max((V − G)², (V_c − G)²)) (`rl.losses.value_loss`, clip
+    `value_clip`), reduced as the policy's loss is."""
+    reduce = reduction(grpo, mask, num_samples, num_tokens)
+    per_token, clipped = value_loss(values, old_values, returns, grpo.value_clip)
+    loss = reduce(per_token)
+    return loss, {"value_loss": loss.detach(), "value_clipfrac": reduce(clipped).detach()}
+
+
+def reduction(grpo: GrpoConfig, mask: Tensor, num_samples: int, num_tokens: int) -> Callable[[Tensor], Tensor]:
+    """Per-token mean over the global batch's `num_tokens` with `calculate_per_token_loss`, else the
+    per-sample mean over its `num_samples`."""
+    if grpo.calculate_per_token_loss:
+        return lambda x: token_mean(x, mask, num_tokens)
+    return lambda x: sample_mean(x, mask, num_samples)

@@ -45,10 +45,11 @@ class TorchBackend:
         from transformers import AutoModelForCausalLM
 
         self.cfg, self.device, self.total_steps = cfg, torch.device(device), total_steps
-        self.model = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).to(self.device)
+        self.base_lr = self._base_lr()
+        self.model = self._load(init_from).to(self.device)
         self.model.config.use_cache = False
         self.ref = None
-        if cfg.grpo.use_kl_loss or cfg.grpo.kl_coef:
+        if self._needs_reference():
             self.ref = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -70,9 +71,9 @@ class TorchBackend:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if o.optimizer == "adam":
             self.optimizer = torch.optim.AdamW(
-                params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+                params, lr=self.base_lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
         else:
-            self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+            self.optimizer = torch.optim.SGD(params, lr=self.base_lr, weight_decay=o.weight_decay)
         self.step = 0
         """Optimizer steps taken."""
         self.packed = self.model.config._attn_implementation.startswith("flash")
@@ -83,9 +84,29 @@ class TorchBackend:
 
     # --- forward ---------------------------------------------------------------------------------------
 
+    def _load(self, init_from: str | Path) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+
+    def _base_lr(self) -> float:
+        return self.cfg.optimizer.lr
+
+    def _needs_reference(self) -> bool:
+        return bool(self.cfg.grpo.use_kl_loss or self.cfg.grpo.kl_coef)
+
     def _forward(self, model: torch.nn.Module, samples: list[TrainSample], with_entropy: bool
                  ) -> tuple[Tensor, Tensor | None]:
-        """Response-token log-probs (and entropies) of the samples, as [b, R] (R the longest response).
+        """Response-token log-probs (and entropies) of the samples, as [b, R] (R the longest response)."""
+        logits, target, valid = self._at_responses(model, samples)
+        scaled = logits / self.cfg.rollout.rollout_temperature
+        log_probs = scaled.log_softmax(-1).gather(-1, target[..., None])[..., 0]
+        entropy = entropy_from_logits(scaled) * valid if with_entropy else None
+        return log_probs * valid, entropy
+
+    def _at_responses(self, model: torch.nn.Module, samples: list[TrainSample]) -> tuple[Tensor, Tensor, Tensor]:
+        """The model's outputs where it predicts each response token, [b, R, outputs] (R the longest
+        response); the response tokens, [b, R]; and which of those entries are real, [b, R].
 
         Packed layout (one row, positions restarting per sequence) where a variable-length attention
         kernel makes it pay (flash attention); otherwise a right-padded batch, since dense attention over
@@ -113,14 +134,10 @@ class TorchBackend:
         valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
         at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
         with self.autocast():
-            logits = model(**inputs).logits
-        flat = logits.reshape(-1, logits.shape[-1])[at.flatten().to(self.device)].float()
-        scaled = flat / self.cfg.rollout.rollout_temperature
-        target = tokens.flatten()[(at + 1).flatten()].to(self.device)
-        log_probs = scaled.log_softmax(-1).gather(-1, target[:, None])[:, 0].view(len(samples), r)
-        valid = valid.to(self.device)
-        entropy = entropy_from_logits(scaled).view(len(samples), r) * valid if with_entropy else None
-        return log_probs * valid, entropy
+            out = model(**inputs).logits
+        picked = out.reshape(-1, out.shape[-1])[at.flatten().to(self.device)].float().view(len(samples), r, -1)
+        target = tokens.flatten()[(at + 1).flatten()].to(self.device).view(len(samples), r)
+        return picked, target, valid.to(self.device)
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the count of the rank that has the most: under
@@ -156,7 +173,7 @@ class TorchBackend:
         `num_tokens` loss tokens. `old_log_probs` are needed when the policy moved since the rollout
         (several steps per rollout); for the first step they equal the current ones."""
         o = self.cfg.optimizer
-        lr = lr_at(self.step, lr=o.lr, min_lr=o.min_lr, style=o.lr_decay_style, warmup=o.lr_warmup_iters,
+        lr = lr_at(self.step, lr=self.base_lr, min_lr=o.min_lr, style=o.lr_decay_style, warmup=o.lr_warmup_iters,
                    decay_steps=o.lr_decay_iters or self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -40,6 +40,11 @@ class TrainWorker:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank,
                                     world_size=world_size, init_method=f"tcp://{master_addr}:{master_port}")
         self.backend: TrainingBackend = TorchBackend(cfg, init_from=init_from, total_steps=total_steps, device=device)
+        self.critic = None
+        if cfg.grpo.advantage_estimator == "ppo":
+            from rl.train.critic import TorchCritic
+
+            self.critic = TorchCritic(cfg, init_from=init_from, total_steps=total_steps, device=device)
         self.engine = None
         self.offload_optimizer = cfg.perf.colocate and cfg.perf.offload_optimizer_states
         if host_engine:
@@ -60,6 +65,12 @@ class TrainWorker:
                    old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
         return self.backend.train_step(samples, num_samples=num_samples, num_tokens=num_tokens,
                                        old_log_probs=old_log_probs)
+
+    def compute_values(self, samples: list[TrainSample]) -> list[list[float]]:
+        return self.critic.compute_values(samples)
+
+    def critic_step(self, samples: list[TrainSample], num_samples: int, num_tokens: int) -> dict[str, float]:
+        return self.critic.train_step(samples, num_samples=num_samples, num_tokens=num_tokens)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The policy's weights from rank 0 (empty from the others); every rank is called, since sharded
@@ -109,10 +120,14 @@ class TrainWorker:
 
     def save(self, folder: str) -> None:
         self.backend.save(Path(folder))
+        if self.critic is not None:
+            self.critic.save(Path(folder) / "critic")
         checkpoint.save_rng(Path(folder), self.rank)
 
     def load(self, folder: str) -> None:
         self.backend.load(Path(folder))
+        if self.critic is not None:
+            self.critic.load(Path(folder) / "critic")
         if not checkpoint.load_rng(Path(folder), self.rank):
             log.warning("%s has no random state for rank %d (written by fewer ranks): this rank's dropout "
                         "continues from its seed", folder, self.rank)
