@@ -46,7 +46,8 @@ class Sample:
         self.response_length += len(gen.output_ids)
         self.loss_mask += [1] * len(gen.output_ids)
         self.rollout_log_probs += gen.log_probs
-        self.weight_versions.append(gen.weight_version)
+        if gen.output_ids:  # an abort before the first token generated nothing, under no policy
+            self.weight_versions.append(gen.weight_version)
         self.status = {"stop": "completed", "length": "truncated", "abort": "aborted"}[gen.finish_reason]
 
     def append_observation(self, ids: list[int]) -> None:

@@ -237,11 +237,11 @@ def test_ppo_trains_a_critic_whose_value_loss_falls(ray_local, tmp_path, tiny_mo
     """PPO with GAE: the critic learns to predict the reward (its loss falls) while the policy trains on its
     advantages; the critic is checkpointed with the policy."""
     rows = run(tiny(tmp_path, tiny_model_dir, "grpo.advantage_estimator='ppo'", "grpo.gamma=1.0", "grpo.lambd=0.95",
-                    "optimizer.critic_lr=1e-2", "rollout.num_rollout=8", "ckpt.save_interval=4",
+                    "optimizer.critic_lr=1e-2", "rollout.num_rollout=6", "ckpt.save_interval=3",
                     "eval.eval_interval=100"))["rows"]
     losses = [r["value_loss"] for r in rows]
     assert all(torch.isfinite(torch.tensor([r["loss"], r["value_loss"], r["critic_grad_norm"]])).all() for r in rows)
-    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:2]) / 2, losses
+    assert sum(losses[-2:]) / 2 < 0.5 * sum(losses[:2]) / 2, losses
     assert (checkpoint.latest(tmp_path / "checkpoints") / "critic" / "model").is_dir()
 
 
@@ -439,6 +439,6 @@ def test_async_training_generates_ahead_within_the_staleness_bound_and_resumes_e
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
 
     wider = run(tiny(tmp_path / "wider", tiny_model_dir, "rollout.async_train=true", "rollout.async_buffer_size=2",
-                     "rollout.update_weights_interval=2", "rollout.num_rollout=4", "eval.eval_interval=100"))["rows"]
+                     "rollout.update_weights_interval=2", "rollout.num_rollout=3", "eval.eval_interval=100"))["rows"]
     assert all(r["staleness"] <= 2 + 2 - 1 for r in wider)
-    assert [r["time_sync_s"] > 0 for r in wider] == [False, True, False, True]  # weights every second rollout
+    assert [r["time_sync_s"] > 0 for r in wider] == [False, True, False]  # weights every second rollout
