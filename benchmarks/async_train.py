@@ -4,9 +4,10 @@
     SLURM_CONF=/tmp/rlhpc-cluster/slurm.conf .venv/bin/python benchmarks/async_train.py
 
 The tiny run (configs/tiny_cpu.toml with responses of up to `--response-len` tokens: 8 makes generation cost
-about what training does) on two nodes, the training worker and the rollout engine in separate processes; once synchronous,
-once with `rollout.async_train` (the next rollout generates while this one trains). Throughput is the samples
-of rollouts 1..N−1 over the time between the first and the last rollout's end, so start-up is left out.
+about what training does) on two nodes, the training worker and the rollout engine in separate processes; once
+synchronous, once with `rollout.async_train` (the next rollout generates while this one trains). Throughput is
+the samples of rollouts 1..N−1 over the time between the first and the last rollout's end, so start-up is left
+out.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ RLHPC = str(Path(sys.executable).with_name("rlhpc"))
 def one(model_dir: Path, mode: str, rollouts: int, response_len: int) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix=f"async-{mode}-", dir=ROOT / "runs"))
     sets = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", f"rollout.num_rollout={rollouts}",
-            f"rollout.rollout_max_response_len={response_len}", "rollout.n_samples_per_prompt=8", "eval.eval_interval=1000",
+            f"rollout.rollout_max_response_len={response_len}", "rollout.n_samples_per_prompt=8",
+            "eval.eval_interval=1000",
             "eval.skip_eval_before_train=true", "run.use_tensorboard=false",
             *(["rollout.async_train=true", "rollout.async_buffer_size=1"] if mode == "async" else [])]
     subprocess.run([RLHPC, "submit", str(ROOT / "configs" / "tiny_cpu.toml"), "--nodes", "2", "--cpus-per-task", "2",

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -218,22 +218,24 @@ class Driver:
         rewards = torch.tensor([s.reward for s in train], dtype=torch.float32)
         mask = pad_rows([s.loss_mask for s in train])
         width = mask.shape[1]
+
+        def policy_and_kl() -> tuple[list[list[float]], torch.Tensor]:
+            """The policy's log-probs and its per-token KL to the reference."""
+            old, ref = self.per_rank("compute_log_probs", train), self.per_rank("compute_log_probs", train, True)
+            return old, approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
+
         if g.advantage_estimator in ("grpo", "gspo"):
             per_sample = group_normalize(rewards, n, std_normalize=not g.disable_grpo_std_normalization)
             adv, old = per_sample[:, None] * mask, None
         elif g.advantage_estimator == "ppo":
-            old, kl = None, torch.zeros_like(mask)
-            if g.kl_coef:
-                old, ref = self.per_rank("compute_log_probs", train), self.per_rank("compute_log_probs", train, True)
-                kl = approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
+            old, kl = policy_and_kl() if g.kl_coef else (None, torch.zeros_like(mask))
             values = self.per_rank("compute_values", train)
             adv, returns = gae(ppo_token_rewards(rewards, kl, mask, g.kl_coef), pad_rows(values, width), mask,
                                g.gamma, g.lambd)
             for i, s in enumerate(train):
                 s.values, s.returns = values[i], returns[i, : s.response_length].tolist()
         else:
-            old, ref = self.per_rank("compute_log_probs", train), self.per_rank("compute_log_probs", train, True)
-            kl = approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
+            old, kl = policy_and_kl()
             if g.advantage_estimator == "reinforce_plus_plus":
                 adv = reinforce_plus_plus_returns(rewards, kl, mask, g.kl_coef, g.gamma)
             else:

@@ -39,7 +39,8 @@ REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean"
 
 def settings(model_dir: Path, run_dir: Path, num_rollout: int, samples: int) -> list[str]:
     rl = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", f"rollout.num_rollout={num_rollout}",
-          f"rollout.n_samples_per_prompt={samples}", "ckpt.save_interval=2", "eval.eval_interval=1000", "perf.cpu_threads=1", "slurm.signal_grace_s=30"]
+          f"rollout.n_samples_per_prompt={samples}", "ckpt.save_interval=2", "eval.eval_interval=1000",
+          "perf.cpu_threads=1", "slurm.signal_grace_s=30"]
     return ["--nodes", "1", "--cpus-per-task", "2", *[a for s in rl for a in ("--set", s)]]
 
 

@@ -392,8 +392,9 @@ def test_partial_rollout_continues_cut_off_groups_in_the_next_rollout_and_checkp
                                                                                           tiny_model_dir):
     """Six groups of two sampled, two needed: once two have passed, the others are aborted mid-generation and
     continued by the next rollout, keeping the rollout they began in; the buffer survives a resume."""
-    settings = ["rollout.over_sampling_batch_size=6", "rollout.rollout_batch_size=2", "rollout.n_samples_per_prompt=2",
-                "rollout.num_steps_per_rollout=1", "rollout.partial_rollout=true", "rollout.rollout_max_response_len=24",
+    settings = ["rollout.over_sampling_batch_size=6", "rollout.rollout_batch_size=2",
+                "rollout.n_samples_per_prompt=2", "rollout.num_steps_per_rollout=1", "rollout.partial_rollout=true",
+                "rollout.rollout_max_response_len=24",
                 # a fifth of the vocabulary ends a sample: groups finish at different times
                 f"rollout.rollout_stop_token_ids={list(range(20, 40))}", "ckpt.save_interval=1",
                 "rollout.dynamic_sampling_filter_path='test_loop:recording_partial'", "eval.eval_interval=100"]

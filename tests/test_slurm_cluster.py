@@ -36,7 +36,8 @@ def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_model_dir: Path
     run_dir = tmp_path / "run"
     done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "--cpus-per-task", "2", "--wait",
                  "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=3",
-                 "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=2", "--set", f"run.output_dir='{run_dir}'", env=cluster.env)
+                 "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=2",
+                 "--set", f"run.output_dir='{run_dir}'", env=cluster.env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "finished: 3 rollouts" in done.stdout
 
@@ -82,7 +83,8 @@ def test_rendered_sbatch_script_completes(cluster: LocalCluster, tiny_model_dir:
     run_dir, script, pwned = tmp_path / "run", tmp_path / "run.sbatch", tmp_path / "pwned"
     rendered = rlhpc("render", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "-o", str(script),
                      "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=2",
-                     "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=5", "--set", f"run.output_dir='{run_dir}'",
+                     "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=5",
+                     "--set", f"run.output_dir='{run_dir}'",
                      "--set", "slurm.cpus_per_task=2",
                      "--set", f"slurm.job_name='x; touch {pwned}'",
                      "--set", f"slurm.env={{RLHPC_PROBE='$(touch {pwned})'}}", env=cluster.env)

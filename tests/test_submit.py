@@ -85,7 +85,8 @@ def test_without_slurm_submit_runs_through_the_local_executor(tiny_model_dir: Pa
     env = {**os.environ, "SLURM_CONF": str(tmp_path / "empty-slurm.conf")}
     done = subprocess.run([RLHPC, "submit", str(CONFIGS / "tiny_cpu.toml"), "--wait",
                            "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=2",
-                           "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=5", "--set", f"run.output_dir='{run_dir}'"],
+                           "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=5",
+                           "--set", f"run.output_dir='{run_dir}'"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no Slurm reachable here" in done.stdout and "finished: 2 rollouts" in done.stdout

@@ -82,15 +82,16 @@ class EnginePool:
                     [prompts[i] for i in requests], params, [seeds[i] for i in requests])
                 streams[stream] = (slot, requests)
 
-        def reissue(slot: int, why: str) -> None:
-            for stream in [s for s, (other, _) in streams.items() if other == slot]:
-                _, requests = streams.pop(stream)
-                self.replace(slot, why)
-                issue(slot, [i for i in requests if results[i] is None])
+        def reissue(slot: int, why: str) -> None:  # an engine has one stream per call
+            [stream] = [s for s, (other, _) in streams.items() if other == slot]
+            _, requests = streams.pop(stream)
+            self.replace(slot, why)
+            issue(slot, [i for i in requests if results[i] is None])
 
         for slot, share in enumerate(split_for_ranks(len(prompts), len(self.engines))):
             issue(slot, list(share))
-        next_check = time.monotonic() + self.cfg.rollout_health_check_first_wait + self.cfg.rollout_health_check_interval
+        c = self.cfg
+        next_check = time.monotonic() + c.rollout_health_check_first_wait + c.rollout_health_check_interval
         while streams:
             if abandon():
                 raise Interrupted

@@ -99,20 +99,15 @@ class Sampler:
                  engine: EngineClient, salt: int) -> list[Sample]:
         """n rewarded samples of every prompt of an evaluation dataset."""
         groups = self.new_groups(dataset, list(range(len(dataset))), rollout_id, n, salt=salt)
-
-        async def all_groups() -> list[Group]:
-            return await asyncio.gather(*(self.complete(g, params, engine) for g in groups))
-
-        return [s for group in asyncio.run(all_groups()) for s in group]
+        return [s for group in asyncio.run(self._all(groups, params, engine)) for s in group]
 
     def rollout(self, rollout_id: int, params: SamplingParams, engine: EngineClient) -> tuple[list[Sample], int]:
         """The rollout's `rollout_batch_size` groups, flat and numbered, and how many groups the filter
         dropped."""
         r, n = self.r, self.r.n_samples_per_prompt
         if self.keep_group is None:
-            groups, dropped = self.new_groups(self.dataset, self.cursor.next_batch(r.rollout_batch_size), rollout_id,
-                                              n), 0
-            groups = asyncio.run(self._all(groups, params, engine))
+            fresh = self.new_groups(self.dataset, self.cursor.next_batch(r.rollout_batch_size), rollout_id, n)
+            groups, dropped = asyncio.run(self._all(fresh, params, engine)), 0
         elif r.partial_rollout:
             groups, dropped = asyncio.run(self._as_they_finish(rollout_id, params, engine))
         else:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from rl.batch import TrainSample, pad_rows
 from rl.train.objective import value_objective
-from rl.train.torch_backend import PADDING, TorchBackend
+from rl.train.torch_backend import TorchBackend
 
 
 class TorchCritic(TorchBackend):
@@ -35,12 +35,7 @@ class TorchCritic(TorchBackend):
     @torch.no_grad()
     def compute_values(self, samples: list[TrainSample]) -> list[list[float]]:
         """V_t of each sample's response tokens."""
-        out: list[list[float]] = [[] for _ in samples]
-        for batch in self._micro_batches(samples):
-            values = self._values(self.module, [samples[i] for i in batch] or [PADDING])
-            for row, i in zip(values.tolist(), batch):
-                out[i] = row[: samples[i].response_length]
-        return out
+        return self._per_response_token(lambda batch: self._values(self.model, batch), samples)
 
     def _micro_batch_loss(self, samples: list[TrainSample], old_log_probs: list[list[float]] | None,
                           num_samples: int, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:

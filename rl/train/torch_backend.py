@@ -10,7 +10,7 @@ ids), Megatron's THD layout; without one, as a right-padded batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +35,12 @@ PADDING = TrainSample(tokens=[0, 0], response_length=1, loss_mask=[0], reward=0.
 """The one sample of a padding micro-batch: its mask is 0, so it adds nothing to the loss or the metrics."""
 
 
+def _causal_lm(init_from: str | Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+
+
 def _full(t: Tensor) -> Tensor:
     """A sharded tensor (FSDP's DTensor) gathered whole; any other as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -42,15 +48,13 @@ def _full(t: Tensor) -> Tensor:
 
 class TorchBackend:
     def __init__(self, cfg: RLConfig, *, init_from: str | Path, total_steps: int, device: str = "cpu"):
-        from transformers import AutoModelForCausalLM
-
         self.cfg, self.device, self.total_steps = cfg, torch.device(device), total_steps
         self.base_lr = self._base_lr()
         self.model = self._load(init_from).to(self.device)
         self.model.config.use_cache = False
         self.ref = None
         if self._needs_reference():
-            self.ref = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).to(self.device).eval()
+            self.ref = _causal_lm(init_from).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.sharded = self.world_size > 1 and cfg.perf.torch_data_parallel == "fsdp2"
@@ -70,8 +74,8 @@ class TorchBackend:
         o = cfg.optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
         if o.optimizer == "adam":
-            self.optimizer = torch.optim.AdamW(
-                params, lr=self.base_lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay)
+            self.optimizer = torch.optim.AdamW(params, lr=self.base_lr, betas=(o.adam_beta1, o.adam_beta2),
+                                               eps=o.adam_eps, weight_decay=o.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(params, lr=self.base_lr, weight_decay=o.weight_decay)
         self.step = 0
@@ -85,9 +89,7 @@ class TorchBackend:
     # --- forward ---------------------------------------------------------------------------------------
 
     def _load(self, init_from: str | Path) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
+        return _causal_lm(init_from)
 
     def _base_lr(self) -> float:
         return self.cfg.optimizer.lr
@@ -158,10 +160,15 @@ class TorchBackend:
         model = self.ref if ref else self.model
         if model is None:
             raise ValueError("no reference model: set grpo.use_kl_loss or grpo.kl_coef")
+        return self._per_response_token(lambda batch: self._forward(model, batch, with_entropy=False)[0], samples)
+
+    def _per_response_token(self, rows: Callable[[list[TrainSample]], Tensor],
+                            samples: list[TrainSample]) -> list[list[float]]:
+        """`rows(micro_batch)` ([b, R], no gradient) over this rank's micro-batches, cut to each sample's
+        response."""
         out: list[list[float]] = [[] for _ in samples]
         for batch in self._micro_batches(samples):
-            lps, _ = self._forward(model, [samples[i] for i in batch] or [PADDING], with_entropy=False)
-            for row, i in zip(lps.tolist(), batch):
+            for row, i in zip(rows([samples[i] for i in batch] or [PADDING]).tolist(), batch):
                 out[i] = row[: samples[i].response_length]
         return out
 
