@@ -29,8 +29,13 @@ def export_hf(checkpoints: Path, hf_checkpoint: Path, out: Path) -> Path:
     model = load_policy(folder, hf_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    copy_tokenizer(hf_checkpoint, out)
+    return folder
+
+
+def copy_tokenizer(hf_dir: Path, out: Path) -> None:
+    """The tokenizer and generation files of a Hugging Face folder, copied into another."""
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                  "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model"):
-        if (Path(hf_checkpoint) / name).exists():
-            shutil.copy2(Path(hf_checkpoint) / name, out / name)
-    return folder
+        if (Path(hf_dir) / name).exists():
+            shutil.copy2(Path(hf_dir) / name, out / name)

@@ -1,0 +1,5 @@
+"""The Megatron-core training backend and the Hugging Face ↔ Megatron weight layout (GPU production path).
+
+Only `layout` is importable without megatron-core; the rest imports it, and is imported only when
+`perf.train_backend = "megatron"` or a conversion asks for it.
+"""

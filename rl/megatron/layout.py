@@ -1,0 +1,141 @@
+"""Hugging Face ↔ Megatron-core parameter layout for the dense families the configs name: Qwen3, Qwen2, Llama
+and GLM4. Plain tensor code: no megatron import, so it is tested on any machine.
+
+Megatron fuses what Hugging Face keeps apart:
+- `linear_qkv` holds q, k and v interleaved per query group (grouped-query attention): for each of the
+  `num_key_value_heads` groups, that group's `heads / groups` query heads, then its key head, then its value
+  head, each `head_dim` rows. Tensor parallelism then splits the rows into whole groups.
+- `linear_fc1` holds the gate projection above the up projection (SwiGLU).
+- The norms before attention and before the MLP are `input_layernorm` and `pre_mlp_layernorm` with the local
+  layer spec, or the `layer_norm_weight` of the linear layer they are fused into with Transformer Engine's.
+- GLM4's extra norms on the attention and MLP outputs live in those modules (`rl/megatron/model.py`).
+- With tied embeddings the output layer has no weight of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, cat
+
+
+@dataclass(frozen=True)
+class Family:
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    post_norms: bool = False
+    """GLM4: RMSNorm on the attention output and on the MLP output, before each residual add."""
+    fused_gate_up: bool = False
+    """Hugging Face keeps gate and up in one `gate_up_proj` (GLM4)."""
+
+
+def family(hf_config: Any) -> Family:
+    """The layout facts of a Hugging Face config's model family; an error naming `model_type` otherwise."""
+    kind = hf_config.model_type
+    if kind == "qwen3":
+        return Family(qk_norm=True, qkv_bias=bool(getattr(hf_config, "attention_bias", False)))
+    if kind == "qwen2":
+        return Family(qkv_bias=True)
+    if kind == "llama":
+        if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+            raise ValueError("llama with attention_bias or mlp_bias: biases on every linear layer are not mapped")
+        return Family()
+    if kind == "glm4":
+        return Family(qkv_bias=bool(getattr(hf_config, "attention_bias", True)), post_norms=True,
+                      fused_gate_up=True)
+    raise ValueError(f"model_type {kind!r}: the Megatron layout covers qwen3, qwen2, llama and glm4")
+
+
+@dataclass(frozen=True)
+class Heads:
+    heads: int
+    groups: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, hf_config: Any) -> Heads:
+        heads = hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+        return cls(heads, getattr(hf_config, "num_key_value_heads", None) or heads, head_dim)
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, heads: Heads) -> Tensor:
+    """Megatron's `linear_qkv` (weight or bias) from Hugging Face's q, k, v: per query group g,
+    rows [q heads of g | k head g | v head g], each head `head_dim` rows."""
+    rest = q.shape[1:]
+    per_group = [t.reshape(heads.groups, -1, *rest) for t in (q, k, v)]
+    return cat(per_group, dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: Tensor, heads: Heads) -> tuple[Tensor, Tensor, Tensor]:
+    """The inverse of `fuse_qkv`."""
+    rest = qkv.shape[1:]
+    q_rows = heads.heads // heads.groups * heads.head_dim
+    grouped = qkv.reshape(heads.groups, q_rows + 2 * heads.head_dim, *rest)
+    q, k, v = grouped.split([q_rows, heads.head_dim, heads.head_dim], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def _renames(f: Family, te: bool) -> dict[str, str]:
+    """Per-layer Megatron suffix → Hugging Face suffix, for the tensors that are only renamed."""
+    names = {
+        "self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight": "input_layernorm.weight",
+        "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+        "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+        "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    }
+    if f.qk_norm:
+        names |= {"self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+                  "self_attention.k_layernorm.weight": "self_attn.k_norm.weight"}
+    if f.post_norms:
+        names |= {"self_attention.post_self_attn_layernorm.weight": "post_self_attn_layernorm.weight",
+                  "mlp.post_mlp_layernorm.weight": "post_mlp_layernorm.weight"}
+    return names
+
+
+def hf_to_megatron(hf: Mapping[str, Tensor], hf_config: Any, *, te: bool = False) -> dict[str, Tensor]:
+    """A whole (unsharded) Hugging Face state dict in Megatron-core GPTModel names and layout. `te`: the norm
+    names of Transformer Engine's layer spec."""
+    f, heads = family(hf_config), Heads.of(hf_config)
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if not hf_config.tie_word_embeddings:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    for i in range(hf_config.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for m, h in _renames(f, te).items():
+            out[dst + m] = hf[src + h]
+        attn = src + "self_attn."
+        for kind in ("weight", "bias") if f.qkv_bias else ("weight",):
+            out[f"{dst}self_attention.linear_qkv.{kind}"] = fuse_qkv(
+                *(hf[f"{attn}{p}_proj.{kind}"] for p in "qkv"), heads)
+        if f.fused_gate_up:
+            out[dst + "mlp.linear_fc1.weight"] = hf[src + "mlp.gate_up_proj.weight"]
+        else:
+            out[dst + "mlp.linear_fc1.weight"] = cat([hf[src + "mlp.gate_proj.weight"],
+                                                      hf[src + "mlp.up_proj.weight"]])
+    return out
+
+
+def megatron_to_hf(mc: Mapping[str, Tensor], hf_config: Any, *, te: bool = False) -> dict[str, Tensor]:
+    """The inverse of `hf_to_megatron`; with tied embeddings `lm_head.weight` is the embedding."""
+    f, heads = family(hf_config), Heads.of(hf_config)
+    embed = mc["embedding.word_embeddings.weight"]
+    out = {"model.embed_tokens.weight": embed, "model.norm.weight": mc["decoder.final_layernorm.weight"],
+           "lm_head.weight": embed if hf_config.tie_word_embeddings else mc["output_layer.weight"]}
+    for i in range(hf_config.num_hidden_layers):
+        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
+        for m, h in _renames(f, te).items():
+            out[dst + h] = mc[src + m]
+        for kind in ("weight", "bias") if f.qkv_bias else ("weight",):
+            q, k, v = split_qkv(mc[f"{src}self_attention.linear_qkv.{kind}"], heads)
+            out |= {f"{dst}self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", (q, k, v))}
+        fc1 = mc[src + "mlp.linear_fc1.weight"]
+        if f.fused_gate_up:
+            out[dst + "mlp.gate_up_proj.weight"] = fc1
+        else:
+            gate, up = fc1.chunk(2)
+            out |= {dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up}
+    return out

@@ -1,0 +1,80 @@
+"""Hugging Face ↔ Megatron-core layout (issue #7): exact round trips on tiny models of each family, the names
+and shapes a real Megatron GPTModel has, and the torch_dist conversion both ways (megatron-core builds its
+model on the host; its forward and its torch_dist writer need CUDA, so those tests are `gpu`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig, Qwen2Config, Qwen3Config
+
+from rl.megatron.layout import Heads, fuse_qkv, hf_to_megatron, megatron_to_hf, split_qkv
+
+SHAPE = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+CONFIGS = {
+    "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=16, tie_word_embeddings=True),
+    "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=False),
+    "llama": lambda: LlamaConfig(**SHAPE, tie_word_embeddings=False),
+    "glm4": lambda: Glm4Config(**SHAPE, head_dim=16, tie_word_embeddings=False),
+}
+
+
+def tiny(kind: str):
+    torch.manual_seed(0)
+    config = CONFIGS[kind]()
+    return config, AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def test_fused_qkv_puts_each_query_group_beside_its_key_and_value():
+    heads = Heads(heads=4, groups=2, head_dim=3)
+    q = torch.arange(12.0)[:, None].expand(12, 5)
+    k, v = 100 + torch.arange(6.0)[:, None].expand(6, 5), 200 + torch.arange(6.0)[:, None].expand(6, 5)
+    qkv = fuse_qkv(q, k, v, heads)
+    # group 0: query heads 0 and 1, key head 0, value head 0; then group 1
+    assert qkv[:, 0].tolist() == [*range(6), 100, 101, 102, 200, 201, 202,
+                                  *range(6, 12), 103, 104, 105, 203, 204, 205]
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(qkv, heads), (q, k, v)))
+    bias = fuse_qkv(q[:, 0], k[:, 0], v[:, 0], heads)
+    assert torch.equal(bias, qkv[:, 0])
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("te", [False, True])
+def test_hf_megatron_hf_is_exact(kind, te):
+    config, model = tiny(kind)
+    hf = model.state_dict()
+    back = megatron_to_hf(hf_to_megatron(hf, config, te=te), config, te=te)
+    assert back.keys() == hf.keys()
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+megatron = pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install rlhpc[megatron])")
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+def test_layout_matches_a_megatron_gpt_model(kind):
+    from rl.megatron.convert import _host_model, load_megatron_state, one_process
+
+    config, model = tiny(kind)
+    mapped = hf_to_megatron(model.state_dict(), config)
+    with one_process():
+        gpt = _host_model(config, te=False)
+        shapes = {k: v.shape for k, v in gpt.state_dict().items() if isinstance(v, torch.Tensor)}
+        assert {k: v.shape for k, v in mapped.items()} == shapes
+        load_megatron_state(gpt, mapped)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["qwen3", "glm4"])
+def test_convert_to_torch_dist_and_back_is_exact(tmp_path, kind):
+    from rl.megatron.convert import hf_to_torch_dist, torch_dist_to_hf
+
+    config, model = tiny(kind)
+    model.save_pretrained(tmp_path / "hf")
+    hf_to_torch_dist(tmp_path / "hf", tmp_path / "torch_dist")
+    torch_dist_to_hf(tmp_path / "torch_dist", tmp_path / "back")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).state_dict()
+    original = model.state_dict()
+    assert again.keys() == original.keys()
+    assert all(torch.equal(again[k], original[k]) for k in original)
