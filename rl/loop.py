@@ -46,8 +46,8 @@ def _check_inputs(cfg: RLConfig) -> None:
     if not problems and not (cfg.ckpt.hf_checkpoint / "config.json").exists():
         problems.append(f"ckpt.hf_checkpoint: {cfg.ckpt.hf_checkpoint} is not a Hugging Face model folder "
                         "(no config.json)")
-    if cfg.perf.train_backend != "torch" or cfg.rollout.engine != "torch":
-        problems.append("perf.train_backend / rollout.engine: the megatron and sglang paths arrive with issue #7")
+    if cfg.perf.train_backend == "megatron" and cfg.grpo.advantage_estimator == "ppo":
+        problems.append("grpo.advantage_estimator = 'ppo': the critic is trained by the torch backend only")
     if problems:
         raise RunError("; ".join(problems))
 
@@ -176,6 +176,8 @@ class Driver:
         self.pool = (EnginePool(None, 1, self.cfg.rollout, engines=[self.workers[0]]) if p.colocate else
                      EnginePool(make_engine, n_engines, self.cfg.rollout))
         self.placement = ray.get([w.node.remote() for w in self.workers])  # also surfaces start-up errors
+        self.layout = ray.get([w.data_parallel.remote() for w in self.workers])
+        self.dp_size = self.layout[0][1]
 
     def stop_actors(self) -> None:
         import ray
@@ -247,16 +249,24 @@ class Driver:
         return old
 
     def per_rank(self, method: str, train: list[TrainSample], *args: Any) -> list[Any]:
-        """A per-sample computation of the training workers (log-probs, values), each on its share."""
+        """A per-sample computation of the training workers (log-probs, values), each data-parallel rank on
+        its share."""
+
+        shares = split_for_ranks(len(train), self.dp_size)
+        return [x for part in self._reported([getattr(w, method).remote([train[i] for i in shares[d]], *args)
+                                              for w, (d, _, _) in zip(self.workers, self.layout)])
+                for x in part]
+
+    def _reported(self, calls: list[Any]) -> list[Any]:
+        """The results of one call per worker, one per data-parallel rank in rank order (the reporting ranks')."""
         import ray
 
-        shares = split_for_ranks(len(train), len(self.workers))
-        parts = ray.get([getattr(w, method).remote([train[i] for i in s], *args) for w, s in zip(self.workers, shares)])
-        return [x for part in parts for x in part]
+        results = ray.get(calls)
+        by_rank = {d: r for (d, _, reports), r in zip(self.layout, results) if reports}
+        return [by_rank[d] for d in range(self.dp_size)]
 
     def train(self, train: list[TrainSample], old: list[list[float]] | None = None) -> dict[str, float]:
         """`num_steps_per_rollout` optimizer steps; `old` are the policy's log-probs if already computed."""
-        import ray
 
         r, g = self.cfg.rollout, self.cfg.grpo
         gbs = r.global_batch_size
@@ -269,17 +279,18 @@ class Driver:
             batch = list(range(step * gbs, (step + 1) * gbs))
             num_tokens = sum(sum(train[i].loss_mask) for i in batch)
             shares = [[batch[i] for i in s] for s in (
-                balanced_shares([len(train[i].tokens) for i in batch], len(self.workers)) if r.balance_data
-                else split_for_ranks(len(batch), len(self.workers)))]
+                balanced_shares([len(train[i].tokens) for i in batch], self.dp_size) if r.balance_data
+                else split_for_ranks(len(batch), self.dp_size))]
+            mine = [shares[d] for d, _, _ in self.layout]
             policy = [w.train_step.remote([train[i] for i in s], len(batch), num_tokens,
                                           None if old is None else [old[i] for i in s])
-                      for w, s in zip(self.workers, shares)]
+                      for w, s in zip(self.workers, mine)]
             critic = [w.critic_step.remote([train[i] for i in s], len(batch), num_tokens)
-                      for w, s in zip(self.workers, shares)] if g.advantage_estimator == "ppo" else []
-            step_metrics = _across_ranks(ray.get(policy))
+                      for w, s in zip(self.workers, mine)] if g.advantage_estimator == "ppo" else []
+            step_metrics = _across_ranks(self._reported(policy))
             if critic:
                 step_metrics |= {f"critic_{k}" if k in ("grad_norm", "lr") else k: v
-                                 for k, v in _across_ranks(ray.get(critic)).items()}
+                                 for k, v in _across_ranks(self._reported(critic)).items()}
             for k, v in step_metrics.items():
                 totals[k] = totals.get(k, 0.0) + v / r.num_steps_per_rollout
         return totals

@@ -78,3 +78,17 @@ def test_convert_to_torch_dist_and_back_is_exact(tmp_path, kind):
     original = model.state_dict()
     assert again.keys() == original.keys()
     assert all(torch.equal(again[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("name", ["decoder.layers.3.mlp.linear_fc1.weight", "decoder.layers.3.mlp.linear_fc2.weight"])
+def test_tensor_parallel_shards_put_back_whole(name):
+    from rl.megatron.shards import renumber, shard, unshard
+
+    whole = torch.arange(8 * 6.0).reshape(8, 6)
+    for dim in (0, 1):
+        parts = [shard(whole, name, dim, r, 2) for r in range(2)]
+        assert torch.equal(unshard(parts, name, dim), whole)
+    gate_rows = shard(whole, "decoder.layers.0.mlp.linear_fc1.weight", 0, 1, 2)[:, 0].tolist()
+    assert gate_rows == [12.0, 18.0, 36.0, 42.0]  # rank 1: gate rows 2-3, then up rows 6-7
+    assert renumber("decoder.layers.1.mlp.linear_fc2.weight", 4) == "decoder.layers.5.mlp.linear_fc2.weight"
+    assert renumber("embedding.word_embeddings.weight", 4) == "embedding.word_embeddings.weight"

@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 class TrainingBackend(Protocol):
     step: int
     """Optimizer steps taken (the learning-rate schedule's position; restored by `load`)."""
+    dp_rank: int
+    dp_size: int
+    """This rank's data-parallel rank and their count: ranks of one model-parallel group (tensor, pipeline)
+    share a data-parallel rank and are given the same samples."""
+    reports: bool
+    """Whether this rank's results (log-probs, metrics) stand for its data-parallel rank; the driver reads only
+    those (with pipeline parallelism, only the last stage has them)."""
 
     def compute_log_probs(self, samples: list[TrainSample], *, ref: bool = False) -> list[list[float]]:
         """log π(token) of each sample's response tokens under the policy, or the reference model with

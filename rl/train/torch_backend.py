@@ -46,6 +46,17 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def move_optimizer_state(optimizer: torch.optim.Optimizer, to: torch.device, home: torch.device) -> None:
+    """The optimizer's state tensors moved to `to`; leaving a GPU (`home`) hands the memory back at once."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, Tensor) and key != "step":  # Adam keeps its step count on the host anyway
+                state[key] = value.to(to, non_blocking=True)
+    if to.type == "cpu" and home.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 class TorchBackend:
     def __init__(self, cfg: RLConfig, *, init_from: str | Path, total_steps: int, device: str = "cpu"):
         self.cfg, self.device, self.total_steps = cfg, torch.device(device), total_steps
@@ -57,6 +68,8 @@ class TorchBackend:
             self.ref = _causal_lm(init_from).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.dp_rank, self.dp_size, self.reports = (dist.get_rank() if dist.is_initialized() else 0,
+                                                    self.world_size, True)
         self.sharded = self.world_size > 1 and cfg.perf.torch_data_parallel == "fsdp2"
         self.module = self.model
         if self.sharded:
@@ -248,19 +261,10 @@ class TorchBackend:
             yield name, _full(p.detach())
 
     def offload_optimizer(self) -> None:
-        self._move_optimizer(torch.device("cpu"))
+        move_optimizer_state(self.optimizer, torch.device("cpu"), self.device)
 
     def reload_optimizer(self) -> None:
-        self._move_optimizer(self.device)
-
-    def _move_optimizer(self, device: torch.device) -> None:
-        for state in self.optimizer.state.values():
-            for key, value in state.items():
-                if isinstance(value, Tensor) and key != "step":  # Adam keeps its step count on the host anyway
-                    state[key] = value.to(device, non_blocking=True)
-        if device.type == "cpu" and self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        move_optimizer_state(self.optimizer, self.device, self.device)
 
     def save(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)

@@ -25,11 +25,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def training_backend(cfg: RLConfig) -> type:
+    """The backend class `perf.train_backend` names; Megatron-core is imported only when chosen."""
+    if cfg.perf.train_backend == "megatron":
+        from rl.megatron.backend import MegatronBackend
+
+        return MegatronBackend
+    from rl.train.torch_backend import TorchBackend
+
+    return TorchBackend
+
+
 class TrainWorker:
     def __init__(self, cfg: RLConfig, *, rank: int, world_size: int, master_addr: str, master_port: int,
                  init_from: str, total_steps: int, threads: int, host_engine: bool):
-        from rl.train.torch_backend import TorchBackend
-
         torch.set_num_threads(threads)
         self.rank = rank
         # Each rank's own stream (dropout), the same in every run of this config; a resume restores it.
@@ -39,7 +48,8 @@ class TrainWorker:
         if world_size > 1:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank,
                                     world_size=world_size, init_method=f"tcp://{master_addr}:{master_port}")
-        self.backend: TrainingBackend = TorchBackend(cfg, init_from=init_from, total_steps=total_steps, device=device)
+        self.backend: TrainingBackend = training_backend(cfg)(cfg, init_from=init_from, total_steps=total_steps,
+                                                               device=device)
         self.critic = None
         if cfg.grpo.advantage_estimator == "ppo":
             from rl.train.critic import TorchCritic
@@ -57,6 +67,10 @@ class TrainWorker:
         import ray
 
         return ray.util.get_node_ip_address(), os.getpid()
+
+    def data_parallel(self) -> tuple[int, int, bool]:
+        """(data-parallel rank, data-parallel size, whether this rank reports for its data-parallel rank)."""
+        return self.backend.dp_rank, self.backend.dp_size, self.backend.reports
 
     def compute_log_probs(self, samples: list[TrainSample], ref: bool = False) -> list[list[float]]:
         return self.backend.compute_log_probs(samples, ref=ref)

@@ -1,0 +1,318 @@
+"""The Megatron-core training backend (`perf.train_backend = "megatron"`): `rl/train/backend.py`'s interface
+over a GPTModel with tensor, pipeline and expert parallelism, Megatron's DDP and (distributed) optimizer.
+
+Micro-batches are packed into one THD row (`PackedSeqParams`, positions restarting per sequence) when
+Transformer Engine is there; otherwise right-padded rows under the causal mask, where padding after a sequence
+changes none of its logits. Log-probs and entropy are computed on the vocabulary-parallel logits without
+gathering the vocabulary. The losses are `rl/train/objective.py`'s, as in the torch backend.
+
+Not yet: context parallelism (each packed sequence split in 2 × CP chunks), virtual pipeline stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import Tensor
+
+from rl.batch import TrainSample, micro_batches, pad_rows
+from rl.megatron.convert import HF_CONFIG, torch_dist_config
+from rl.megatron.layout import hf_to_megatron, megatron_to_hf
+from rl.megatron.model import build_model, has_transformer_engine
+from rl.megatron.shards import renumber, shard, split_dim, unshard
+from rl.train.objective import policy_objective
+from rl.train.schedule import lr_at
+from rl.train.torch_backend import PADDING, move_optimizer_state
+
+if TYPE_CHECKING:
+    from rl.config import RLConfig
+
+log = logging.getLogger(__name__)
+
+
+def vocab_parallel_log_probs(logits: Tensor, target: Tensor) -> Tensor:
+    """log softmax(logits)[target] with the vocabulary split over the tensor-parallel ranks:
+    −cross_entropy, computed by Megatron across the ranks' shards."""
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
+
+
+def vocab_parallel_entropy(logits: Tensor) -> Tensor:
+    """H = log Z + m − Σ_v p_v z_v, with z the logits, m = max_v z_v, Z = Σ_v exp(z_v − m), p = softmax(z); each
+    max and sum over the whole vocabulary (all-reduced over the tensor-parallel ranks, gradients kept)."""
+    z = logits.float()
+    m = z.max(-1, keepdim=True).values.detach()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=parallel_state.get_tensor_model_parallel_group())
+    e = (z - m).exp()
+    total = tensor_parallel.reduce_from_tensor_model_parallel_region(e.sum(-1, keepdim=True))
+    p = e / total
+    weighted = tensor_parallel.reduce_from_tensor_model_parallel_region((p * z).sum(-1, keepdim=True))
+    return (total.log() + m - weighted)[..., 0]
+
+
+class MegatronBackend:
+    def __init__(self, cfg: RLConfig, *, init_from: str | Path, total_steps: int, device: str = "cuda"):
+        from transformers import AutoConfig
+
+        p = cfg.perf
+        if p.context_parallel_size > 1:
+            raise ValueError("perf.context_parallel_size > 1: the Megatron backend does not split sequences "
+                             "over context-parallel ranks yet")
+        self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
+        self.te = has_transformer_engine()
+        self.hf_config = AutoConfig.from_pretrained(init_from)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.first_stage = parallel_state.is_pipeline_first_stage()
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.reports = self.last_stage and self.tp_rank == 0
+        """This rank's results stand for its data-parallel rank (the driver reads only these)."""
+
+        self.model = build_model(self.hf_config, p, te=self.te, pre_process=self.first_stage,
+                                 post_process=self.last_stage).to(self.device)
+        self.layer_offset = self.model.decoder.layers[0].layer_number - 1 if len(self.model.decoder.layers) else 0
+        self._load_weights(cfg, Path(init_from))
+        self.ref = None
+        if cfg.grpo.use_kl_loss or cfg.grpo.kl_coef:
+            self.ref = build_model(self.hf_config, p, te=self.te, pre_process=self.first_stage,
+                                   post_process=self.last_stage).to(self.device).eval()
+            self.ref.load_state_dict(self.model.state_dict())
+            self.ref.requires_grad_(False)
+        self.ddp = DistributedDataParallel(
+            config=self.model.config, module=self.model,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                     use_distributed_optimizer=p.use_distributed_optimizer))
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(MegatronOptimizerConfig(
+            optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=self.model.config.bf16,
+            params_dtype=self.model.config.params_dtype, use_distributed_optimizer=p.use_distributed_optimizer),
+            [self.ddp])
+        self.step = 0
+
+    # --- weights in ------------------------------------------------------------------------------------
+
+    def _load_weights(self, cfg: RLConfig, init_from: Path) -> None:
+        """From a torch_dist checkpoint (`ckpt.ref_load` written by `rlhpc convert hf-to-megatron`), which
+        loads under any layout; else straight from the Hugging Face folder, each rank cutting its shards."""
+        ref = cfg.ckpt.ref_load
+        if ref is not None and (Path(ref) / HF_CONFIG).exists():
+            _, te = torch_dist_config(Path(ref))
+            if te != self.te:
+                raise ValueError(f"ckpt.ref_load: {ref} was converted {'with' if te else 'without'} Transformer "
+                                 f"Engine's layer spec, and this node has{'' if self.te else ' no'} Transformer Engine")
+            loaded = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(ref))
+            self.model.load_state_dict(loaded["model"], strict=False)
+            return
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).state_dict()
+        whole = hf_to_megatron(hf, self.hf_config, te=self.te)
+        params = dict(self.model.named_parameters())
+        mine = {name: shard(whole[renumber(name, self.layer_offset)], name, split_dim(params[name]),
+                            self.tp_rank, self.tp_size)
+                for name in params}
+        missing = [k for k in self.model.load_state_dict(mine, strict=False).missing_keys
+                   if not k.endswith("_extra_state")]
+        if missing:
+            raise ValueError(f"{init_from}: no weights for {missing}")
+
+    # --- forward ---------------------------------------------------------------------------------------
+
+    def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
+        """As the torch backend: by token budget or count, padded with empty ones to the data-parallel rank
+        that has the most (every rank runs the same schedule)."""
+        p = self.cfg.perf
+        batches = micro_batches([len(s.tokens) for s in samples],
+                                p.max_tokens_per_gpu if p.use_dynamic_batch_size else None, p.micro_batch_size)
+        count = torch.tensor(len(batches), device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return batches + [[] for _ in range(int(count) - len(batches))]
+
+    def _inputs(self, samples: list[TrainSample]) -> dict[str, Any]:
+        """Model inputs of one micro-batch, and where each response token's predicting logit sits."""
+        lengths = [len(s.tokens) for s in samples]
+        if self.te:
+            tokens = torch.tensor([t for s in samples for t in s.tokens])[None]
+            positions = torch.cat([torch.arange(n) for n in lengths])[None]
+            cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(self.device)
+            starts = cu[:-1].cpu()
+            extra = {"packed_seq_params": PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
+                max_seqlen_kv=max(lengths))}
+        else:
+            width = max(lengths)
+            tokens = torch.zeros((len(samples), width), dtype=torch.long)
+            for i, s in enumerate(samples):
+                tokens[i, : len(s.tokens)] = torch.tensor(s.tokens)
+            positions = torch.arange(width)[None].expand(len(samples), width)
+            starts = torch.arange(len(samples)) * width
+            extra = {}
+        r = max(s.response_length for s in samples)
+        offsets = torch.arange(r)
+        valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
+        first = torch.tensor([s.prompt_length - 1 for s in samples])
+        at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
+        target = tokens.flatten()[(at + 1).flatten()].view(len(samples), r)
+        return {"input_ids": tokens.to(self.device), "position_ids": positions.to(self.device),
+                "attention_mask": None, **extra, "at": at.to(self.device), "target": target.to(self.device),
+                "valid": valid.to(self.device)}
+
+    def _run(self, model: torch.nn.Module, samples: list[TrainSample], loss_of, *, forward_only: bool) -> None:
+        """Megatron's schedule (pipelined when the model is) over this rank's micro-batches; `loss_of(i, batch,
+        log_probs, entropy)` is called on the last stage for micro-batch i and returns (loss, metrics)."""
+        batches = self._micro_batches(samples)
+        feed = iter([[samples[i] for i in b] or [PADDING] for b in batches])
+        temperature = self.cfg.rollout.rollout_temperature
+        count = iter(range(len(batches)))
+
+        def forward_step(data: Iterator[list[TrainSample]], module: torch.nn.Module):
+            batch = next(data)
+            k = next(count)
+            inputs = self._inputs(batch)
+            at, target, valid = inputs.pop("at"), inputs.pop("target"), inputs.pop("valid")
+            out = module(**inputs)
+
+            def loss_func(logits: Tensor):
+                flat = logits.reshape(-1, logits.shape[-1])[at.flatten()].view(*at.shape, -1) / temperature
+                lp = vocab_parallel_log_probs(flat, target) * valid
+                entropy = vocab_parallel_entropy(flat) * valid
+                loss, metrics = loss_of(batches[k], batch, lp, entropy)
+                # The schedule divides by the micro-batch count and DDP averages over data-parallel ranks; the
+                # objective already uses global denominators.
+                return loss * len(batches) * self.dp_size, metrics
+
+            return out, loss_func
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=feed, model=[model], num_microbatches=len(batches),
+            seq_length=max((len(s.tokens) for s in samples), default=2), micro_batch_size=1,
+            forward_only=forward_only)
+
+    @torch.no_grad()
+    def compute_log_probs(self, samples: list[TrainSample], *, ref: bool = False) -> list[list[float]]:
+        model = self.ref if ref else self.model
+        if model is None:
+            raise ValueError("no reference model: set grpo.use_kl_loss or grpo.kl_coef")
+        model.eval()
+        out: list[list[float]] = [[] for _ in samples]
+
+        def keep(indices: list[int], batch: list[TrainSample], lp: Tensor, entropy: Tensor):
+            for row, i in zip(lp.tolist(), indices):
+                out[i] = row[: samples[i].response_length]
+            return lp.sum() * 0, {}
+
+        self._run(model, samples, keep, forward_only=True)
+        return out
+
+    # --- update ----------------------------------------------------------------------------------------
+
+    def train_step(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
+                   old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
+        o = self.cfg.optimizer
+        lr = lr_at(self.step, lr=o.lr, min_lr=o.min_lr, style=o.lr_decay_style, warmup=o.lr_warmup_iters,
+                   decay_steps=o.lr_decay_iters or self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        totals: dict[str, float] = {}
+        refs = self.compute_log_probs(samples, ref=True) if self.ref is not None else None
+
+        def objective(indices: list[int], batch: list[TrainSample], lp: Tensor, entropy: Tensor):
+            width = lp.shape[1]
+
+            def rows(values: list[list[float]]) -> Tensor:
+                return pad_rows(values, width).to(self.device)
+
+            loss, metrics = policy_objective(
+                self.cfg.grpo, log_probs=lp, entropy=entropy,
+                old_log_probs=lp.detach() if old_log_probs is None or not indices else rows(
+                    [old_log_probs[i] for i in indices]),
+                advantages=rows([s.advantages for s in batch]), mask=rows([s.loss_mask for s in batch]),
+                ref_log_probs=None if refs is None or not indices else rows([refs[i] for i in indices]),
+                rollout_log_probs=rows([s.rollout_log_probs for s in batch]),
+                num_samples=num_samples, num_tokens=num_tokens)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            return loss, metrics
+
+        self._run(self.ddp, samples, objective, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            log.warning("optimizer step %d skipped (non-finite gradients)", self.step)
+        self.step += 1
+        return {**totals, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+
+    # --- weights out -----------------------------------------------------------------------------------
+
+    def named_weights(self) -> Iterator[tuple[str, Tensor]]:
+        """The whole policy by Hugging Face name on global rank 0 (nothing elsewhere): every rank takes part,
+        tensor-parallel shards all-gathered within each stage, then each stage's layers sent to rank 0."""
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        stage: dict[str, Tensor] = {}
+        for name, param in self.model.named_parameters():
+            dim = split_dim(param)
+            parts = [param.detach()]
+            if dim is not None and self.tp_size > 1:
+                parts = [torch.empty_like(param) for _ in range(self.tp_size)]
+                dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
+            stage[renumber(name, self.layer_offset)] = unshard(parts, name, dim)
+        whole = stage
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            gathered: list[Any] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
+            mine = {k: v.cpu() for k, v in stage.items()} if self.tp_rank == 0 and self.dp_rank == 0 else {}
+            dist.all_gather_object(gathered, mine, group=parallel_state.get_pipeline_model_parallel_group())
+            whole = {k: v.to(self.device) for part in gathered for k, v in part.items()}
+        if dist.get_rank() != 0:
+            return
+        yield from megatron_to_hf(whole, self.hf_config, te=self.te).items()
+
+    def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers inside Megatron's (one per parameter kind when chained)."""
+        return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
+
+    def offload_optimizer(self) -> None:
+        for o in self._torch_optimizers():
+            move_optimizer_state(o, torch.device("cpu"), self.device)
+
+    def reload_optimizer(self) -> None:
+        for o in self._torch_optimizers():
+            move_optimizer_state(o, self.device, self.device)
+
+    # --- checkpoints (torch_dist: loadable under another parallel layout) ------------------------------
+
+    def _sharded_state(self) -> dict[str, Any]:
+        model_state = self.model.sharded_state_dict()
+        return {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(model_state)}
+
+    def save(self, folder: Path) -> None:
+        dist_checkpointing.save(self._sharded_state(), str(Path(folder) / "megatron"))
+        if dist.get_rank() == 0:
+            torch.save({"step": self.step}, Path(folder) / "megatron_step.pt")
+
+    def load(self, folder: Path) -> None:
+        state = dist_checkpointing.load(self._sharded_state(), str(Path(folder) / "megatron"))
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(torch.load(Path(folder) / "megatron_step.pt")["step"])
+
