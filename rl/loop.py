@@ -29,7 +29,7 @@ from rl.losses import approx_kl
 from rl.metrics import MetricsLog, Progress
 from rl.rollout.ahead import Generated, RolloutsAhead
 from rl.rollout.client import EngineClient
-from rl.rollout.engine import SamplingParams
+from rl.rollout.engine import SamplingParams, engine_factory
 from rl.rollout.pool import EnginePool
 from rl.rollout.sampling import Sampler
 
@@ -112,7 +112,6 @@ class Driver:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from rl.rollout.torch_engine import TorchEngine
         from rl.train.worker import TrainWorker
 
         if not ray.is_initialized():
@@ -146,7 +145,9 @@ class Driver:
         bundle = {"CPU": slot * p.actor_num_gpus_per_node, **({"GPU": p.actor_num_gpus_per_node} if gpus else {})}
         training = reserve("training workers", [bundle] * p.actor_num_nodes,
                            "STRICT_SPREAD" if p.actor_num_nodes > 1 else "STRICT_PACK")
-        engines = reserve("rollout engines", [{"CPU": slot, **({"GPU": gpus} if gpus else {})}] * n_engines,
+        per_engine = self.cfg.sglang.rollout_num_gpus_per_engine if self.cfg.rollout.engine == "sglang" else 1
+        engine_gpus = gpus * per_engine
+        engines = reserve("rollout engines", [{"CPU": slot, **({"GPU": engine_gpus} if gpus else {})}] * n_engines,
                           "PACK") if n_engines else None
 
         def in_bundle(rank: int) -> dict[str, Any]:
@@ -165,13 +166,14 @@ class Driver:
                 host_engine=p.colocate and rank == 0)
             for rank in range(world)
         ]
-        engine_cls = EnginePool.actor_class(TorchEngine)
+        engine, engine_kwargs = engine_factory(self.cfg)
+        engine_cls = EnginePool.actor_class(engine)
 
         def make_engine(index: int) -> Any:
-            return engine_cls.options(num_cpus=slot, num_gpus=gpus, runtime_env={"env_vars": WORKER_ENV},
+            return engine_cls.options(num_cpus=slot, num_gpus=engine_gpus, runtime_env={"env_vars": WORKER_ENV},
                                       scheduling_strategy=PlacementGroupSchedulingStrategy(
                                           engines, placement_group_bundle_index=index)).remote(
-                self.init_from, threads=threads)
+                self.init_from, threads=threads, **engine_kwargs)
 
         self.pool = (EnginePool(None, 1, self.cfg.rollout, engines=[self.workers[0]]) if p.colocate else
                      EnginePool(make_engine, n_engines, self.cfg.rollout))

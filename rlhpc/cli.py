@@ -4,6 +4,7 @@ so `rlhpc --help` stays instant."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -156,6 +157,48 @@ def export(
         _error(str(e))
         raise typer.Exit(2) from None
     out.print(f"exported {folder} → {hf}", highlight=False, soft_wrap=True)
+
+
+convert_app = typer.Typer(help="Convert weights between Hugging Face folders and Megatron torch_dist checkpoints "
+                          "(needs megatron-core, `pip install rlhpc[megatron]`, and CUDA).", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("hf-to-megatron")
+def hf_to_megatron(
+    hf: Annotated[Path, typer.Argument(help="Hugging Face model folder.", show_default=False)],
+    out: Annotated[Path, typer.Argument(help="New folder for the torch_dist checkpoint (ckpt.ref_load).",
+                                        show_default=False)],
+    te: Annotated[bool | None, typer.Option("--te/--no-te", help="Transformer Engine's layer spec (the default where "
+                                     "it is installed).")] = None,
+) -> None:
+    """Write a Hugging Face model as a torch_dist checkpoint that the Megatron backend loads under any layout."""
+    from rl.megatron.convert import hf_to_torch_dist
+    from rl.megatron.model import has_transformer_engine
+
+    _convert(lambda: hf_to_torch_dist(hf, out, te=has_transformer_engine() if te is None else te), hf, out)
+
+
+@convert_app.command("megatron-to-hf")
+def megatron_to_hf(
+    folder: Annotated[Path, typer.Argument(help="torch_dist checkpoint written by hf-to-megatron.",
+                                           show_default=False)],
+    out: Annotated[Path, typer.Argument(help="Hugging Face folder to write.", show_default=False)],
+    tokenizer: Annotated[Path | None, typer.Option(help="Hugging Face folder to copy the tokenizer from.")] = None,
+) -> None:
+    """Write a torch_dist checkpoint as a Hugging Face folder that `from_pretrained` loads."""
+    from rl.megatron.convert import torch_dist_to_hf
+
+    _convert(lambda: torch_dist_to_hf(folder, out, tokenizer_from=tokenizer), folder, out)
+
+
+def _convert(work: Callable[[], None], source: Path, dest: Path) -> None:
+    try:
+        work()
+    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+        _error(f"{source}: {e}")
+        raise typer.Exit(2) from None
+    out.print(f"converted {source} → {dest}", highlight=False, soft_wrap=True)
 
 
 @app.command()

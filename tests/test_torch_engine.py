@@ -138,3 +138,16 @@ def test_generations_stream_as_they_end_and_an_abort_returns_the_unfinished_part
         assert g.log_probs == pytest.approx(whole[i].log_probs[: len(g.log_probs)], abs=1e-5)
     engine.abort()  # idle: nothing to end, the next generation is whole
     assert [g.output_ids for g in engine.generate(prompts, params, seeds)] == [g.output_ids for g in whole]
+
+
+@pytest.mark.gpu
+def test_the_engine_generates_on_cuda_and_takes_new_weights(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    engine = TorchEngine(tiny_model_dir, device="cuda")
+    params = SamplingParams(max_new_tokens=6)
+    before = engine.generate([[5, 6, 7]], params, [1])[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine.update_weights({k: v * 0.5 for k, v in model.named_parameters()}, 1)
+    after = engine.generate([[5, 6, 7]], params, [1])[0]
+    assert after.weight_version == 1 and after.log_probs != before.log_probs

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+    from rl.config import RLConfig
 
 
 @dataclass(frozen=True)
@@ -74,3 +76,15 @@ def sample_seed(run_seed: int, rollout_id: int, sample_index: int) -> int:
     draws exactly what an uninterrupted one would, whatever engine or batch the sample lands in."""
     digest = hashlib.blake2b(f"{run_seed}:{rollout_id}:{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def engine_factory(cfg: RLConfig) -> tuple[type, dict[str, Any]]:
+    """The engine class `rollout.engine` names, and the keyword arguments it takes beyond the model path,
+    `device` and `threads`; SGLang's engine is imported only when chosen."""
+    if cfg.rollout.engine == "sglang":
+        from rl.rollout.sglang_engine import SglangEngine
+
+        return SglangEngine, {"options": cfg.sglang, "colocate": cfg.perf.colocate}
+    from rl.rollout.torch_engine import TorchEngine
+
+    return TorchEngine, {}

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from rl import checkpoint
 from rl.batch import TrainSample
-from rl.rollout.engine import Generation, SamplingParams
+from rl.rollout.engine import Generation, SamplingParams, engine_factory
 from rl.train.backend import TrainingBackend
 
 if TYPE_CHECKING:
@@ -58,9 +58,8 @@ class TrainWorker:
         self.engine = None
         self.offload_optimizer = cfg.perf.colocate and cfg.perf.offload_optimizer_states
         if host_engine:
-            from rl.rollout.torch_engine import TorchEngine
-
-            self.engine = TorchEngine(init_from, device=device)
+            engine_cls, kwargs = engine_factory(cfg)
+            self.engine = engine_cls(init_from, device=device, **kwargs)
 
     def node(self) -> tuple[str, int]:
         """(address of this worker's Ray node, pid)."""
