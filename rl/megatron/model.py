@@ -87,30 +87,27 @@ def transformer_config(hf_config: Any, perf: PerfConfig, **overrides: Any) -> Tr
     return TransformerConfig(**(kwargs | overrides))
 
 
-class PostNormSelfAttention(SelfAttention):
-    """Self-attention whose output is normed before the residual add (GLM4's `post_self_attn_layernorm`)."""
+class _PostNorm:
+    """A norm on the module's output before the residual add, under GLM4's parameter name `norm_name`."""
+
+    norm_name: str
 
     def __init__(self, config: TransformerConfig, submodules: Any, *args: Any, post_norm: Any, **kwargs: Any):
         super().__init__(config, submodules, *args, **kwargs)
-        self.post_self_attn_layernorm = build_module(post_norm, config=config, hidden_size=config.hidden_size,
-                                                     eps=config.layernorm_epsilon)
+        setattr(self, self.norm_name, build_module(post_norm, config=config, hidden_size=config.hidden_size,
+                                                   eps=config.layernorm_epsilon))
 
     def forward(self, *args: Any, **kwargs: Any):
         out, bias = super().forward(*args, **kwargs)
-        return self.post_self_attn_layernorm(out), bias
+        return getattr(self, self.norm_name)(out), bias
 
 
-class PostNormMLP(MLP):
-    """An MLP whose output is normed before the residual add (GLM4's `post_mlp_layernorm`)."""
+class PostNormSelfAttention(_PostNorm, SelfAttention):
+    norm_name = "post_self_attn_layernorm"
 
-    def __init__(self, config: TransformerConfig, submodules: Any, *args: Any, post_norm: Any, **kwargs: Any):
-        super().__init__(config, submodules, *args, **kwargs)
-        self.post_mlp_layernorm = build_module(post_norm, config=config, hidden_size=config.hidden_size,
-                                               eps=config.layernorm_epsilon)
 
-    def forward(self, *args: Any, **kwargs: Any):
-        out, bias = super().forward(*args, **kwargs)
-        return self.post_mlp_layernorm(out), bias
+class PostNormMLP(_PostNorm, MLP):
+    norm_name = "post_mlp_layernorm"
 
 
 def layer_spec(hf_config: Any, *, te: bool) -> ModuleSpec:
