@@ -20,7 +20,7 @@ from hpc.config import SlurmConfig
 from rlhpc.config import Config
 from rlhpc.run_folder import freeze, jobs_dir
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates" / "sbatch"
+TEMPLATES = Path(__file__).parent / "templates" / "sbatch"
 TEMPLATE = "rlhpc.sbatch.j2"
 REQUEUE_MARGIN_S = 10
 """Of the grace, what the batch shell keeps to requeue the job itself when the tasks do not stop."""

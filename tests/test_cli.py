@@ -10,7 +10,7 @@ from conftest import CONFIGS, MINIMAL
 from rlhpc.cli import app
 
 runner = CliRunner()
-COMMANDS = ["validate", "config", "submit", "run", "status", "logs", "cancel", "resume", "drill", "render", "cluster", "doctor"]
+COMMANDS = ["validate", "config", "submit", "run", "status", "logs", "cancel", "resume", "drill", "render", "cluster", "doctor", "convert"]
 
 
 def test_help_lists_every_command():
@@ -77,3 +77,17 @@ def test_config_schema_is_json(tmp_path):
 def test_submit_refuses_an_invalid_config_before_anything_else(write_config):
     result = runner.invoke(app, ["submit", str(write_config(MINIMAL + "global_batch_size = 5\n")), "--nodes", "2"])
     assert result.exit_code == 2 and "batch constraint" in result.output
+
+
+def test_a_wheel_carries_the_sbatch_template(tmp_path):
+    """`rlhpc render` and `rlhpc submit` need templates/sbatch/ from an installed wheel too, not only from a
+    checkout (rlhpc/templates links to it)."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("rlhpc-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "rlhpc/templates/sbatch/rlhpc.sbatch.j2" in names
