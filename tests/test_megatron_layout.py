@@ -92,3 +92,40 @@ def test_tensor_parallel_shards_put_back_whole(name):
     assert gate_rows == [12.0, 18.0, 36.0, 42.0]  # rank 1: gate rows 2-3, then up rows 6-7
     assert renumber("decoder.layers.1.mlp.linear_fc2.weight", 4) == "decoder.layers.5.mlp.linear_fc2.weight"
     assert renumber("embedding.word_embeddings.weight", 4) == "embedding.word_embeddings.weight"
+
+
+def test_context_parallel_ranks_hold_balanced_chunks_covering_every_token_once():
+    from rl.megatron.context_parallel import held_positions, padded_lengths
+
+    lengths = [5, 12, 1]
+    assert padded_lengths(lengths, 2) == [8, 12, 4] and padded_lengths(lengths, 1) == lengths
+    ranks = [held_positions(lengths, 2, r) for r in range(2)]
+    assert sorted(p for held in ranks for p in held) == list(range(24))
+    assert [len(h) for h in ranks] == [12, 12]
+    assert ranks[0][:4] == [0, 1, 6, 7]  # sequence 0 (8 padded tokens, chunks of 2): chunks 0 and 3
+    assert held_positions(lengths, 1, 0) == list(range(18))
+
+
+@pytest.mark.parametrize("packed,cp_size", [(False, 1), (True, 1), (True, 2)])
+def test_micro_batch_inputs_point_at_each_response_token_once(packed, cp_size):
+    """Across the context-parallel ranks, every response token is predicted by exactly one held logit, at the
+    position right before it, and the inputs each rank holds are its chunks of the sequences."""
+    from rl.batch import TrainSample
+    from rl.megatron.backend import micro_batch_inputs
+
+    samples = [TrainSample([10, 11, 12, 13, 14], 2, [1, 1], 0.0, [0.0] * 2, [0.0] * 2),
+               TrainSample([20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], 6, [1] * 6, 0.0, [0.0] * 6, [0.0] * 6)]
+    ranks = [micro_batch_inputs(samples, packed=packed, cp_size=cp_size, cp_rank=r) for r in range(cp_size)]
+    times_held = sum(x["held"].long() for x in ranks)
+    assert torch.equal(times_held, ranks[0]["valid"].long())
+    for x in ranks:
+        inputs = x["input_ids"].flatten()
+        for b, s in enumerate(samples):
+            response = s.tokens[s.prompt_length:]
+            assert x["target"][b, : len(response)].tolist() == response
+            for j in range(len(response)):
+                if x["held"][b, j]:
+                    # the held logit sits on the token just before response token j
+                    assert inputs[x["at"][b, j]] == s.tokens[s.prompt_length - 1 + j]
+    if cp_size == 2:
+        assert ranks[0]["input_ids"][0, :4].tolist() == [10, 11, 0, 0]  # sequence 0 padded to 8: chunks 0 and 3

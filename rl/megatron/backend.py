@@ -6,7 +6,9 @@ Transformer Engine is there; otherwise right-padded rows under the causal mask, 
 changes none of its logits. Log-probs and entropy are computed on the vocabulary-parallel logits without
 gathering the vocabulary. The losses are `rl/train/objective.py`'s, as in the torch backend.
 
-Not yet: context parallelism (each packed sequence split in 2 × CP chunks), virtual pipeline stages.
+With context parallelism each rank holds two of every sequence's 2·CP chunks (`rl/megatron/context_parallel.py`);
+its log-probs are summed over the context-parallel ranks into whole rows, so sequence-level objectives (GSPO)
+see whole sequences. Not yet: virtual pipeline stages.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rl.batch import TrainSample, micro_batches, pad_rows
+from rl.megatron.context_parallel import held_positions, padded_lengths
 from rl.megatron.convert import HF_CONFIG, torch_dist_config
 from rl.megatron.layout import hf_to_megatron, megatron_to_hf
 from rl.megatron.model import build_model, has_transformer_engine
@@ -60,30 +63,83 @@ def vocab_parallel_entropy(logits: Tensor) -> Tensor:
     return (total.log() + m - weighted)[..., 0]
 
 
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, PackedSeqParams):
+        for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            setattr(value, name, getattr(value, name).to(device))
+    return value
+
+
+def micro_batch_inputs(samples: list[TrainSample], *, packed: bool, cp_size: int = 1,
+                       cp_rank: int = 0) -> dict[str, Any]:
+    """Model inputs of one micro-batch (on the host): one THD row when `packed` (positions restarting per
+    sequence; each context-parallel rank its chunks of every sequence), else right-padded rows. `at`: where
+    each response token's predicting logit sits among this rank's outputs, [b, R]; `held`: which of those
+    this rank computes; `target`: the response tokens."""
+    lengths = [len(s.tokens) for s in samples]
+    if packed:
+        padded = padded_lengths(lengths, cp_size)
+        full = torch.zeros(sum(padded), dtype=torch.long)
+        cu = torch.tensor([0, *padded]).cumsum(0)
+        for s, start in zip(samples, cu[:-1].tolist()):
+            full[start: start + len(s.tokens)] = torch.tensor(s.tokens)
+        held = torch.tensor(held_positions(lengths, cp_size, cp_rank))
+        tokens, positions = full[held][None], torch.cat([torch.arange(n) for n in padded])[held][None]
+        local = torch.full((len(full),), -1)
+        local[held] = torch.arange(len(held))
+        starts, cu = cu[:-1], cu.to(torch.int32)
+        extra = {"packed_seq_params": PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+            cu_seqlens_kv_padded=cu, max_seqlen_q=max(padded), max_seqlen_kv=max(padded))}
+    else:
+        width = max(lengths)
+        full = torch.zeros((len(samples), width), dtype=torch.long)
+        for i, s in enumerate(samples):
+            full[i, : len(s.tokens)] = torch.tensor(s.tokens)
+        tokens, positions = full, torch.arange(width)[None].expand(len(samples), width)
+        full, local = full.flatten(), torch.arange(full.numel())
+        starts = torch.arange(len(samples)) * width
+        extra = {}
+    r = max(s.response_length for s in samples)
+    offsets = torch.arange(r)
+    valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
+    first = torch.tensor([s.prompt_length - 1 for s in samples])
+    at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
+    mine = local[at]
+    return {"input_ids": tokens, "position_ids": positions, "attention_mask": None, **extra,
+            "at": mine.clamp(min=0), "target": full[(at + 1).flatten()].view(len(samples), r),
+            "held": valid & (mine >= 0), "valid": valid}
+
+
 class MegatronBackend:
     def __init__(self, cfg: RLConfig, *, init_from: str | Path, total_steps: int, device: str = "cuda"):
         from transformers import AutoConfig
 
         p = cfg.perf
-        if p.context_parallel_size > 1:
-            raise ValueError("perf.context_parallel_size > 1: the Megatron backend does not split sequences "
-                             "over context-parallel ranks yet")
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=p.expert_tensor_parallel_size)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
         self.te = has_transformer_engine()
+        if p.context_parallel_size > 1 and not self.te:
+            raise ValueError("perf.context_parallel_size > 1 needs Transformer Engine (its THD attention splits "
+                             "sequences over context-parallel ranks)")
         self.hf_config = AutoConfig.from_pretrained(init_from)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_size = parallel_state.get_context_parallel_world_size()
         self.first_stage = parallel_state.is_pipeline_first_stage()
         self.last_stage = parallel_state.is_pipeline_last_stage()
-        self.reports = self.last_stage and self.tp_rank == 0
+        self.reports = self.last_stage and self.tp_rank == 0 and self.cp_rank == 0
         """This rank's results stand for its data-parallel rank (the driver reads only these)."""
 
         self.model = build_model(self.hf_config, p, te=self.te, pre_process=self.first_stage,
@@ -147,34 +203,14 @@ class MegatronBackend:
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         return batches + [[] for _ in range(int(count) - len(batches))]
 
-    def _inputs(self, samples: list[TrainSample]) -> dict[str, Any]:
-        """Model inputs of one micro-batch, and where each response token's predicting logit sits."""
-        lengths = [len(s.tokens) for s in samples]
-        if self.te:
-            tokens = torch.tensor([t for s in samples for t in s.tokens])[None]
-            positions = torch.cat([torch.arange(n) for n in lengths])[None]
-            cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(self.device)
-            starts = cu[:-1].cpu()
-            extra = {"packed_seq_params": PackedSeqParams(
-                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lengths),
-                max_seqlen_kv=max(lengths))}
-        else:
-            width = max(lengths)
-            tokens = torch.zeros((len(samples), width), dtype=torch.long)
-            for i, s in enumerate(samples):
-                tokens[i, : len(s.tokens)] = torch.tensor(s.tokens)
-            positions = torch.arange(width)[None].expand(len(samples), width)
-            starts = torch.arange(len(samples)) * width
-            extra = {}
-        r = max(s.response_length for s in samples)
-        offsets = torch.arange(r)
-        valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
-        first = torch.tensor([s.prompt_length - 1 for s in samples])
-        at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
-        target = tokens.flatten()[(at + 1).flatten()].view(len(samples), r)
-        return {"input_ids": tokens.to(self.device), "position_ids": positions.to(self.device),
-                "attention_mask": None, **extra, "at": at.to(self.device), "target": target.to(self.device),
-                "valid": valid.to(self.device)}
+    def _whole_rows(self, rows: Tensor) -> Tensor:
+        """[b, R] rows of which this rank filled the entries it holds (zeros elsewhere), summed over the
+        context-parallel ranks into whole rows; gradients flow back to each rank's own entries."""
+        if self.cp_size == 1:
+            return rows
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(rows, group=parallel_state.get_context_parallel_group())
 
     def _run(self, model: torch.nn.Module, samples: list[TrainSample], loss_of, *, forward_only: bool) -> None:
         """Megatron's schedule (pipelined when the model is) over this rank's micro-batches; `loss_of(i, batch,
@@ -187,18 +223,21 @@ class MegatronBackend:
         def forward_step(data: Iterator[list[TrainSample]], module: torch.nn.Module):
             batch = next(data)
             k = next(count)
-            inputs = self._inputs(batch)
-            at, target, valid = inputs.pop("at"), inputs.pop("target"), inputs.pop("valid")
+            inputs = {k: _to(v, self.device) for k, v in micro_batch_inputs(
+                batch, packed=self.te, cp_size=self.cp_size, cp_rank=self.cp_rank).items()}
+            at, target, held = inputs.pop("at"), inputs.pop("target"), inputs.pop("held")
+            valid = inputs.pop("valid")
             out = module(**inputs)
 
             def loss_func(logits: Tensor):
                 flat = logits.reshape(-1, logits.shape[-1])[at.flatten()].view(*at.shape, -1) / temperature
-                lp = vocab_parallel_log_probs(flat, target) * valid
-                entropy = vocab_parallel_entropy(flat) * valid
+                lp = self._whole_rows(vocab_parallel_log_probs(flat, target) * held) * valid
+                entropy = self._whole_rows(vocab_parallel_entropy(flat) * held) * valid
                 loss, metrics = loss_of(batches[k], batch, lp, entropy)
-                # The schedule divides by the micro-batch count and DDP averages over data-parallel ranks; the
-                # objective already uses global denominators.
-                return loss * len(batches) * self.dp_size, metrics
+                # The objective already uses global denominators. The schedule multiplies by the context-parallel
+                # size and divides by the micro-batch count; DDP averages over data × context-parallel ranks,
+                # and every context-parallel rank computes the same loss over whole rows.
+                return loss * len(batches) * self.dp_size / self.cp_size, metrics
 
             return out, loss_func
 
