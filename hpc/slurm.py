@@ -168,8 +168,10 @@ def _squeue(*args: str, env: dict[str, str] | None) -> subprocess.CompletedProce
 
 
 def queue(job_ids: list[str] | None = None, env: dict[str, str] | None = None) -> list[JobInfo]:
-    """Jobs in `squeue` (all of the user's, or `job_ids`): JSON when this Slurm has it, else plain format."""
-    selector = ["--jobs", ",".join(job_ids)] if job_ids else ["--me"]
+    """Jobs in `squeue` (all of the user's, or `job_ids`): JSON when this Slurm has it, else plain format.
+    Finished jobs too, while the controller holds them (`MinJobAge`): squeue leaves them out unless asked,
+    even when named by id (Slurm 24.11), and they carry the state and exit code when sacct is off."""
+    selector = ["--states=all", *(["--jobs", ",".join(job_ids)] if job_ids else ["--me"])]
     p = _squeue("--json", *selector, env=env)
     if p.returncode == 0 and p.stdout.lstrip().startswith("{"):
         jobs = jobs_from_json(json.loads(p.stdout))  # Slurm 22.05's --json ignores the selection: apply it here

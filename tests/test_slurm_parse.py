@@ -27,6 +27,18 @@ def test_22_05_recorded() -> None:
         "PENDING", "Resources", None, None)
 
 
+def test_24_11_recorded() -> None:
+    """Data parser v0.0.42: states as lists, numbers as {set, infinite, number}, exit code an object, a job
+    without a time limit's limit unset; finished jobs listed since rlhpc asks with --states=all."""
+    jobs = load("24.11.json")
+    done, failed, running, pending = (jobs[k] for k in "1234")
+    assert (done.state, done.exit_code, done.time_limit_s) == ("COMPLETED", 0, None)
+    assert (failed.state, failed.reason, failed.exit_code) == ("FAILED", "NonZeroExitCode", 3)
+    assert (running.state, running.nodes, running.nodelist, running.time_limit_s) == ("RUNNING", 1, "node1", 600)
+    assert running.time_left_s(now=running.start_time + 100) == 500
+    assert (pending.state, pending.reason, pending.start_time, pending.nodelist) == ("PENDING", "Resources", None, "")
+
+
 @pytest.mark.parametrize("name", ["23.11.json", "24.05.json"])
 def test_newer_data_parsers(name: str) -> None:
     jobs = load(name)
