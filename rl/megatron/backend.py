@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -162,6 +162,11 @@ class MegatronBackend:
             adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=self.model.config.bf16,
             params_dtype=self.model.config.params_dtype, use_distributed_optimizer=p.use_distributed_optimizer),
             [self.ddp])
+        # What Megatron's schedule calls around the micro-batches: gradient accumulation without reduction,
+        # then the data-parallel reduction (and the tied embedding's across pipeline stages) at the end.
+        self.model.config.no_sync_func = self.ddp.no_sync
+        self.model.config.finalize_model_grads_func = finalize_model_grads
+        self.model.config.grad_scale_func = self.optimizer.scale_loss
         self.step = 0
 
     # --- weights in ------------------------------------------------------------------------------------
