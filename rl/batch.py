@@ -82,6 +82,9 @@ def balanced_shares(lengths: list[int], world_size: int) -> list[list[int]]:
 def pad_rows(rows: list, width: int | None = None) -> torch.Tensor:
     """[len(rows), width] float32 tensor of rows (lists or 1-D tensors) right-padded with zeros."""
     width = max((len(r) for r in rows), default=0) if width is None else width
+    if all(isinstance(r, list) for r in rows):  # one tensor built at once: a tensor per row costs more than the row
+        return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], dtype=torch.float32).reshape(
+            len(rows), width)
     out = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(row, dtype=torch.float32)

@@ -123,15 +123,16 @@ def test_generations_stream_as_they_end_and_an_abort_returns_the_unfinished_part
     params = SamplingParams(max_new_tokens=12, stop_token_ids=(tokenizer.eos_token_id,))
     seeds = [1, 2, 3, 4]
     whole = engine.generate(prompts, params, seeds)
-    ended = [i for i, _ in engine.generate_stream(prompts, params, seeds)]
+    ended = [i for batch in engine.generate_stream(prompts, params, seeds) for i, _ in batch]
     assert ended == sorted(range(4), key=lambda i: (whole[i].finish_reason == "length", len(whole[i].output_ids)))
     assert whole[ended[0]].finish_reason == "stop" and len(whole[ended[0]].output_ids) < 12
 
     stream = engine.generate_stream(prompts, params, seeds)
-    first, gen = next(stream)
+    firsts = dict(next(stream))  # those that ended together, first
     engine.abort()
-    rest = dict(stream)
-    assert gen.output_ids == whole[first].output_ids
+    rest = dict(pair for batch in stream for pair in batch)
+    assert all(g.output_ids == whole[i].output_ids for i, g in firsts.items())
+    gen = next(iter(firsts.values()))
     assert rest and all(g.finish_reason == "abort" for g in rest.values())
     for i, g in rest.items():  # what an abort returns is the start of what the sample would have been
         assert len(g.output_ids) == len(gen.output_ids) and whole[i].output_ids[: len(g.output_ids)] == g.output_ids

@@ -48,9 +48,11 @@ class RolloutEngine(Protocol):
         ...
 
     def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
-                        seeds: list[int]) -> Iterator[tuple[int, Generation]]:
-        """The same generations, each as `(index, generation)` as soon as it ends (SGLang answers each
-        request on its own), so that a rollout can stop waiting once it has enough."""
+                        seeds: list[int]) -> Iterator[list[tuple[int, Generation]]]:
+        """The same generations as soon as they end, so that a rollout can stop waiting once it has enough:
+        lists of `(index, generation)`, one per set of generations that ended together (a decoding step of
+        a batch; a single answer of SGLang's). Sent in lists because each item crossing between Ray actors
+        costs far more than a step of a small model."""
         ...
 
     def abort(self) -> None:

@@ -99,7 +99,7 @@ class EnginePool:
             for stream in ready:
                 slot, requests = streams[stream]
                 try:
-                    k, gen = ray.get(next(stream))
+                    ended = ray.get(next(stream))
                 except StopIteration:
                     del streams[stream]
                     continue
@@ -108,8 +108,9 @@ class EnginePool:
                         raise
                     reissue(slot, "died")
                     continue
-                results[requests[k]] = gen
-                on_result(requests[k], gen)
+                for k, gen in ended:
+                    results[requests[k]] = gen
+                    on_result(requests[k], gen)
             if self.fault_tolerant and streams and time.monotonic() >= next_check:
                 for slot in self._unresponsive(sorted({slot for slot, _ in streams.values()})):
                     reissue(slot, f"did not answer its health check within "

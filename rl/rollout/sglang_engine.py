@@ -110,17 +110,18 @@ class SglangEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
         out: list[Generation | None] = [None] * len(prompts)
-        for i, generation in self.generate_stream(prompts, params, seeds):
-            out[i] = generation
+        for ended in self.generate_stream(prompts, params, seeds):
+            for i, generation in ended:
+                out[i] = generation
         return out  # type: ignore[return-value]
 
     def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
-                        seeds: list[int]) -> Iterator[tuple[int, Generation]]:
+                        seeds: list[int]) -> Iterator[list[tuple[int, Generation]]]:
         version = self.version
         futures = {self.pool.submit(self._post, "/generate", generate_payload(p, params, s)): i
                    for i, (p, s) in enumerate(zip(prompts, seeds))}
         for future in as_completed(futures):
-            yield futures[future], generation_of(future.result(), version)
+            yield [(futures[future], generation_of(future.result(), version))]
 
     def abort(self) -> None:
         self._post("/abort_request", {"rid": "", "abort_all": True})

@@ -48,13 +48,14 @@ class TorchEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
         out: list[Generation | None] = [None] * len(prompts)
-        for i, gen in self.generate_stream(prompts, params, seeds):
-            out[i] = gen
+        for ended in self.generate_stream(prompts, params, seeds):
+            for i, gen in ended:
+                out[i] = gen
         return out  # type: ignore[return-value]
 
     @torch.no_grad()
     def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
-                        seeds: list[int]) -> Iterator[tuple[int, Generation]]:
+                        seeds: list[int]) -> Iterator[list[tuple[int, Generation]]]:
         from transformers import DynamicCache
 
         if self.needs_weights:
@@ -71,7 +72,7 @@ class TorchEngine:
             self._generating = False
 
     def _sample(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
-                cache: Any) -> Iterator[tuple[int, Generation]]:
+                cache: Any) -> Iterator[list[tuple[int, Generation]]]:
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -97,19 +98,22 @@ class TorchEngine:
             tokens = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
             token_log_probs = log_probs.gather(-1, tokens[:, None])[:, 0]
             finished = torch.isin(tokens, stop)
+            ended = []
             for j, i in enumerate(active.tolist()):
                 out[i].output_ids.append(int(tokens[j]))
                 out[i].log_probs.append(float(token_log_probs[j]))
                 if finished[j]:
                     out[i].finish_reason = "stop"
-                    yield i, out[i]
+                    ended.append((i, out[i]))
+            if ended:
+                yield ended
             keep = (~finished).nonzero()[:, 0]
             if len(keep) == 0:
                 return
             if self._aborting:
                 for i in active[keep].tolist():
                     out[i].finish_reason = "abort"
-                    yield i, out[i]
+                yield [(i, out[i]) for i in active[keep].tolist()]
                 return
             if len(keep) < len(active):
                 cache.batch_select_indices(keep.to(self.device))
@@ -118,8 +122,7 @@ class TorchEngine:
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=mask,
                                 position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
-        for i in active.tolist():
-            yield i, out[i]
+        yield [(i, out[i]) for i in active.tolist()]
 
     def abort(self) -> None:
         """End the generation in progress (if any) at its next token: unfinished samples come back as they

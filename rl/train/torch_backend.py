@@ -135,11 +135,8 @@ class TorchBackend:
             inputs = {"input_ids": tokens.to(self.device), "position_ids": positions.to(self.device)}
         else:
             width = max(lengths)
-            tokens = torch.zeros((len(samples), width), dtype=torch.long)
-            attention = torch.zeros_like(tokens)
-            for i, s in enumerate(samples):
-                tokens[i, : len(s.tokens)] = torch.tensor(s.tokens)
-                attention[i, : len(s.tokens)] = 1
+            tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in samples])
+            attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
             starts = torch.arange(len(samples)) * width
             inputs = {"input_ids": tokens.to(self.device), "attention_mask": attention.to(self.device)}
         # Flat position of each response token's predicting logit (position t predicts token t + 1).

@@ -102,7 +102,7 @@ class TrainWorker:
     # --- the hosted engine (colocated) ---
 
     def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
-                        seeds: list[int]) -> Iterator[tuple[int, Generation]]:
+                        seeds: list[int]) -> Iterator[list[tuple[int, Generation]]]:
         yield from self.engine.generate_stream(prompts, params, seeds)
 
     def abort(self) -> None:
