@@ -73,6 +73,15 @@ class RolloutEngine(Protocol):
     def resume_memory(self) -> None: ...
 
 
+def in_order(n: int, stream: Iterable[list[tuple[int, Generation]]]) -> list[Generation]:
+    """The `n` generations of a `generate_stream`, in request order."""
+    out: list[Generation | None] = [None] * n
+    for ended in stream:
+        for i, generation in ended:
+            out[i] = generation
+    return out  # type: ignore[return-value]
+
+
 def sample_seed(run_seed: int, rollout_id: int, sample_index: int) -> int:
     """The seed of one sample: a function of (run seed, rollout id, sample index) alone, so a resumed run
     draws exactly what an uninterrupted one would, whatever engine or batch the sample lands in."""

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
-from rl.rollout.engine import Generation, SamplingParams
+from rl.rollout.engine import Generation, SamplingParams, in_order
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -109,11 +109,7 @@ class SglangEngine:
         return response.json() if response.content else None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
-        out: list[Generation | None] = [None] * len(prompts)
-        for ended in self.generate_stream(prompts, params, seeds):
-            for i, generation in ended:
-                out[i] = generation
-        return out  # type: ignore[return-value]
+        return in_order(len(prompts), self.generate_stream(prompts, params, seeds))
 
     def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
                         seeds: list[int]) -> Iterator[list[tuple[int, Generation]]]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rl.rollout.engine import Generation, SamplingParams
+from rl.rollout.engine import Generation, SamplingParams, in_order
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -47,11 +47,7 @@ class TorchEngine:
         """True between release_memory and the update_weights that brings every parameter back."""
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
-        out: list[Generation | None] = [None] * len(prompts)
-        for ended in self.generate_stream(prompts, params, seeds):
-            for i, gen in ended:
-                out[i] = gen
-        return out  # type: ignore[return-value]
+        return in_order(len(prompts), self.generate_stream(prompts, params, seeds))
 
     @torch.no_grad()
     def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
