@@ -218,8 +218,9 @@ class MegatronBackend:
         return all_reduce(rows, group=parallel_state.get_context_parallel_group())
 
     def _run(self, model: torch.nn.Module, samples: list[TrainSample], loss_of, *, forward_only: bool) -> None:
-        """Megatron's schedule (pipelined when the model is) over this rank's micro-batches; `loss_of(i, batch,
-        log_probs, entropy)` is called on the last stage for micro-batch i and returns (loss, metrics)."""
+        """Megatron's schedule (pipelined when the model is) over this rank's micro-batches; on the last stage
+        `loss_of(indices, batch, log_probs, entropy)` gets each micro-batch (the indices of its samples in
+        `samples`, empty for padding) and returns (loss, metrics)."""
         batches = self._micro_batches(samples)
         feed = iter([[samples[i] for i in b] or [PADDING] for b in batches])
         temperature = self.cfg.rollout.rollout_temperature
@@ -228,7 +229,7 @@ class MegatronBackend:
         def forward_step(data: Iterator[list[TrainSample]], module: torch.nn.Module):
             batch = next(data)
             k = next(count)
-            inputs = {k: _to(v, self.device) for k, v in micro_batch_inputs(
+            inputs = {name: _to(value, self.device) for name, value in micro_batch_inputs(
                 batch, packed=self.te, cp_size=self.cp_size, cp_rank=self.cp_rank).items()}
             at, target, held = inputs.pop("at"), inputs.pop("target"), inputs.pop("held")
             valid = inputs.pop("valid")
