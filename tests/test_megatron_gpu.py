@@ -69,3 +69,48 @@ def test_a_training_step_moves_the_policy_and_weights_leave_by_hugging_face_name
     assert megatron_backend.step == 1
     reloaded = dict(megatron_backend.named_weights())
     assert all(torch.equal(reloaded[k], after[k]) for k in after)
+
+
+def _tp2_rank(rank: int, port: int, config: str, model: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from rl.megatron.backend import MegatronBackend
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    cfg = load_config(config, ["perf.train_backend=megatron", "perf.bf16=false", "perf.tensor_model_parallel_size=2"])
+    backend = MegatronBackend(cfg, init_from=model, total_steps=4, device=f"cuda:{rank}")
+    log_probs = backend.compute_log_probs(make_samples())
+    weights = dict(backend.named_weights())
+    if rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).state_dict()
+        same = all(torch.equal(weights[k].cpu(), hf[k]) for k in weights)
+        with open(out, "w") as f:
+            json.dump({"log_probs": log_probs, "weights_whole": same and weights.keys() <= hf.keys()}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallel size 2 needs two GPUs")
+def test_tensor_parallel_two_gives_the_same_log_probs_and_whole_weights(write_config, tiny_model_dir, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from rl.train.torch_backend import TorchBackend
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = write_config(MINIMAL)
+    mp.spawn(_tp2_rank, args=(port, str(config), str(tiny_model_dir), str(tmp_path / "out.json")), nprocs=2)
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["weights_whole"]
+    reference = TorchBackend(load_config(config, ["perf.bf16=false"]), init_from=tiny_model_dir, total_steps=4,
+                             device="cuda").compute_log_probs(make_samples())
+    for a, b in zip(got["log_probs"], reference):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
