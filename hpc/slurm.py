@@ -102,7 +102,7 @@ def jobs_from_json(data: dict[str, Any]) -> list[JobInfo]:
         job_id = str(number(j.get("job_id")))
         if array_task is not None:
             job_id = f"{number(j.get('array_job_id'))}_{array_task}"
-        nodelist = j.get("nodes") if isinstance(j.get("nodes"), str) else ""
+        nodelist = j.get("nodes") if isinstance(j.get("nodes"), str) and j["nodes"] != "None assigned" else ""
         count = number(j.get("node_count"))
         if count is None and isinstance(j.get("allocation_nodes"), (int, dict)):
             count = number(j.get("allocation_nodes"))

@@ -27,10 +27,11 @@ def test_22_05_recorded() -> None:
         "PENDING", "Resources", None, None)
 
 
-def test_24_11_recorded() -> None:
-    """Data parser v0.0.42: states as lists, numbers as {set, infinite, number}, exit code an object, a job
-    without a time limit's limit unset; finished jobs listed since rlhpc asks with --states=all."""
-    jobs = load("24.11.json")
+@pytest.mark.parametrize("name", ["23.11.json", "24.11.json"])
+def test_newer_releases_recorded(name: str) -> None:
+    """Data parsers v0.0.40 and v0.0.42: states as lists, numbers as {set, infinite, number}, exit code an
+    object, a job without a time limit's limit unset; finished jobs listed since rlhpc asks with --states=all."""
+    jobs = load(name)
     done, failed, running, pending = (jobs[k] for k in "1234")
     assert (done.state, done.exit_code, done.time_limit_s) == ("COMPLETED", 0, None)
     assert (failed.state, failed.reason, failed.exit_code) == ("FAILED", "NonZeroExitCode", 3)
@@ -39,7 +40,7 @@ def test_24_11_recorded() -> None:
     assert (pending.state, pending.reason, pending.start_time, pending.nodelist) == ("PENDING", "Resources", None, "")
 
 
-@pytest.mark.parametrize("name", ["23.11.json", "24.05.json"])
+@pytest.mark.parametrize("name", ["23.11-schema.json", "24.05.json"])
 def test_newer_data_parsers(name: str) -> None:
     jobs = load(name)
     running, pending, failed = jobs["41"], jobs["42"], jobs["43"]
@@ -51,7 +52,7 @@ def test_newer_data_parsers(name: str) -> None:
 
 
 def test_sacct_nests_state_and_times() -> None:
-    [job] = jobs_from_json(json.loads((DATA / "sacct-23.11.json").read_text()))
+    [job] = jobs_from_json(json.loads((DATA / "sacct-23.11-schema.json").read_text()))
     assert (job.job_id, job.state, job.nodes, job.restarts, job.time_limit_s) == ("44", "COMPLETED", 2, 2, 7200)
     assert (job.start_time, job.exit_code) == (1795400000, 0)
 
@@ -78,3 +79,11 @@ def test_sacct_22_05_recorded() -> None:
     jobs = {j.job_id: j for j in jobs_from_json(json.loads((DATA / "sacct-22.05.json").read_text()))}
     assert {(j.state, j.nodes, j.nodelist, j.exit_code) for j in jobs.values()} == {("COMPLETED", 2, "node[1-2]", 0)}
     assert all(j.start_time and j.time_limit_s is None for j in jobs.values())
+
+
+def test_sacct_23_11_recorded() -> None:
+    jobs = {j.job_id: j for j in jobs_from_json(json.loads((DATA / "sacct-23.11.json").read_text()))}
+    assert {k: (j.state, j.exit_code, j.nodelist) for k, j in jobs.items()} == {
+        "1": ("COMPLETED", 0, "node1"), "2": ("FAILED", 3, "node1"), "3": ("RUNNING", 0, "node1"),
+        "4": ("PENDING", 0, "")}  # sacct names no nodes of a pending job ("None assigned")
+    assert jobs["3"].time_limit_s == 600 and jobs["3"].start_time and jobs["4"].start_time is None
