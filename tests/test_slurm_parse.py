@@ -87,3 +87,12 @@ def test_sacct_23_11_recorded() -> None:
         "1": ("COMPLETED", 0, "node1"), "2": ("FAILED", 3, "node1"), "3": ("RUNNING", 0, "node1"),
         "4": ("PENDING", 0, "")}  # sacct names no nodes of a pending job ("None assigned")
     assert jobs["3"].time_limit_s == 600 and jobs["3"].start_time and jobs["4"].start_time is None
+
+
+def test_20_11_plain_format_recorded() -> None:
+    """Slurm 20.11 has no `squeue --json`: the plain format rlhpc asks for instead, recorded."""
+    jobs = {j.job_id: j for j in jobs_from_format((DATA / "20.11.txt").read_text())}
+    assert {k: (j.state, j.reason, j.nodelist, j.time_limit_s) for k, j in jobs.items()} == {
+        "2": ("COMPLETED", "", "node1", None), "3": ("FAILED", "NonZeroExitCode", "node1", None),
+        "4": ("RUNNING", "", "node1", 600), "5": ("PENDING", "Resources", "", 600)}
+    assert jobs["4"].start_time > jobs["4"].submit_time - 1 and jobs["5"].start_time is None

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Record `squeue --json` (and with `--accounting`, `sacct --json`) of another Slurm release for the status
-# parser's tests (tests/data/squeue/): that release's packages in a debootstrapped chroot, one node on
-# loopback, a finished job, a failed one, a running one and a pending one. As root; the chroot's daemons use
-# their own ports, so a local cluster may be up beside it. Run it on a fresh chroot: the jobs are then 1 to 4.
+# Record `squeue --json` (its plain format before 21.08; with `--accounting`, `sacct --json`) of another
+# Slurm release for the status parser's tests (tests/data/squeue/): that release's packages in a
+# debootstrapped chroot, one node on loopback, a finished job, a failed one, a running one and a pending one.
+# As root; the chroot's daemons use their own ports, so a local cluster may be up beside it.
 #   Slurm 24.11 (Debian trixie; its slurmdbd stops against its MariaDB 11.8, so no --accounting):
 #     debootstrap --variant=minbase --include=slurmctld,slurmd,slurm-client,munge trixie /tmp/trixie \
 #       http://deb.debian.org/debian
 #     tools/record_slurm_json.sh /tmp/trixie tests/data/squeue
+#   Slurm 20.11 (Debian bullseye): as trixie, with bullseye.
 #   Slurm 23.11 (Ubuntu noble, debootstrap's jammy script):
 #     debootstrap --no-check-gpg --variant=minbase --components=main,universe \
 #       --include=slurmctld,slurmd,slurm-client,munge,slurmdbd,mariadb-server noble /tmp/noble \
@@ -17,8 +18,9 @@ root=$(realpath "$1"); out=$(realpath "$2"); accounting=${3:-}
 jail() { chroot "$root" "$@"; }
 # slurmd probes the cgroup file system under /sys: bind it recursively.
 for fs in proc sys dev; do mountpoint -q "$root/$fs" || mount --rbind "/$fs" "$root/$fs"; done
-trap 'for d in slurmd slurmctld slurmdbd mariadbd munged; do jail pkill -x $d || true; done; sleep 2
-      for fs in proc sys dev; do umount -R "$root/$fs"; done' EXIT
+# Every process whose root is the chroot (the chroot may have no pkill).
+stop_all() { for p in /proc/[0-9]*; do [ "$(readlink "$p/root")" = "$root" ] && kill "${p#/proc/}"; done 2>/dev/null; }
+trap 'stop_all || true; sleep 2; for fs in proc sys dev; do umount -R -l "$root/$fs"; done' EXIT
 trap 'exit 1' INT TERM
 
 mkdir -p "$root"/etc/slurm "$root"/var/spool/{slurmctld,slurmd} "$root"/run/{munge,mysqld} "$root"/var/log/slurm
@@ -32,6 +34,7 @@ AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
 JobAcctGatherType=jobacct_gather/none
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
@@ -41,7 +44,8 @@ NodeName=node1 NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=node1 Default=YES MaxTime=INFINITE State=UP
 CONF
 [ -s "$root/etc/munge/munge.key" ] || jail mungekey --create --force 2>/dev/null \
-  || jail bash -c 'dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; chmod 400 /etc/munge/munge.key'
+  || jail bash -c 'dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null &&
+                   chmod 400 /etc/munge/munge.key'
 jail munged --force
 
 if [ "$accounting" = --accounting ]; then
@@ -85,7 +89,12 @@ sleep 5
 version=$(jail sinfo -V | awk '{print $2}' | cut -d. -f1,2)
 jobs=$(IFS=,; echo "${ids[*]}")
 # As rlhpc asks (hpc/slurm.py: queue, accounting): by job id, finished jobs included.
-jail squeue --json --states=all --jobs "$jobs" > "$out/$version.json"
+if ! jail squeue --json --states=all --jobs "$jobs" > "$out/$version.json" 2>/dev/null; then
+  # No --json before 21.08: what rlhpc reads then is the plain format it asks for.
+  rm "$out/$version.json"
+  format=$(cd "$(dirname "$0")/.." && python3 -c 'from hpc.slurm import _FORMAT; print(_FORMAT)')
+  jail squeue -h -o "$format" --states=all --jobs "$jobs" > "$out/$version.txt"
+fi
 [ "$accounting" = --accounting ] && jail sacct --json -X --jobs "$jobs" > "$out/sacct-$version.json"
 jail scancel -u root
 echo "recorded Slurm $version in $out"
