@@ -4,6 +4,8 @@ model on the host; its forward and its torch_dist writer need CUDA, so those tes
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Glm4Config, LlamaConfig, Qwen2Config, Qwen3Config
@@ -49,9 +51,11 @@ def test_hf_megatron_hf_is_exact(kind, te):
     assert all(torch.equal(back[k], hf[k]) for k in hf)
 
 
-megatron = pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install rlhpc[megatron])")
+needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                                    reason="megatron-core is not installed (pip install rlhpc[megatron])")
 
 
+@needs_megatron
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_layout_matches_a_megatron_gpt_model(kind):
     from rl.megatron.convert import _host_model, load_megatron_state, one_process
@@ -66,6 +70,7 @@ def test_layout_matches_a_megatron_gpt_model(kind):
 
 
 @pytest.mark.gpu
+@needs_megatron
 @pytest.mark.parametrize("kind", ["qwen3", "glm4"])
 def test_convert_to_torch_dist_and_back_is_exact(tmp_path, kind):
     from rl.megatron.convert import hf_to_torch_dist, torch_dist_to_hf
@@ -106,6 +111,7 @@ def test_context_parallel_ranks_hold_balanced_chunks_covering_every_token_once()
     assert held_positions(lengths, 1, 0) == list(range(18))
 
 
+@needs_megatron
 @pytest.mark.parametrize("packed,cp_size", [(False, 1), (True, 1), (True, 2)])
 def test_micro_batch_inputs_point_at_each_response_token_once(packed, cp_size):
     """Across the context-parallel ranks, every response token is predicted by exactly one held logit, at the
