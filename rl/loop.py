@@ -256,7 +256,6 @@ class Driver:
     def per_rank(self, method: str, train: list[TrainSample], *args: Any) -> list[Any]:
         """A per-sample computation of the training workers (log-probs, values), each data-parallel rank on
         its share."""
-
         shares = split_for_ranks(len(train), self.dp_size)
         return [x for part in self._reported([getattr(w, method).remote([train[i] for i in shares[d]], *args)
                                               for w, (d, _, _) in zip(self.workers, self.layout)])
@@ -272,7 +271,6 @@ class Driver:
 
     def train(self, train: list[TrainSample], old: list[list[float]] | None = None) -> dict[str, float]:
         """`num_steps_per_rollout` optimizer steps; `old` are the policy's log-probs if already computed."""
-
         r, g = self.cfg.rollout, self.cfg.grpo
         gbs = r.global_batch_size
         if r.num_steps_per_rollout == 1:
