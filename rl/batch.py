@@ -89,3 +89,57 @@ def pad_rows(rows: list, width: int | None = None) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(row, dtype=torch.float32)
     return out
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch laid out for a causal LM, on the host. `at`: where each response token's predicting
+    logit sits among the model's flattened outputs, [b, R] (R the longest response); `target`: the response
+    tokens; `valid`: which entries are real; `held`: which of those this rank computes (all of them without
+    context parallelism)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    """Right-padded rows only; a packed row's sequences are told apart by their positions (or `cu_seqlens`)."""
+    cu_seqlens: torch.Tensor | None
+    """Packed only: where each (padded) sequence starts in the row, and the total, int32."""
+    max_seqlen: int
+    at: torch.Tensor
+    target: torch.Tensor
+    valid: torch.Tensor
+    held: torch.Tensor
+
+
+def lay_out(samples: list[TrainSample], *, packed: bool, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
+    """One packed row (Megatron's THD layout: no padding, positions restarting at each sequence; with context
+    parallelism each rank holds its chunks of every sequence, `rl/megatron/context_parallel.py`), or
+    right-padded rows. Position t's logit predicts token t + 1."""
+    from rl.megatron.context_parallel import held_positions, padded_lengths
+
+    lengths = [len(s.tokens) for s in samples]
+    if packed:
+        padded = padded_lengths(lengths, cp_size)
+        cu = torch.tensor([0, *padded]).cumsum(0)
+        full = torch.tensor([t for s, n in zip(samples, padded) for t in s.tokens + [0] * (n - len(s.tokens))])
+        held = torch.tensor(held_positions(lengths, cp_size, cp_rank))
+        tokens, positions = full[held][None], torch.cat([torch.arange(n) for n in padded])[held][None]
+        local = torch.full((len(full),), -1)
+        local[held] = torch.arange(len(held))
+        starts, attention, cu_seqlens, max_seqlen = cu[:-1], None, cu.to(torch.int32), max(padded)
+    else:
+        width = max(lengths)
+        tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in samples])
+        positions = torch.arange(width)[None].expand(len(samples), width)
+        attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+        full, local = tokens.flatten(), torch.arange(tokens.numel())
+        starts, cu_seqlens, max_seqlen = torch.arange(len(samples)) * width, None, width
+    r = max(s.response_length for s in samples)
+    offsets = torch.arange(r)
+    valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
+    first = torch.tensor([s.prompt_length - 1 for s in samples])
+    at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
+    mine = local[at]
+    return MicroBatch(input_ids=tokens, position_ids=positions, attention_mask=attention, cu_seqlens=cu_seqlens,
+                      max_seqlen=max_seqlen, at=mine.clamp(min=0),
+                      target=full[(at + 1).flatten()].view(len(samples), r), valid=valid, held=valid & (mine >= 0))

@@ -111,27 +111,25 @@ def test_context_parallel_ranks_hold_balanced_chunks_covering_every_token_once()
     assert held_positions(lengths, 1, 0) == list(range(18))
 
 
-@needs_megatron
 @pytest.mark.parametrize("packed,cp_size", [(False, 1), (True, 1), (True, 2)])
 def test_micro_batch_inputs_point_at_each_response_token_once(packed, cp_size):
     """Across the context-parallel ranks, every response token is predicted by exactly one held logit, at the
     position right before it, and the inputs each rank holds are its chunks of the sequences."""
-    from rl.batch import TrainSample
-    from rl.megatron.backend import micro_batch_inputs
+    from rl.batch import TrainSample, lay_out
 
     samples = [TrainSample([10, 11, 12, 13, 14], 2, [1, 1], 0.0, [0.0] * 2, [0.0] * 2),
                TrainSample([20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], 6, [1] * 6, 0.0, [0.0] * 6, [0.0] * 6)]
-    ranks = [micro_batch_inputs(samples, packed=packed, cp_size=cp_size, cp_rank=r) for r in range(cp_size)]
-    times_held = sum(x["held"].long() for x in ranks)
-    assert torch.equal(times_held, ranks[0]["valid"].long())
+    ranks = [lay_out(samples, packed=packed, cp_size=cp_size, cp_rank=r) for r in range(cp_size)]
+    times_held = sum(x.held.long() for x in ranks)
+    assert torch.equal(times_held, ranks[0].valid.long())
     for x in ranks:
-        inputs = x["input_ids"].flatten()
+        inputs = x.input_ids.flatten()
         for b, s in enumerate(samples):
             response = s.tokens[s.prompt_length:]
-            assert x["target"][b, : len(response)].tolist() == response
+            assert x.target[b, : len(response)].tolist() == response
             for j in range(len(response)):
-                if x["held"][b, j]:
+                if x.held[b, j]:
                     # the held logit sits on the token just before response token j
-                    assert inputs[x["at"][b, j]] == s.tokens[s.prompt_length - 1 + j]
+                    assert inputs[x.at[b, j]] == s.tokens[s.prompt_length - 1 + j]
     if cp_size == 2:
-        assert ranks[0]["input_ids"][0, :4].tolist() == [10, 11, 0, 0]  # sequence 0 padded to 8: chunks 0 and 3
+        assert ranks[0].input_ids[0, :4].tolist() == [10, 11, 0, 0]  # sequence 0 padded to 8: chunks 0 and 3

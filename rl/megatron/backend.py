@@ -28,15 +28,14 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
-from rl.batch import TrainSample, micro_batches, pad_rows
-from rl.megatron.context_parallel import held_positions, padded_lengths
+from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
 from rl.megatron.convert import HF_CONFIG, torch_dist_config
 from rl.megatron.layout import hf_to_megatron, megatron_to_hf
 from rl.megatron.model import build_model, has_transformer_engine
 from rl.megatron.shards import renumber, shard, split_dim, unshard
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
-from rl.train.torch_backend import PADDING, move_optimizer_state
+from rl.train.torch_backend import PADDING, move_optimizer_state, rank_micro_batches
 
 if TYPE_CHECKING:
     from rl.config import RLConfig
@@ -63,54 +62,16 @@ def vocab_parallel_entropy(logits: Tensor) -> Tensor:
     return (total.log() + m - weighted)[..., 0]
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, Tensor):
-        return value.to(device)
-    if isinstance(value, PackedSeqParams):
-        for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
-            setattr(value, name, getattr(value, name).to(device))
-    return value
-
-
-def micro_batch_inputs(samples: list[TrainSample], *, packed: bool, cp_size: int = 1,
-                       cp_rank: int = 0) -> dict[str, Any]:
-    """Model inputs of one micro-batch (on the host): one THD row when `packed` (positions restarting per
-    sequence; each context-parallel rank its chunks of every sequence), else right-padded rows. `at`: where
-    each response token's predicting logit sits among this rank's outputs, [b, R]; `held`: which of those
-    this rank computes; `target`: the response tokens."""
-    lengths = [len(s.tokens) for s in samples]
-    if packed:
-        padded = padded_lengths(lengths, cp_size)
-        full = torch.zeros(sum(padded), dtype=torch.long)
-        cu = torch.tensor([0, *padded]).cumsum(0)
-        for s, start in zip(samples, cu[:-1].tolist()):
-            full[start: start + len(s.tokens)] = torch.tensor(s.tokens)
-        held = torch.tensor(held_positions(lengths, cp_size, cp_rank))
-        tokens, positions = full[held][None], torch.cat([torch.arange(n) for n in padded])[held][None]
-        local = torch.full((len(full),), -1)
-        local[held] = torch.arange(len(held))
-        starts, cu = cu[:-1], cu.to(torch.int32)
-        extra = {"packed_seq_params": PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
-            cu_seqlens_kv_padded=cu, max_seqlen_q=max(padded), max_seqlen_kv=max(padded))}
-    else:
-        width = max(lengths)
-        full = torch.zeros((len(samples), width), dtype=torch.long)
-        for i, s in enumerate(samples):
-            full[i, : len(s.tokens)] = torch.tensor(s.tokens)
-        tokens, positions = full, torch.arange(width)[None].expand(len(samples), width)
-        full, local = full.flatten(), torch.arange(full.numel())
-        starts = torch.arange(len(samples)) * width
-        extra = {}
-    r = max(s.response_length for s in samples)
-    offsets = torch.arange(r)
-    valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
-    first = torch.tensor([s.prompt_length - 1 for s in samples])
-    at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
-    mine = local[at]
-    return {"input_ids": tokens, "position_ids": positions, "attention_mask": None, **extra,
-            "at": mine.clamp(min=0), "target": full[(at + 1).flatten()].view(len(samples), r),
-            "held": valid & (mine >= 0), "valid": valid}
+def model_inputs(x: MicroBatch, device: torch.device) -> dict[str, Any]:
+    """GPTModel's arguments for a laid-out micro-batch: a packed row goes with its THD sequence bounds."""
+    inputs: dict[str, Any] = {"input_ids": x.input_ids.to(device), "position_ids": x.position_ids.to(device),
+                              "attention_mask": None}
+    if x.cu_seqlens is not None:
+        cu = x.cu_seqlens.to(device)
+        inputs["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+            max_seqlen_q=x.max_seqlen, max_seqlen_kv=x.max_seqlen)
+    return inputs
 
 
 class MegatronBackend:
@@ -198,16 +159,6 @@ class MegatronBackend:
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
-        """As the torch backend: by token budget or count, padded with empty ones to the data-parallel rank
-        that has the most (every rank runs the same schedule)."""
-        p = self.cfg.perf
-        batches = micro_batches([len(s.tokens) for s in samples],
-                                p.max_tokens_per_gpu if p.use_dynamic_batch_size else None, p.micro_batch_size)
-        count = torch.tensor(len(batches), device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        return batches + [[] for _ in range(int(count) - len(batches))]
-
     def _whole_rows(self, rows: Tensor) -> Tensor:
         """[b, R] rows of which this rank filled the entries it holds (zeros elsewhere), summed over the
         context-parallel ranks into whole rows; gradients flow back to each rank's own entries."""
@@ -221,7 +172,7 @@ class MegatronBackend:
         """Megatron's schedule (pipelined when the model is) over this rank's micro-batches; on the last stage
         `loss_of(indices, batch, log_probs, entropy)` gets each micro-batch (the indices of its samples in
         `samples`, empty for padding) and returns (loss, metrics)."""
-        batches = self._micro_batches(samples)
+        batches = rank_micro_batches(samples, self.cfg.perf, self.device)
         feed = iter([[samples[i] for i in b] or [PADDING] for b in batches])
         temperature = self.cfg.rollout.rollout_temperature
         count = iter(range(len(batches)))
@@ -229,11 +180,9 @@ class MegatronBackend:
         def forward_step(data: Iterator[list[TrainSample]], module: torch.nn.Module):
             batch = next(data)
             k = next(count)
-            inputs = {name: _to(value, self.device) for name, value in micro_batch_inputs(
-                batch, packed=self.te, cp_size=self.cp_size, cp_rank=self.cp_rank).items()}
-            at, target, held = inputs.pop("at"), inputs.pop("target"), inputs.pop("held")
-            valid = inputs.pop("valid")
-            out = module(**inputs)
+            x = lay_out(batch, packed=self.te, cp_size=self.cp_size, cp_rank=self.cp_rank)
+            at, target, held, valid = (t.to(self.device) for t in (x.at, x.target, x.held, x.valid))
+            out = module(**model_inputs(x, self.device))
 
             def loss_func(logits: Tensor):
                 flat = logits.reshape(-1, logits.shape[-1])[at.flatten()].view(*at.shape, -1) / temperature

@@ -20,14 +20,14 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from rl.batch import TrainSample, micro_batches, pad_rows
+from rl.batch import TrainSample, lay_out, micro_batches, pad_rows
 from rl.checkpoint import load_model_state, save_model_state
 from rl.losses import entropy_from_logits
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
 
 if TYPE_CHECKING:
-    from rl.config import RLConfig
+    from rl.config import PerfConfig, RLConfig
 
 
 PADDING = TrainSample(tokens=[0, 0], response_length=1, loss_mask=[0], reward=0.0, rollout_log_probs=[0.0],
@@ -44,6 +44,19 @@ def _causal_lm(init_from: str | Path) -> torch.nn.Module:
 def _full(t: Tensor) -> Tensor:
     """A sharded tensor (FSDP's DTensor) gathered whole; any other as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def rank_micro_batches(samples: list[TrainSample], perf: PerfConfig,
+                       device: torch.device | None) -> list[list[int]]:
+    """This rank's micro-batches (by token budget or count), padded with empty ones to the count of the rank
+    that has the most, agreed over the default process group on `device` (None: alone, nothing to agree)."""
+    max_tokens = perf.max_tokens_per_gpu if perf.use_dynamic_batch_size else None
+    batches = micro_batches([len(s.tokens) for s in samples], max_tokens, perf.micro_batch_size)
+    if device is not None:
+        count = torch.tensor(len(batches), device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        batches += [[] for _ in range(int(count) - len(batches))]
+    return batches
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, to: torch.device, home: torch.device) -> None:
@@ -127,42 +140,20 @@ class TorchBackend:
         kernel makes it pay (flash attention); otherwise a right-padded batch, since dense attention over
         a packed row costs the square of the whole micro-batch's length.
         """
-        lengths = [len(s.tokens) for s in samples]
-        if self.packed:
-            tokens = torch.tensor([t for s in samples for t in s.tokens])[None]
-            positions = torch.cat([torch.arange(n) for n in lengths])[None]
-            starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
-            inputs = {"input_ids": tokens.to(self.device), "position_ids": positions.to(self.device)}
-        else:
-            width = max(lengths)
-            tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in samples])
-            attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-            starts = torch.arange(len(samples)) * width
-            inputs = {"input_ids": tokens.to(self.device), "attention_mask": attention.to(self.device)}
-        # Flat position of each response token's predicting logit (position t predicts token t + 1).
-        r = max(s.response_length for s in samples)
-        offsets = torch.arange(r)
-        first = torch.tensor([s.prompt_length - 1 for s in samples])
-        valid = offsets[None] < torch.tensor([s.response_length for s in samples])[:, None]
-        at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
+        x = lay_out(samples, packed=self.packed)
+        inputs = ({"input_ids": x.input_ids, "position_ids": x.position_ids} if self.packed else
+                  {"input_ids": x.input_ids, "attention_mask": x.attention_mask})
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with self.autocast():
             out = model(**inputs).logits
-        picked = out.reshape(-1, out.shape[-1])[at.flatten().to(self.device)].float().view(len(samples), r, -1)
-        target = tokens.flatten()[(at + 1).flatten()].to(self.device).view(len(samples), r)
-        return picked, target, valid.to(self.device)
+        picked = out.reshape(-1, out.shape[-1])[x.at.flatten().to(self.device)].float().view(*x.at.shape, -1)
+        return picked, x.target.to(self.device), x.valid.to(self.device)
 
     def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the count of the rank that has the most: under
         FSDP every forward gathers parameters from all ranks, under DDP the last backward reduces gradients,
         so every rank must run as many (a rank may even have no sample at all)."""
-        p = self.cfg.perf
-        max_tokens = p.max_tokens_per_gpu if p.use_dynamic_batch_size else None
-        batches = micro_batches([len(s.tokens) for s in samples], max_tokens, p.micro_batch_size)
-        if self.world_size > 1:
-            count = torch.tensor(len(batches))
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
-            batches += [[] for _ in range(int(count) - len(batches))]
-        return batches
+        return rank_micro_batches(samples, self.cfg.perf, self.device if self.world_size > 1 else None)
 
     @torch.no_grad()
     def compute_log_probs(self, samples: list[TrainSample], *, ref: bool = False) -> list[list[float]]:
