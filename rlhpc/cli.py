@@ -195,7 +195,7 @@ def megatron_to_hf(
 def _convert(work: Callable[[], None], source: Path, dest: Path) -> None:
     try:
         work()
-    except (FileNotFoundError, FileExistsError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing folder, or an output folder that exists
         _error(f"{source}: {e}")
         raise typer.Exit(2) from None
     out.print(f"converted {source} → {dest}", highlight=False, soft_wrap=True)

@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
-from rl.megatron.convert import HF_CONFIG, torch_dist_config
+from rl.megatron.convert import HF_CONFIG, load_megatron_state, torch_dist_config
 from rl.megatron.layout import hf_to_megatron, megatron_to_hf
 from rl.megatron.model import build_model, has_transformer_engine
 from rl.megatron.shards import renumber, shard, split_dim, unshard
@@ -142,20 +142,17 @@ class MegatronBackend:
                 raise ValueError(f"ckpt.ref_load: {ref} was converted {'with' if te else 'without'} Transformer "
                                  f"Engine's layer spec, and this node has{'' if self.te else ' no'} Transformer Engine")
             loaded = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(ref))
-            self.model.load_state_dict(loaded["model"], strict=False)
+            load_megatron_state(self.model, loaded["model"])
             return
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).state_dict()
         whole = hf_to_megatron(hf, self.hf_config, te=self.te)
         params = dict(self.model.named_parameters())
-        mine = {name: shard(whole[renumber(name, self.layer_offset)], name, split_dim(params[name]),
-                            self.tp_rank, self.tp_size)
-                for name in params}
-        missing = [k for k in self.model.load_state_dict(mine, strict=False).missing_keys
-                   if not k.endswith("_extra_state")]
-        if missing:
-            raise ValueError(f"{init_from}: no weights for {missing}")
+        load_megatron_state(self.model, {
+            name: shard(whole[renumber(name, self.layer_offset)], name, split_dim(params[name]), self.tp_rank,
+                        self.tp_size)
+            for name in params})
 
     # --- forward ---------------------------------------------------------------------------------------
 

@@ -93,14 +93,14 @@ def torch_dist_config(folder: Path):
     return AutoConfig.from_pretrained(folder / HF_CONFIG), te
 
 
-def read_torch_dist(folder: Path, hf_config, *, te: bool, key: str = "model") -> dict[str, torch.Tensor]:
-    """The whole Megatron state dict of `folder` (under `key` of the saved tree), read on the host."""
+def read_torch_dist(folder: Path, hf_config, *, te: bool) -> dict[str, torch.Tensor]:
+    """The whole Megatron state dict of a converted checkpoint, read on the host."""
     from megatron.core import dist_checkpointing
 
     with one_process():
         model = _host_model(hf_config, te=te)
-        loaded = dist_checkpointing.load({key: model.sharded_state_dict()}, str(folder))
-        load_megatron_state(model, loaded[key])
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder))
+        load_megatron_state(model, loaded["model"])
         return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
