@@ -273,20 +273,24 @@ class Driver:
         """`num_steps_per_rollout` optimizer steps; `old` are the policy's log-probs if already computed."""
         r, g = self.cfg.rollout, self.cfg.grpo
         gbs = r.global_batch_size
+        scored = old is not None
         if r.num_steps_per_rollout == 1:
             old = None  # one step: the ratio is 1 at the step's start, nothing to compare against
         elif old is None:
-            old = self.per_rank("compute_log_probs", train)
+            # The first step runs before any update, so its own forward gives its samples' old log-probs:
+            # only the later steps' samples are scored now.
+            old = [[] for _ in range(gbs)] + self.per_rank("compute_log_probs", train[gbs:])
         totals: dict[str, float] = {}
         for step in range(r.num_steps_per_rollout):
             batch = list(range(step * gbs, (step + 1) * gbs))
+            step_old = None if old is None or (step == 0 and not scored) else old
             num_tokens = sum(sum(train[i].loss_mask) for i in batch)
             shares = [[batch[i] for i in s] for s in (
                 balanced_shares([len(train[i].tokens) for i in batch], self.dp_size) if r.balance_data
                 else split_for_ranks(len(batch), self.dp_size))]
             mine = [shares[d] for d, _, _ in self.layout]
             policy = [w.train_step.remote([train[i] for i in s], len(batch), num_tokens,
-                                          None if old is None else [old[i] for i in s])
+                                          None if step_old is None else [step_old[i] for i in s])
                       for w, s in zip(self.workers, mine)]
             critic = [w.critic_step.remote([train[i] for i in s], len(batch), num_tokens)
                       for w, s in zip(self.workers, mine)] if g.advantage_estimator == "ppo" else []
@@ -486,13 +490,11 @@ def _across_ranks(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _address_and_free_port() -> tuple[str, int]:
-    import socket
-
     import ray
 
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+    from rl.ports import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
 
 
 def run(cfg: RLConfig, run_dir: Path | None = None, ray_address: str | None = None,

@@ -8,19 +8,22 @@ from collections import Counter
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 _YES_NO = {"yes", "no", "noanswer"}
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
 def normalize(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces (SQuAD's normalization)."""
     text = text.lower().translate(_PUNCT)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
 def f1_reward(response: str, label: object) -> float:
     """F1 = 2PR / (P + R) over the multiset of normalized tokens; yes/no answers must match exactly."""
     pred, truth = normalize(response), normalize(str(label))
-    if (pred in _YES_NO or truth in _YES_NO) and pred != truth:
+    if pred == truth:
+        return float(bool(pred))
+    if pred in _YES_NO or truth in _YES_NO:
         return 0.0
     pred_tokens, truth_tokens = pred.split(), truth.split()
     same = sum((Counter(pred_tokens) & Counter(truth_tokens)).values())

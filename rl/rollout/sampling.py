@@ -76,7 +76,8 @@ class Sampler:
             prompt = dataset[i]
             ids = self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
             groups.append([
-                Sample(prompt=prompt.text, label=prompt.label, metadata=copy.deepcopy(prompt.metadata),
+                Sample(prompt=prompt.text, label=prompt.label,
+                       metadata=copy.deepcopy(prompt.metadata) if prompt.metadata else {},
                        index=prompt.index, tokens=list(ids),
                        seed=sample_seed(self.run_seed + salt, rollout_id, first_index + g * n + j))
                 for j in range(n)])

@@ -70,6 +70,9 @@ class TorchEngine:
     def _sample(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
                 cache: Any) -> Iterator[list[tuple[int, Generation]]]:
         n, width = len(prompts), max(len(p) for p in prompts)
+        if params.max_new_tokens <= 0:
+            yield [(i, Generation([], [], "length", self.weight_version)) for i in range(n)]
+            return
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
@@ -82,7 +85,14 @@ class TorchEngine:
         uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))
                                 for s in seeds])
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
-        out = [Generation([], [], "length", self.weight_version) for _ in prompts]
+        # Tokens and log-probs of every row, filled one column per step; a row's lists are made once it ends.
+        out_ids = torch.zeros((n, params.max_new_tokens), dtype=torch.long)
+        out_lps = torch.zeros((n, params.max_new_tokens), dtype=torch.float32)
+
+        def ended(rows: list[int], step: int, reason: str) -> list[tuple[int, Generation]]:
+            ids, lps = out_ids[rows, : step + 1].tolist(), out_lps[rows, : step + 1].tolist()
+            return [(i, Generation(t, lp, reason, self.weight_version)) for i, t, lp in zip(rows, ids, lps)]
+
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits[:, -1]
         active = torch.arange(n)
@@ -92,24 +102,16 @@ class TorchEngine:
             cdf = filter_logits(scaled, params.top_k, params.top_p).softmax(-1).cumsum(-1)
             u = uniforms[active, step : step + 1] * cdf[:, -1:]
             tokens = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
-            token_log_probs = log_probs.gather(-1, tokens[:, None])[:, 0]
+            out_ids[active, step] = tokens
+            out_lps[active, step] = log_probs.gather(-1, tokens[:, None])[:, 0]
             finished = torch.isin(tokens, stop)
-            ended = []
-            for j, i in enumerate(active.tolist()):
-                out[i].output_ids.append(int(tokens[j]))
-                out[i].log_probs.append(float(token_log_probs[j]))
-                if finished[j]:
-                    out[i].finish_reason = "stop"
-                    ended.append((i, out[i]))
-            if ended:
-                yield ended
+            if finished.any():
+                yield ended(active[finished].tolist(), step, "stop")
             keep = (~finished).nonzero()[:, 0]
             if len(keep) == 0:
                 return
-            if self._aborting:
-                for i in active[keep].tolist():
-                    out[i].finish_reason = "abort"
-                yield [(i, out[i]) for i in active[keep].tolist()]
+            if self._aborting or step + 1 == params.max_new_tokens:
+                yield ended(active[keep].tolist(), step, "abort" if self._aborting else "length")
                 return
             if len(keep) < len(active):
                 cache.batch_select_indices(keep.to(self.device))
@@ -118,7 +120,6 @@ class TorchEngine:
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=mask,
                                 position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
-        yield [(i, out[i]) for i in active.tolist()]
 
     def abort(self) -> None:
         """End the generation in progress (if any) at its next token: unfinished samples come back as they
