@@ -5,7 +5,9 @@ and optimizer steps, in one run on this machine. Prints samples/s and peak RSS o
     .venv/bin/python benchmarks/grpo_cpu_vs_trl.py --rollouts 20
 
 Each side runs in its own process; its peak RSS is the largest sum, over time, of the resident memory of
-that process and all its descendants (for rlhpc: Ray's GCS, raylet and the worker actors included).
+that process and all its descendants (for rlhpc: Ray's GCS, raylet and the worker actors included). A sum of
+RSS counts the pages processes share (the torch and Python libraries every rlhpc process maps) once per
+process, so the peak PSS (each shared page divided among its sharers) is printed beside it.
 Samples/s counts generated samples over the training loop's wall time (model loading and start-up
 excluded, reported separately).
 """
@@ -13,8 +15,10 @@ excluded, reported separately).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 def workload(args: argparse.Namespace) -> dict:
     return {"prompts_per_rollout": args.prompts, "group": args.group, "response_len": args.response_len,
-            "steps_per_rollout": args.steps, "rollouts": args.rollouts, "lr": 3e-3}
+            "steps_per_rollout": args.steps, "rollouts": args.rollouts, "lr": 3e-3, "threads": args.threads}
 
 
 def run_rlhpc(model: Path, w: dict, out: Path) -> dict:
@@ -41,9 +45,10 @@ def run_rlhpc(model: Path, w: dict, out: Path) -> dict:
         f"rollout.rollout_max_response_len={w['response_len']}", f"optimizer.lr={w['lr']}",
         "eval.eval_interval=100000", "eval.skip_eval_before_train=true", "run.use_tensorboard=false",
         # TRL runs in one process with no reference model (beta = 0): the same placement and work here.
-        "perf.colocate=true", "grpo.use_kl_loss=false",
+        "perf.colocate=true", "grpo.use_kl_loss=false", f"perf.cpu_threads={w['threads']}",
         # TRL forwards each optimizer step's samples as one batch: the same micro-batch here.
-        f"perf.max_tokens_per_gpu={8 * w['prompts_per_rollout'] * w['group'] // w['steps_per_rollout']}",
+        "perf.use_dynamic_batch_size=false",
+        f"perf.micro_batch_size={w['prompts_per_rollout'] * w['group'] // w['steps_per_rollout']}",
         f"ckpt.save_interval={10 * w['rollouts']}"])
     t0 = time.perf_counter()
     result = Driver(cfg, out).run()
@@ -61,6 +66,7 @@ def run_trl(model: Path, w: dict, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    torch.set_num_threads(w["threads"])
     rows = [json.loads(line) for line in (ROOT / "data/arith/train.jsonl").read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "label": r["label"]} for r in rows])
 
@@ -104,18 +110,22 @@ def measure(side: str, model: Path, w: dict) -> dict:
                                   "--workload", json.dumps(w), "--result", str(result_file)],
                                  env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                                       "TRANSFORMERS_VERBOSITY": "error"})
-        root, peak = psutil.Process(child.pid), 0
-        while child.poll() is None:
+        root, peak, peak_pss = psutil.Process(child.pid), 0, 0
+        for tick in itertools.count():
+            if child.poll() is not None:
+                break
             try:
-                procs = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+                procs = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
+                peak = max(peak, sum(p.memory_info().rss for p in procs))
+                if tick % 10 == 0:  # reading every process's page map costs CPU the side being measured needs
+                    peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in procs))
             except psutil.Error:
                 pass
             time.sleep(0.1)
         if child.returncode != 0:
             raise SystemExit(f"{side} failed with exit code {child.returncode}")
         result = json.loads(result_file.read_text())
-    result["peak_rss_mib"] = peak / 2**20
+    result["peak_rss_mib"], result["peak_pss_mib"] = peak / 2**20, peak_pss / 2**20
     result["samples_per_s"] = result["samples"] / result["loop_s"]
     return result
 
@@ -127,6 +137,9 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--response-len", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads of each side (rlhpc: of its training worker, which hosts the engine)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each side; the ratios' median is printed")
     parser.add_argument("--side", choices=["rlhpc", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -143,18 +156,22 @@ def main() -> None:
     from rl.tiny_model import build_tiny_model
 
     w = workload(args)
+    print(f"workload: {json.dumps(w)}")
+    print(f"{'':12}{'samples/s':>12}{'peak RSS MiB':>14}{'peak PSS MiB':>14}{'loop s':>9}{'total s':>9}"
+          f"{'reward (last 5)':>17}")
+    ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_model(Path(tmp) / "tiny-qwen3")
-        results = {side: measure(side, model, w) for side in ("trl", "rlhpc")}
-    print(f"workload: {json.dumps(w)}")
-    print(f"{'':8}{'samples/s':>12}{'peak RSS MiB':>14}{'loop s':>9}{'total s':>9}{'reward (last 5)':>17}")
-    for side, r in results.items():
-        print(f"{side:8}{r['samples_per_s']:12.1f}{r['peak_rss_mib']:14.0f}{r['loop_s']:9.1f}{r['total_s']:9.1f}"
-              f"{r['final_reward']:17.3f}")
-    speed = results["rlhpc"]["samples_per_s"] / results["trl"]["samples_per_s"]
-    memory = results["rlhpc"]["peak_rss_mib"] / results["trl"]["peak_rss_mib"]
-    print(f"rlhpc / TRL: samples/s ×{speed:.2f}, peak RSS ×{memory:.2f}")
-
+        for k in range(args.repeats):  # the sides take turns, so that a slow spell of the machine hits both
+            results = {side: measure(side, model, w) for side in ("trl", "rlhpc")}
+            for side, r in results.items():
+                print(f"{side:6} #{k + 1:<4}{r['samples_per_s']:12.1f}{r['peak_rss_mib']:14.0f}"
+                      f"{r['peak_pss_mib']:14.0f}{r['loop_s']:9.1f}{r['total_s']:9.1f}{r['final_reward']:17.3f}")
+            rl, trl = results["rlhpc"], results["trl"]
+            ratios.append([rl[k] / trl[k] for k in ("samples_per_s", "peak_rss_mib", "peak_pss_mib")])
+    speed, rss, pss = (statistics.median(column) for column in zip(*ratios))
+    print(f"rlhpc / TRL (median of {args.repeats}): samples/s ×{speed:.2f}, peak RSS ×{rss:.2f}, peak PSS ×{pss:.2f}"
+          f"  (samples/s ratios: {', '.join(f'{r[0]:.2f}' for r in ratios)})")
 
 if __name__ == "__main__":
     main()
