@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import MINIMAL
+from rl.ports import free_port
 from rlhpc.config import load_config
 from test_torch_backend import make_samples
 
@@ -17,16 +18,13 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def megatron_backend(write_config, tiny_model_dir):
     import os
-    import socket
 
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from rl.megatron.backend import MegatronBackend
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port("127.0.0.1")))
     torch.cuda.set_device(0)
     dist.init_process_group("nccl", rank=0, world_size=1)
     cfg = load_config(write_config(MINIMAL), ["optimizer.lr=1e-3", "perf.train_backend=megatron", "perf.bf16=false",
@@ -97,15 +95,12 @@ def _tp2_rank(rank: int, port: int, config: str, model: str, out: str) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="tensor parallel size 2 needs two GPUs")
 def test_tensor_parallel_two_gives_the_same_log_probs_and_whole_weights(write_config, tiny_model_dir, tmp_path):
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
     from rl.train.torch_backend import TorchBackend
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port("127.0.0.1")
     config = write_config(MINIMAL)
     mp.spawn(_tp2_rank, args=(port, str(config), str(tiny_model_dir), str(tmp_path / "out.json")), nprocs=2)
     got = json.loads((tmp_path / "out.json").read_text())

@@ -10,7 +10,6 @@ checkpoint loads under any parallel layout: each rank reads its own slices.
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.distributed as dist
 
 from rl.config import PerfConfig
 from rl.megatron.layout import hf_to_megatron, megatron_to_hf
+from rl.ports import free_port
 
 HF_CONFIG = "hf_config.json"
 """The Hugging Face config the checkpoint was converted from, kept beside it (Megatron's own files say nothing
@@ -36,9 +36,7 @@ def one_process() -> Iterator[None]:
 
     owned = not dist.is_initialized()
     if owned:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port("127.0.0.1")
         if torch.cuda.is_available():
             torch.cuda.set_device(0)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")

@@ -11,7 +11,6 @@ SGLang itself is imported only here, and only for the weight serializer.
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
+from rl.ports import free_port
 from rl.rollout.engine import Generation, SamplingParams, in_order
 
 if TYPE_CHECKING:
@@ -86,9 +86,7 @@ class SglangEngine:
 
         self.options, self.version = options, 0
         host = _node_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.url = f"http://{host}:{port}"
         self.http = requests.Session()
         self.pool = ThreadPoolExecutor(max_workers=options.sglang_server_concurrency)
