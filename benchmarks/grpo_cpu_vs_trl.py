@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 def workload(args: argparse.Namespace) -> dict:
     return {"prompts_per_rollout": args.prompts, "group": args.group, "response_len": args.response_len,
-            "steps_per_rollout": args.steps, "rollouts": args.rollouts, "lr": 3e-3, "threads": args.threads}
+            "steps_per_rollout": args.steps, "rollouts": args.rollouts, "lr": 3e-3, "threads": args.threads,
+            "rlhpc_set": args.rlhpc_set}
 
 
 def run_rlhpc(model: Path, w: dict, out: Path) -> dict:
@@ -49,7 +50,7 @@ def run_rlhpc(model: Path, w: dict, out: Path) -> dict:
         # TRL forwards each optimizer step's samples as one batch: the same micro-batch here.
         "perf.use_dynamic_batch_size=false",
         f"perf.micro_batch_size={w['prompts_per_rollout'] * w['group'] // w['steps_per_rollout']}",
-        f"ckpt.save_interval={10 * w['rollouts']}"])
+        f"ckpt.save_interval={10 * w['rollouts']}", *w["rlhpc_set"]])
     t0 = time.perf_counter()
     result = Driver(cfg, out).run()
     total = time.perf_counter() - t0
@@ -139,6 +140,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads of each side (rlhpc: of its training worker, which hosts the engine)")
+    parser.add_argument("--rlhpc-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for rlhpc's side, e.g. grpo.use_rollout_logprobs=true")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each side; the ratios' median is printed")
     parser.add_argument("--side", choices=["rlhpc", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)

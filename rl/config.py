@@ -247,6 +247,10 @@ class GrpoConfig(Section):
     use_tis: bool = False
     tis_clip: Annotated[float, Field(gt=0)] = 2.0
     tis_clip_low: Annotated[float, Field(ge=0)] = 0.0
+    use_rollout_logprobs: bool = False
+    """The engine's log-probs of the response tokens stand for the old policy's in the ratio (slime's
+    `--use-rollout-logprobs`): no recomputing pass before training, at the price of the engine's numerical
+    difference from the trainer entering the ratio."""
 
 
 class OptimizerConfig(Section):
@@ -365,6 +369,12 @@ class RLConfig(BaseModel):
                 e.eval_interval is not None and not e.eval_prompt_data,
                 ("eval.eval_prompt_data", "eval.eval_interval"),
                 "eval_interval is set but no evaluation dataset is given",
+            ),
+            (
+                g.use_rollout_logprobs and g.use_tis,
+                ("grpo.use_rollout_logprobs", "grpo.use_tis"),
+                "use_tis corrects for the engine's log-probs differing from the trainer's old ones; with "
+                "use_rollout_logprobs they are the same, so there is nothing to correct: choose one",
             ),
             (
                 g.kl_coef != 0 and g.kl_loss_coef != 0,

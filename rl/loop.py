@@ -269,21 +269,22 @@ class Driver:
         by_rank = {d: r for (d, _, reports), r in zip(self.layout, results) if reports}
         return [by_rank[d] for d in range(self.dp_size)]
 
-    def train(self, train: list[TrainSample], old: list[list[float]] | None = None) -> dict[str, float]:
+    def train(self, train: list[TrainSample], old: list[list[float] | None] | None = None) -> dict[str, float]:
         """`num_steps_per_rollout` optimizer steps; `old` are the policy's log-probs if already computed."""
         r, g = self.cfg.rollout, self.cfg.grpo
         gbs = r.global_batch_size
-        scored = old is not None
-        if r.num_steps_per_rollout == 1:
+        if g.use_rollout_logprobs:
+            old = [s.rollout_log_probs for s in train]
+        elif r.num_steps_per_rollout == 1:
             old = None  # one step: the ratio is 1 at the step's start, nothing to compare against
         elif old is None:
-            # The first step runs before any update, so its own forward gives its samples' old log-probs:
-            # only the later steps' samples are scored now.
-            old = [[] for _ in range(gbs)] + self.per_rank("compute_log_probs", train[gbs:])
+            # The first step runs before any update, so its own forward gives its samples' old log-probs
+            # (None here): only the later steps' samples are scored now.
+            old = [None] * gbs + self.per_rank("compute_log_probs", train[gbs:])
         totals: dict[str, float] = {}
         for step in range(r.num_steps_per_rollout):
             batch = list(range(step * gbs, (step + 1) * gbs))
-            step_old = None if old is None or (step == 0 and not scored) else old
+            step_old = None if old is None or old[batch[0]] is None else old
             num_tokens = sum(sum(train[i].loss_mask) for i in batch)
             shares = [[batch[i] for i in s] for s in (
                 balanced_shares([len(train[i].tokens) for i in batch], self.dp_size) if r.balance_data

@@ -105,6 +105,8 @@ def test_unknown_section_gets_did_you_mean(write_config):
         (["perf.colocate=true", "rollout.async_train=true"], "perf.colocate / rollout.async_train", "not supported"),
         (["perf.use_dynamic_batch_size=true"], "perf.max_tokens_per_gpu", "must be set"),
         (["grpo.kl_coef=0.1", "grpo.kl_loss_coef=0.1"], "grpo.kl_coef / grpo.kl_loss_coef", "only one of"),
+        (["grpo.use_rollout_logprobs=true", "grpo.use_tis=true"], "grpo.use_rollout_logprobs / grpo.use_tis",
+         "nothing to correct"),
         (["rollout.over_sampling_batch_size=2"], "rollout.over_sampling_batch_size", "at least rollout_batch_size"),
         (["rollout.rm_type='remote_rm'"], "rollout.rm_url", "needs rm_url"),
         (["rollout.partial_rollout=true"], "rollout.partial_rollout / rollout.over_sampling_batch_size",
