@@ -259,7 +259,7 @@ class LocalCluster:
         if node is None:
             raise ClusterError(f"{name}: not a node of the local cluster"
                                + (f" ({', '.join(n.name for n in spec.node_list())})" if spec else " (it is down)"))
-        pids = _netns_pids(node.netns)
+        pids = list(netns_processes(node.netns))
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -278,7 +278,7 @@ class LocalCluster:
         nodes = spec.node_list() if spec else []
         netns = _cluster_netns()
         for ns in netns:
-            kill_all(_netns_pids(ns))
+            kill_all(list(netns_processes(ns)))
         for name in ("slurmdbd.pid", "slurmctld.pid"):
             kill_all(pid_from(self.state_dir / "run" / name))
         if spec and spec.accounting:
@@ -349,9 +349,17 @@ def _cluster_netns() -> list[str]:
     return sorted(n for n in names if n.startswith(PREFIX))
 
 
-def _netns_pids(ns: str) -> list[int]:
+def netns_processes(ns: str) -> dict[int, str]:
+    """The processes in a node's network namespace: pid -> command line (arguments joined by spaces; empty
+    for a process that ended meanwhile)."""
     p = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    return [int(x) for x in p.stdout.split()]
+    found = {}
+    for pid in map(int, p.stdout.split()):
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            found[pid] = ""
+    return found
 
 
 def _link_exists(name: str) -> bool:

@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS, SHAPE, STATE, rlhpc, wait_gone
+from hpc.local_cluster import netns_processes
 from hpc.slurm import release
 from rl import checkpoint, heartbeat
 from rl.export import load_policy
@@ -119,14 +119,7 @@ def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_mode
 
 def node_pids(namespace: str, name: str) -> list[int]:
     """Processes of a node (a network namespace of the local cluster) whose command line starts with `name`."""
-    found = []
-    for pid in subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True).stdout.split():
-        try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().startswith(name):
-                found.append(int(pid))
-        except OSError:
-            continue
-    return found
+    return [pid for pid, cmd in netns_processes(namespace).items() if cmd.startswith(name)]
 
 
 def wait_for(predicate, timeout_s: float = 300, what: str = "") -> None:

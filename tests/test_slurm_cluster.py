@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, RLHPC, SHAPE, STATE, rlhpc, wait_gone
-from hpc.local_cluster import LocalCluster
+from hpc.local_cluster import LocalCluster, netns_processes
 from hpc.slurm import accounting
 from rl import heartbeat
 
@@ -109,16 +109,8 @@ def test_a_newline_in_a_value_is_refused(cluster: LocalCluster, tmp_path: Path) 
 
 def node_processes(env: dict[str, str]) -> list[str]:
     """Every process in the nodes' network namespaces but the slurmds themselves."""
-    found = []
-    for ns in ("rlhpc-node1", "rlhpc-node2"):
-        for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if cmd and not cmd.startswith("slurmd "):
-                found.append(f"{ns} {pid}: {cmd[:100]}")
-    return found
+    return [f"{ns} {pid}: {cmd[:100]}" for ns in ("rlhpc-node1", "rlhpc-node2")
+            for pid, cmd in netns_processes(ns).items() if cmd and not cmd.startswith("slurmd ")]
 
 
 def test_cancel_mid_run_leaves_no_process(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:
