@@ -48,8 +48,9 @@ class EngineClient:
                             f.set_result(Generation([], [], "abort"))
                         continue
 
-                    def deliver(i: int, gen: Generation, futures: list = futures) -> None:
-                        loop.call_soon_threadsafe(_resolve, futures[i], gen)
+                    def deliver(ended: list[tuple[int, Generation]], futures: list = futures) -> None:
+                        # One wake-up of the event loop per message from the engines, not one per sample.
+                        loop.call_soon_threadsafe(_resolve, [(futures[i], gen) for i, gen in ended])
 
                     try:
                         await asyncio.to_thread(self.pool.generate, [ids for ids, _, _, _ in part], params,
@@ -75,6 +76,7 @@ class EngineClient:
         self.aborted = False
 
 
-def _resolve(future: asyncio.Future[Generation], gen: Generation) -> None:
-    if not future.done():  # its waiter may have been cancelled
-        future.set_result(gen)
+def _resolve(ended: list[tuple[asyncio.Future[Generation], Generation]]) -> None:
+    for future, gen in ended:
+        if not future.done():  # its waiter may have been cancelled
+            future.set_result(gen)

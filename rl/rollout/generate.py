@@ -27,7 +27,8 @@ async def generate(args: Any, sample: Sample, sampling_params: SamplingParams, e
     if left <= 0:
         sample.status = "truncated"
         return sample
-    gen = await engine.generate(sample.tokens, replace(sampling_params, max_new_tokens=left), sample.next_seed())
+    params = replace(sampling_params, max_new_tokens=left) if sample.response_length else sampling_params
+    gen = await engine.generate(sample.tokens, params, sample.next_seed())
     sample.append_generation(gen)
     sample.response = engine.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
     return sample

@@ -67,10 +67,11 @@ class EnginePool:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],
                  abandon: Callable[[], bool] = lambda: False,
-                 on_result: Callable[[int, Generation], None] = lambda i, gen: None) -> list[Generation]:
-        """Generations in request order, each engine taking an equal share; `on_result(i, generation)` hears
-        of each as soon as it ends. Raises Interrupted as soon as `abandon()` turns true (the engines' work is
-        discarded with them)."""
+                 on_results: Callable[[list[tuple[int, Generation]]], None] = lambda ended: None
+                 ) -> list[Generation]:
+        """Generations in request order, each engine taking an equal share; `on_results([(i, generation)])`
+        hears of those that end together as soon as they do. Raises Interrupted as soon as `abandon()` turns
+        true (the engines' work is discarded with them)."""
         import ray
 
         results: list[Generation | None] = [None] * len(prompts)
@@ -108,9 +109,10 @@ class EnginePool:
                         raise
                     reissue(slot, "died")
                     continue
-                for k, gen in ended:
-                    results[requests[k]] = gen
-                    on_result(requests[k], gen)
+                ended = [(requests[k], gen) for k, gen in ended]
+                for i, gen in ended:
+                    results[i] = gen
+                on_results(ended)
             if self.fault_tolerant and streams and time.monotonic() >= next_check:
                 for slot in self._unresponsive(sorted({slot for slot, _ in streams.values()})):
                     reissue(slot, f"did not answer its health check within "
