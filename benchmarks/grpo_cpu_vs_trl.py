@@ -171,10 +171,11 @@ def main() -> None:
                 print(f"{side:6} #{k + 1:<4}{r['samples_per_s']:12.1f}{r['peak_rss_mib']:14.0f}"
                       f"{r['peak_pss_mib']:14.0f}{r['loop_s']:9.1f}{r['total_s']:9.1f}{r['final_reward']:17.3f}")
             rl, trl = results["rlhpc"], results["trl"]
-            ratios.append([rl[k] / trl[k] for k in ("samples_per_s", "peak_rss_mib", "peak_pss_mib")])
+            ratios.append([rl[key] / trl[key] for key in ("samples_per_s", "peak_rss_mib", "peak_pss_mib")])
     speed, rss, pss = (statistics.median(column) for column in zip(*ratios))
     print(f"rlhpc / TRL (median of {args.repeats}): samples/s ×{speed:.2f}, peak RSS ×{rss:.2f}, peak PSS ×{pss:.2f}"
           f"  (samples/s ratios: {', '.join(f'{r[0]:.2f}' for r in ratios)})")
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rl.megatron.context_parallel import held_positions, padded_lengths
+
 
 @dataclass
 class TrainSample:
@@ -115,8 +117,6 @@ def lay_out(samples: list[TrainSample], *, packed: bool, cp_size: int = 1, cp_ra
     """One packed row (Megatron's THD layout: no padding, positions restarting at each sequence; with context
     parallelism each rank holds its chunks of every sequence, `rl/megatron/context_parallel.py`), or
     right-padded rows. Position t's logit predicts token t + 1."""
-    from rl.megatron.context_parallel import held_positions, padded_lengths
-
     lengths = [len(s.tokens) for s in samples]
     if packed:
         padded = padded_lengths(lengths, cp_size)

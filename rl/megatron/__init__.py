@@ -1,5 +1,6 @@
 """The Megatron-core training backend and the Hugging Face ↔ Megatron weight layout (GPU production path).
 
-Only `layout` is importable without megatron-core; the rest imports it, and is imported only when
+Only `layout` and `context_parallel` (pure host code, which `rl.batch` lays micro-batches out with) are
+importable without megatron-core; the rest imports it, and is imported only when
 `perf.train_backend = "megatron"` or a conversion asks for it.
 """

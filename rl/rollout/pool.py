@@ -109,10 +109,10 @@ class EnginePool:
                         raise
                     reissue(slot, "died")
                     continue
-                ended = [(requests[k], gen) for k, gen in ended]
-                for i, gen in ended:
+                done = [(requests[k], gen) for k, gen in ended]
+                for i, gen in done:
                     results[i] = gen
-                on_results(ended)
+                on_results(done)
             if self.fault_tolerant and streams and time.monotonic() >= next_check:
                 for slot in self._unresponsive(sorted({slot for slot, _ in streams.values()})):
                     reissue(slot, f"did not answer its health check within "
