@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+"""The states of a job that has ended (and will not run again unless requeued)."""
 _FORMAT = "%i|%j|%T|%r|%D|%N|%P|%l|%S|%V"
 _FORMAT_FIELDS = ("job_id", "name", "state", "reason", "nodes", "nodelist", "partition", "time_limit", "start",
                   "submit")

@@ -445,9 +445,8 @@ def resume(
     """Submit a run again from its frozen config (plus --set, e.g. more rollouts); it continues from its latest
     complete checkpoint. For a run that ended (failed, timed out, cancelled, out of requeues): a requeued job
     resumes by itself."""
-    from hpc.slurm import queue
+    from hpc.slurm import TERMINAL, queue
     from rlhpc.run_folder import CANCELLED
-    from rlhpc.submit import TERMINAL
 
     run_dir = _one_run(run_)
     job = _last_job(run_dir)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.allocation import expand_hostlist
-from hpc.slurm import JobInfo, queue, release, requeue
+from hpc.slurm import TERMINAL, JobInfo, queue, release, requeue
 from rl import heartbeat
 from rlhpc.run_folder import START, attempt_dir, submissions
 
@@ -159,6 +159,9 @@ def wait_resumed(run_dir: Path, job_id: str, after_attempt: int, timeout_s: floa
         if start.exists():
             return json.loads(start.read_text())
         [info] = queue([job_id], env=env) or [None]
+        if info is None or (info.state in TERMINAL and info.restarts == after_attempt):
+            raise DrillError(f"job {job_id} ended ({info.state if info else 'gone from the queue'}) without a "
+                             "requeue: the run finished before the interruption reached it")
         if not released and info is not None and info.state == "PENDING" and info.restarts > after_attempt:
             release(job_id, env)
             released = True

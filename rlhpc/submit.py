@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc.config import SlurmConfig
+from hpc.slurm import TERMINAL
 from hpc.wait import until
 from rlhpc.config import Config
 from rlhpc.render import batch_script, job_name
@@ -19,7 +20,6 @@ if TYPE_CHECKING:
     import submitit
 
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 @dataclass(frozen=True)

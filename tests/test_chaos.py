@@ -34,13 +34,14 @@ FULL = os.environ.get("RLHPC_CHAOS") == "full"
 # polls the phase every 20 ms); a kill at each step of a save is tested in test_checkpoint, a signal in test_loop.
 REDUCED = [("preempt", "rollout")]
 MATRIX = list(itertools.product(("requeue", "timeout", "preempt"), ("rollout", "train", "save"))) if FULL else REDUCED
+SLOW_REWARD = Path(__file__).parent / "slow_reward.py"
 REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean", "truncated_frac")
 
 
 def settings(model_dir: Path, run_dir: Path, num_rollout: int, samples: int) -> list[str]:
     rl = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", f"rollout.num_rollout={num_rollout}",
           f"rollout.n_samples_per_prompt={samples}", "ckpt.save_interval=2", "eval.eval_interval=1000",
-          "perf.cpu_threads=1", "slurm.signal_grace_s=30"]
+          "perf.cpu_threads=1", "slurm.signal_grace_s=30", f"rollout.custom_rm_path='{SLOW_REWARD}:reward'"]
     return ["--nodes", "1", "--cpus-per-task", "2", *[a for s in rl for a in ("--set", s)]]
 
 
