@@ -211,7 +211,8 @@ class LocalCluster:
             run_command(*inside, "addr", "add", f"{node.addr}/24", "dev", "eth0")
             run_command(*inside, "link", "set", "eth0", "up")
             run_command(*inside, "link", "set", "lo", "up")
-            run_command(*inside, "route", "add", "default", "via", spec.ctld_addr)
+            # No default route: nothing leaves the nodes' subnet, and a name lookup (c10d asks one of each peer's
+            # address) fails at once instead of waiting out the resolver's timeouts for a server it cannot reach.
 
     def _start_munge(self) -> None:
         m = self.state_dir / "munge"

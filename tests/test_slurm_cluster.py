@@ -30,6 +30,8 @@ def test_cluster_up_is_idempotent_and_reports_its_nodes(cluster: LocalCluster) -
     assert "node1  10.87.0.11  idle" in status.stdout and "node2  10.87.0.12  idle" in status.stdout
     sinfo = subprocess.run(["sinfo", "-h", "-o", "%P %D"], env=cluster.env, capture_output=True, text=True)
     assert sinfo.stdout.split() == ["batch*", "2", "urgent", "2"]
+    routes = subprocess.run(["ip", "-n", "rlhpc-node1", "-j", "route"], capture_output=True, text=True, check=True)
+    assert [r["dst"] for r in json.loads(routes.stdout)] == ["10.87.0.0/24"]  # the nodes' subnet, nowhere else
 
 
 def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:
