@@ -158,9 +158,10 @@ class Driver:
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
                         training, placement_group_bundle_index=rank // p.actor_num_gpus_per_node)}
 
-        # torch.distributed's rendezvous lives with rank 0, wherever the group put it.
+        # torch.distributed's rendezvous lives with rank 0, wherever the group put it; a lone rank needs none
+        # (and finding one costs a worker process's start).
         master, port = ray.get(ray.remote(_address_and_free_port).options(
-            **{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote())
+            **{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()) if world > 1 else ("", 0)
         worker_cls = EnginePool.actor_class(TrainWorker)  # a colocated one generates: it answers abort
         self.workers = [
             worker_cls.options(**in_bundle(rank)).remote(
