@@ -127,6 +127,10 @@ class RolloutConfig(Section):
     rollout_stop: list[str] = []
     rollout_stop_token_ids: list[int] = []
     rollout_skip_special_tokens: bool = False
+    stream_interval: PositiveInt = 8
+    """Torch engine: decode steps between its messages of the samples that have ended (SGLang's
+    `--stream-interval`). 1 sends each as it ends, so partial rollout aborts soonest; each message costs the
+    driver about as much as several decode steps of a small model, hence 8."""
     # reward
     rm_type: str | None = None
     custom_rm_path: HookPath | None = None

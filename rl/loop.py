@@ -271,37 +271,30 @@ class Driver:
         return [by_rank[d] for d in range(self.dp_size)]
 
     def train(self, train: list[TrainSample], old: list[list[float] | None] | None = None) -> dict[str, float]:
-        """`num_steps_per_rollout` optimizer steps; `old` are the policy's log-probs if already computed."""
+        """`num_steps_per_rollout` optimizer steps, in one call to each worker; `old` are the policy's
+        log-probs if already computed (else the workers score the samples of the later steps first)."""
         r, g = self.cfg.rollout, self.cfg.grpo
-        gbs = r.global_batch_size
+        gbs, n = r.global_batch_size, r.num_steps_per_rollout
         if g.use_rollout_logprobs:
             old = [s.rollout_log_probs for s in train]
-        elif r.num_steps_per_rollout == 1:
+        elif n == 1:
             old = None  # one step: the ratio is 1 at the step's start, nothing to compare against
-        elif old is None:
-            # The first step runs before any update, so its own forward gives its samples' old log-probs
-            # (None here): only the later steps' samples are scored now.
-            old = [None] * gbs + self.per_rank("compute_log_probs", train[gbs:])
+        steps = [range(k * gbs, (k + 1) * gbs) for k in range(n)]
+        sizes = [(gbs, sum(sum(train[i].loss_mask) for i in batch)) for batch in steps]
+        # shares[k][d]: the samples of step k that data-parallel rank d trains on
+        shares = [[[batch[i] for i in share] for share in (
+            balanced_shares([len(train[i].tokens) for i in batch], self.dp_size) if r.balance_data
+            else split_for_ranks(gbs, self.dp_size))] for batch in steps]
+        calls = []
+        for w, (d, _, _) in zip(self.workers, self.layout):
+            mine = [step[d] for step in shares]
+            calls.append(w.train.remote([[train[i] for i in s] for s in mine], sizes,
+                                        [None if old is None else [old[i] for i in s] for s in mine]))
+        by_rank = self._reported(calls)
         totals: dict[str, float] = {}
-        for step in range(r.num_steps_per_rollout):
-            batch = list(range(step * gbs, (step + 1) * gbs))
-            step_old = None if old is None or old[batch[0]] is None else old
-            num_tokens = sum(sum(train[i].loss_mask) for i in batch)
-            shares = [[batch[i] for i in s] for s in (
-                balanced_shares([len(train[i].tokens) for i in batch], self.dp_size) if r.balance_data
-                else split_for_ranks(len(batch), self.dp_size))]
-            mine = [shares[d] for d, _, _ in self.layout]
-            policy = [w.train_step.remote([train[i] for i in s], len(batch), num_tokens,
-                                          None if step_old is None else [step_old[i] for i in s])
-                      for w, s in zip(self.workers, mine)]
-            critic = [w.critic_step.remote([train[i] for i in s], len(batch), num_tokens)
-                      for w, s in zip(self.workers, mine)] if g.advantage_estimator == "ppo" else []
-            step_metrics = _across_ranks(self._reported(policy))
-            if critic:
-                step_metrics |= {f"critic_{k}" if k in ("grad_norm", "lr") else k: v
-                                 for k, v in _across_ranks(self._reported(critic)).items()}
-            for k, v in step_metrics.items():
-                totals[k] = totals.get(k, 0.0) + v / r.num_steps_per_rollout
+        for k in range(n):
+            for name, value in _across_ranks([steps_metrics[k] for steps_metrics in by_rank]).items():
+                totals[name] = totals.get(name, 0.0) + value / n
         return totals
 
     def sync_weights(self, version: int) -> float:
@@ -486,9 +479,9 @@ class Driver:
 
 def _across_ranks(results: list[dict[str, float]]) -> dict[str, float]:
     """One step's metrics from every rank's: loss terms are partial sums of the global mean on each rank;
-    gradient norm and learning rate are the same on all."""
-    same = ("grad_norm", "lr")
-    return {k: sum(m[k] for m in results) for k in results[0] if k not in same} | {k: results[0][k] for k in same}
+    gradient norms and learning rates are the same on all."""
+    same = {"grad_norm", "lr", "critic_grad_norm", "critic_lr"}
+    return {k: results[0][k] if k in same else sum(m[k] for m in results) for k in results[0]}
 
 
 def _address_and_free_port() -> tuple[str, int]:

@@ -294,28 +294,6 @@ def test_reinforce_pp_computes_log_probs_once_and_keep_last_prunes(ray_local, tm
     assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [2, 3]
 
 
-@pytest.mark.parametrize(("overrides", "scored"), [((), 8), (("grpo.use_rollout_logprobs=true",), 0)],
-                         ids=["recomputed", "rollout-log-probs"])
-def test_old_log_probs_are_computed_only_where_needed(ray_local, tmp_path, tiny_model_dir, monkeypatch, overrides,
-                                                      scored):
-    """Of a rollout's two steps of 8 samples, the first is scored by its own forward and the second by a pass
-    before training; with use_rollout_logprobs by neither, the engine's log-probs standing in."""
-    from rl.loop import Driver
-
-    calls = []
-    original = Driver.per_rank
-
-    def counted(self, method, train, *args):
-        calls.append((method, len(train)))
-        return original(self, method, train, *args)
-
-    monkeypatch.setattr(Driver, "per_rank", counted)
-    rows = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=1", "perf.colocate=true", "eval.eval_interval=10",
-                    *overrides))["rows"]
-    assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))
-    assert calls == ([("compute_log_probs", scored)] if scored else [])
-
-
 def engine_processes(state: str = "") -> list[int]:
     """Rollout engine actors' processes (Ray titles them `ray::TorchEngine.<method running>`)."""
     found = []
@@ -416,7 +394,7 @@ def test_partial_rollout_continues_cut_off_groups_in_the_next_rollout_and_checkp
     continued by the next rollout, keeping the rollout they began in; the buffer survives a resume."""
     settings = ["rollout.over_sampling_batch_size=6", "rollout.rollout_batch_size=2",
                 "rollout.n_samples_per_prompt=2", "rollout.num_steps_per_rollout=1", "rollout.partial_rollout=true",
-                "rollout.rollout_max_response_len=24",
+                "rollout.rollout_max_response_len=24", "rollout.stream_interval=1",
                 # a fifth of the vocabulary ends a sample: groups finish at different times
                 f"rollout.rollout_stop_token_ids={list(range(20, 40))}", "ckpt.save_interval=1",
                 "rollout.dynamic_sampling_filter_path='test_loop:recording_partial'", "eval.eval_interval=100"]

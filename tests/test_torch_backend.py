@@ -201,13 +201,48 @@ def test_a_colocated_engine_gives_its_memory_to_training_and_gets_the_new_weight
     with pytest.raises(RuntimeError, match="memory was released"):
         engine.generate([[5, 6, 7]], params, [1])
     samples = make_samples()
-    worker.train_step(samples, len(samples), sum(sum(s.loss_mask) for s in samples))
+    worker.train([samples], [(len(samples), sum(sum(s.loss_mask) for s in samples))], [None])
     worker.sync_engine(1)
     trained = dict(worker.backend.named_weights())
     assert engine.weight_version == 1
     assert all(torch.equal(p, trained[name]) for name, p in engine.model.named_parameters())
     assert engine.generate([[5, 6, 7]], params, [1])[0].log_probs != before.log_probs
     assert all(v.device.type == "cpu" for s in worker.backend.optimizer.state.values() for v in s.values())
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["recomputed", "given"])
+def test_a_rollouts_later_steps_are_scored_once_before_any_update(write_config, tiny_model_dir, monkeypatch, given):
+    """Of a rollout's two steps, the first takes its old log-probs from its own forward and the second's
+    samples are scored in one pass before the first update; old log-probs given (the engine's, say) are
+    used as they are."""
+    from rl.train.worker import TrainWorker
+
+    cfg = load_config(write_config(MINIMAL), ["optimizer.lr=1e-2"])
+    worker = TrainWorker(cfg, rank=0, world_size=1, master_addr="", master_port=0, init_from=tiny_model_dir,
+                         total_steps=10, threads=1, host_engine=False)
+    samples = make_samples(8)
+    steps = [samples[:4], samples[4:]]
+    before = worker.backend.compute_log_probs(steps[1])
+    calls, original = [], worker.backend.train_step
+
+    def scoring(batch, **kwargs):
+        calls.append(("score", len(batch)))
+        return before
+
+    def step(batch, **kwargs):
+        calls.append(("step", kwargs["old_log_probs"]))
+        return original(batch, **kwargs)
+
+    monkeypatch.setattr(worker.backend, "compute_log_probs", scoring)
+    monkeypatch.setattr(worker.backend, "train_step", step)
+    old = [[s.rollout_log_probs for s in batch] for batch in steps] if given else [None, None]
+    sizes = [(4, sum(sum(s.loss_mask) for s in batch)) for batch in steps]
+    metrics = worker.train(steps, sizes, old)
+    assert len(metrics) == 2 and all(m["lr"] == 1e-2 for m in metrics)
+    if given:
+        assert calls == [("step", old[0]), ("step", old[1])]
+    else:
+        assert calls == [("score", 4), ("step", None), ("step", before)]
 
 
 @pytest.mark.gpu

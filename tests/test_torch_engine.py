@@ -118,6 +118,22 @@ def test_finished_samples_leave_the_batch(engine, tokenizer):
     assert batch_sizes[0] == 2 and batch_sizes[1:] == [1] * (len(batch_sizes) - 1)
 
 
+def test_ended_samples_are_sent_every_stream_interval_decode_steps(engine, tiny_model_dir):
+    """With `stream_interval` 4 a message goes after decode steps 4, 8, ... (and at the end), holding the
+    samples that ended since the last: the same generations in fewer messages."""
+    prompts = [[5 + i % 7, 9, 11 + i % 5] for i in range(24)]
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=tuple(range(20, 40)))  # a fifth of the tokens
+    seeds = list(range(24))
+    whole = engine.generate(prompts, params, seeds)
+    messages = list(TorchEngine(tiny_model_dir, stream_interval=4).generate_stream(prompts, params, seeds))
+    assert sorted(i for m in messages for i, _ in m) == list(range(24))
+    assert all(g.output_ids == whole[i].output_ids and g.log_probs == whole[i].log_probs for m in messages
+               for i, g in m)
+    windows = [{-(-len(g.output_ids) // 4) for _, g in m} for m in messages]  # 1: ended in steps 1-4, ...
+    assert all(len(w) == 1 for w in windows) and [w.pop() for w in windows] == sorted(
+        {-(-len(g.output_ids) // 4) for g in whole})
+
+
 def test_generations_stream_as_they_end_and_an_abort_returns_the_unfinished_partial(engine, tokenizer):
     prompts = prompts_of(tokenizer, ["1+1=", "22+33=", "5*6=", "9-4="])
     params = SamplingParams(max_new_tokens=12, stop_token_ids=(tokenizer.eos_token_id,))

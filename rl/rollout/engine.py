@@ -98,4 +98,4 @@ def engine_factory(cfg: RLConfig) -> tuple[type, dict[str, Any]]:
         return SglangEngine, {"options": cfg.sglang, "colocate": cfg.perf.colocate}
     from rl.rollout.torch_engine import TorchEngine
 
-    return TorchEngine, {}
+    return TorchEngine, {"stream_interval": cfg.rollout.stream_interval}

@@ -29,10 +29,11 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 class TorchEngine:
     """Generates with a `transformers` model on CPU or one GPU. Finished samples leave the batch (their
-    rows are dropped from the KV cache), so they stop costing compute."""
+    rows are dropped from the KV cache), so they stop costing compute; they are sent back every
+    `stream_interval` decode steps."""
 
     def __init__(self, model_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 threads: int | None = None):
+                 threads: int | None = None, stream_interval: int = 1):
         from transformers import AutoModelForCausalLM
 
         if threads is not None:
@@ -40,6 +41,7 @@ class TorchEngine:
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.pad_id = self.model.config.pad_token_id or 0
+        self.stream_interval = stream_interval
         self.shapes = {name: p.shape for name, p in self.model.named_parameters()}
         self.weight_version = 0
         self._generating = self._aborting = False
@@ -96,6 +98,7 @@ class TorchEngine:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                             past_key_values=cache, use_cache=True).logits[:, -1]
         active = torch.arange(n)
+        held: list[tuple[int, Generation]] = []  # ended since the last message
         for step in range(params.max_new_tokens):
             scaled = logits.float().cpu() / params.temperature
             log_probs = scaled.log_softmax(-1)
@@ -106,13 +109,17 @@ class TorchEngine:
             out_lps[active, step] = log_probs.gather(-1, tokens[:, None])[:, 0]
             finished = torch.isin(tokens, stop)
             if finished.any():
-                yield ended(active[finished].tolist(), step, "stop")
+                held += ended(active[finished].tolist(), step, "stop")
             keep = (~finished).nonzero()[:, 0]
+            last = step + 1 == params.max_new_tokens
             if len(keep) == 0:
-                return
-            if self._aborting or step + 1 == params.max_new_tokens:
-                yield ended(active[keep].tolist(), step, "abort" if self._aborting else "length")
-                return
+                break
+            if held and (step + 1) % self.stream_interval == 0 and not last:
+                yield held  # an abort asked for meanwhile ends the rest at this very step
+                held = []
+            if self._aborting or last:
+                held += ended(active[keep].tolist(), step, "abort" if self._aborting else "length")
+                break
             if len(keep) < len(active):
                 cache.batch_select_indices(keep.to(self.device))
                 active, tokens, mask, positions = active[keep], tokens[keep], mask[keep], positions[keep]
@@ -120,6 +127,7 @@ class TorchEngine:
             positions = positions[:, -1:] + 1
             logits = self.model(input_ids=tokens[:, None].to(self.device), attention_mask=mask,
                                 position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1]
+        yield held
 
     def abort(self) -> None:
         """End the generation in progress (if any) at its next token: unfinished samples come back as they

@@ -74,16 +74,30 @@ class TrainWorker:
     def compute_log_probs(self, samples: list[TrainSample], ref: bool = False) -> list[list[float]]:
         return self.backend.compute_log_probs(samples, ref=ref)
 
-    def train_step(self, samples: list[TrainSample], num_samples: int, num_tokens: int,
-                   old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
-        return self.backend.train_step(samples, num_samples=num_samples, num_tokens=num_tokens,
-                                       old_log_probs=old_log_probs)
+    def train(self, steps: list[list[TrainSample]], sizes: list[tuple[int, int]],
+              old_log_probs: list[list[list[float]] | None]) -> list[dict[str, float]]:
+        """A rollout's optimizer steps, each on this rank's share of its global batch of `sizes[k]` = (samples,
+        loss tokens); with PPO the critic's step follows each (its metrics prefixed `critic_`). A step's
+        `old_log_probs` None means the policy's as this call begins: the first step's own forward gives them,
+        the later steps' samples are scored before any update. One call per rollout, as slime's
+        `train(rollout_id, data)`: no round trip per step, and every sample sent once."""
+        later = [k for k in range(1, len(steps)) if old_log_probs[k] is None]
+        if later:
+            scored = iter(self.backend.compute_log_probs([s for k in later for s in steps[k]]))
+            old_log_probs = [[next(scored) for _ in steps[k]] if k in later else old for k, old in
+                             enumerate(old_log_probs)]
+        results = []
+        for batch, (num_samples, num_tokens), old in zip(steps, sizes, old_log_probs):
+            metrics = self.backend.train_step(batch, num_samples=num_samples, num_tokens=num_tokens,
+                                              old_log_probs=old)
+            if self.critic is not None:
+                critic = self.critic.train_step(batch, num_samples=num_samples, num_tokens=num_tokens)
+                metrics |= {f"critic_{k}" if k in ("grad_norm", "lr") else k: v for k, v in critic.items()}
+            results.append(metrics)
+        return results
 
     def compute_values(self, samples: list[TrainSample]) -> list[list[float]]:
         return self.critic.compute_values(samples)
-
-    def critic_step(self, samples: list[TrainSample], num_samples: int, num_tokens: int) -> dict[str, float]:
-        return self.critic.train_step(samples, num_samples=num_samples, num_tokens=num_tokens)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """The policy's weights from rank 0 (empty from the others); every rank is called, since sharded
