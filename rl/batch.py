@@ -102,8 +102,6 @@ class MicroBatch:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    """Right-padded rows only; a packed row's sequences are told apart by their positions (or `cu_seqlens`)."""
     cu_seqlens: torch.Tensor | None
     """Packed only: where each (padded) sequence starts in the row, and the total, int32."""
     max_seqlen: int
@@ -116,7 +114,8 @@ class MicroBatch:
 def lay_out(samples: list[TrainSample], *, packed: bool, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
     """One packed row (Megatron's THD layout: no padding, positions restarting at each sequence; with context
     parallelism each rank holds its chunks of every sequence, `rl/megatron/context_parallel.py`), or
-    right-padded rows. Position t's logit predicts token t + 1."""
+    right-padded rows, which need no attention mask: under causal attention a real token sees only the real
+    tokens before it. Position t's logit predicts token t + 1."""
     lengths = [len(s.tokens) for s in samples]
     if packed:
         padded = padded_lengths(lengths, cp_size)
@@ -126,12 +125,11 @@ def lay_out(samples: list[TrainSample], *, packed: bool, cp_size: int = 1, cp_ra
         tokens, positions = full[held][None], torch.cat([torch.arange(n) for n in padded])[held][None]
         local = torch.full((len(full),), -1)
         local[held] = torch.arange(len(held))
-        starts, attention, cu_seqlens, max_seqlen = cu[:-1], None, cu.to(torch.int32), max(padded)
+        starts, cu_seqlens, max_seqlen = cu[:-1], cu.to(torch.int32), max(padded)
     else:
         width = max(lengths)
         tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in samples])
         positions = torch.arange(width)[None].expand(len(samples), width)
-        attention = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
         full, local = tokens.flatten(), torch.arange(tokens.numel())
         starts, cu_seqlens, max_seqlen = torch.arange(len(samples)) * width, None, width
     r = max(s.response_length for s in samples)
@@ -140,6 +138,6 @@ def lay_out(samples: list[TrainSample], *, packed: bool, cp_size: int = 1, cp_ra
     first = torch.tensor([s.prompt_length - 1 for s in samples])
     at = torch.where(valid, (starts + first)[:, None] + offsets[None], 0)
     mine = local[at]
-    return MicroBatch(input_ids=tokens, position_ids=positions, attention_mask=attention, cu_seqlens=cu_seqlens,
+    return MicroBatch(input_ids=tokens, position_ids=positions, cu_seqlens=cu_seqlens,
                       max_seqlen=max_seqlen, at=mine.clamp(min=0),
                       target=full[(at + 1).flatten()].view(len(samples), r), valid=valid, held=valid & (mine >= 0))

@@ -75,17 +75,14 @@ class TorchEngine:
         if params.max_new_tokens <= 0:
             yield [(i, Generation([], [], "length", self.weight_version)) for i in range(n)]
             return
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        # Left padding: every row's next token is at the same column.
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Each sample's uniforms come from its own seed, drawn up front: inverse-CDF sampling with them
         # makes a sample independent of the batch it is generated in.
-        uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=torch.Generator().manual_seed(s))
-                                for s in seeds])
+        generator = torch.Generator()
+        uniforms = torch.stack([torch.rand(params.max_new_tokens, generator=generator.manual_seed(s)) for s in seeds])
         stop = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long)
         # Tokens and log-probs of every row, filled one column per step; a row's lists are made once it ends.
         out_ids = torch.zeros((n, params.max_new_tokens), dtype=torch.long)

@@ -141,11 +141,8 @@ class TorchBackend:
         a packed row costs the square of the whole micro-batch's length.
         """
         x = lay_out(samples, packed=self.packed)
-        inputs = ({"input_ids": x.input_ids, "position_ids": x.position_ids} if self.packed else
-                  {"input_ids": x.input_ids, "attention_mask": x.attention_mask})
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with self.autocast():
-            out = model(**inputs).logits
+            out = model(input_ids=x.input_ids.to(self.device), position_ids=x.position_ids.to(self.device)).logits
         picked = out.reshape(-1, out.shape[-1])[x.at.flatten().to(self.device)].float().view(*x.at.shape, -1)
         return picked, x.target.to(self.device), x.valid.to(self.device)
 
