@@ -6,6 +6,7 @@ started across its nodes). It resumes from the newest complete checkpoint of its
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -375,6 +376,9 @@ class Driver:
                 self.start_record.write_text(json.dumps({"resumed_from": start, "redone": log.dropped,
                                                          "time": time.time()}))
             progress = Progress(self.num_rollout, start)
+            # What is alive now lives as long as the run: a full collection no longer walks it (with torch and
+            # transformers loaded one took 0.1-0.2 s, and came every few rollouts).
+            gc.freeze()
             self.sync_weights(start)
             pending_eval: dict[str, float] = {}
             if self.eval_sets and start == 0 and not cfg.eval.skip_eval_before_train:

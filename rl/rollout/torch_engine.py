@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ class TorchEngine:
         self._generating = self._aborting = False
         self.needs_weights = False
         """True between release_memory and the update_weights that brings every parameter back."""
+        gc.freeze()  # as the driver does: full collections no longer walk what lives as long as the engine
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
         return in_order(len(prompts), self.generate_stream(prompts, params, seeds))

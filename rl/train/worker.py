@@ -3,6 +3,7 @@ also hosts the rollout engine, so weight sync is an in-process copy."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -60,6 +61,7 @@ class TrainWorker:
         if host_engine:
             engine_cls, kwargs = engine_factory(cfg)
             self.engine = engine_cls(init_from, device=device, **kwargs)
+        gc.freeze()  # as the driver does: full collections no longer walk what lives as long as the actor
 
     def node(self) -> tuple[str, int]:
         """(address of this worker's Ray node, pid)."""
