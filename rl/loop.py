@@ -271,7 +271,7 @@ class Driver:
         by_rank = {d: r for (d, _, reports), r in zip(self.layout, results) if reports}
         return [by_rank[d] for d in range(self.dp_size)]
 
-    def train(self, train: list[TrainSample], old: list[list[float] | None] | None = None) -> dict[str, float]:
+    def train(self, train: list[TrainSample], old: list[list[float]] | None = None) -> dict[str, float]:
         """`num_steps_per_rollout` optimizer steps, in one call to each worker; `old` are the policy's
         log-probs if already computed (else the workers score the samples of the later steps first)."""
         r, g = self.cfg.rollout, self.cfg.grpo
@@ -483,9 +483,9 @@ class Driver:
 
 def _across_ranks(results: list[dict[str, float]]) -> dict[str, float]:
     """One step's metrics from every rank's: loss terms are partial sums of the global mean on each rank;
-    gradient norms and learning rates are the same on all."""
-    same = {"grad_norm", "lr", "critic_grad_norm", "critic_lr"}
-    return {k: results[0][k] if k in same else sum(m[k] for m in results) for k in results[0]}
+    gradient norms and learning rates (the policy's, and the critic's under `critic_`) are the same on all."""
+    same = ("grad_norm", "lr")
+    return {k: results[0][k] if k.removeprefix("critic_") in same else sum(m[k] for m in results) for k in results[0]}
 
 
 def _address_and_free_port() -> tuple[str, int]:
