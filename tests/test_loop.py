@@ -294,6 +294,27 @@ def test_reinforce_pp_computes_log_probs_once_and_keep_last_prunes(ray_local, tm
     assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [2, 3]
 
 
+@pytest.mark.parametrize("overrides", [(), ("grpo.use_rollout_logprobs=true",)],
+                         ids=["recomputed", "rollout-log-probs"])
+def test_the_driver_scores_nothing_itself_for_grpo(ray_local, tmp_path, tiny_model_dir, monkeypatch, overrides):
+    """A rollout of two steps trains with no scoring pass from the driver: the workers score the later step's
+    samples themselves (`tests/test_torch_backend.py`), or the engine's log-probs stand in for them."""
+    from rl.loop import Driver
+
+    calls = []
+    original = Driver.per_rank
+
+    def counted(self, method, train, *args):
+        calls.append((method, len(train)))
+        return original(self, method, train, *args)
+
+    monkeypatch.setattr(Driver, "per_rank", counted)
+    rows = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=1", "perf.colocate=true", "eval.eval_interval=10",
+                    *overrides))["rows"]
+    assert len(rows) == 1 and torch.isfinite(torch.tensor(rows[0]["loss"]))
+    assert calls == []
+
+
 def engine_processes(state: str = "") -> list[int]:
     """Rollout engine actors' processes (Ray titles them `ray::TorchEngine.<method running>`)."""
     found = []
