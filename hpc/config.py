@@ -8,6 +8,16 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 _SLURM_TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+)(?::(?P<m>\d+)(?::(?P<s>\d+))?)?$")
+_SBATCH_OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def no_control_characters(value: str) -> str:
+    """Refuse what could end a line of the batch script (a newline after `#SBATCH` starts a command)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError(f"{value!r} contains a control character (a newline could start a command in the batch "
+                         "script); remove it")
+    return value
 
 
 def slurm_time_minutes(value: str) -> int:
@@ -56,6 +66,30 @@ class SlurmConfig(Section):
     """Other sbatch options, as `{ reservation = "rl" }`."""
     env: dict[str, str] = {}
     """Environment of every process of the job (NCCL_*, GLOO_*, ...); wins over what rlhpc computes."""
+
+    @field_validator("partition", "account", "qos", "time", "mem", "constraint", "nodelist", "job_name")
+    @classmethod
+    def _one_line(cls, v: str | None) -> str | None:
+        return v if v is None else no_control_characters(v)
+
+    @field_validator("additional_parameters")
+    @classmethod
+    def _sbatch_options(cls, v: dict[str, str | int | bool]) -> dict[str, str | int | bool]:
+        # Keys are written unquoted after `#SBATCH --`: only an option's name may stand there.
+        for key, value in v.items():
+            if not _SBATCH_OPTION.match(key):
+                raise ValueError(f"{key!r} is not an sbatch option name (letters, digits, '-' and '_')")
+            no_control_characters(str(value))
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            no_control_characters(value)
+        return v
 
     @field_validator("time")
     @classmethod

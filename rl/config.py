@@ -304,6 +304,15 @@ class RunConfig(Section):
     """No new phase of the driver (progress.json) this long: every process's stacks are written to the run
     folder and the job ends (requeued). Longer than the slowest legitimate phase (a long generation, a save)."""
 
+    @field_validator("output_dir")
+    @classmethod
+    def _one_line(cls, v: Path | None) -> Path | None:
+        # The run folder is written into the batch script, its name into a comment line.
+        if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(v)):
+            raise ValueError(f"{str(v)!r} contains a control character; name a folder without one")
+        return v
+
+
 
 class RLConfig(BaseModel):
     """The learning part of a run's configuration, checked as a whole."""

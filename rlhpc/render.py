@@ -16,7 +16,7 @@ from typing import Any
 
 import jinja2
 
-from hpc.config import SlurmConfig
+from hpc.config import SlurmConfig, no_control_characters
 from rlhpc.config import Config
 from rlhpc.run_folder import freeze, jobs_dir
 
@@ -55,11 +55,10 @@ def sbatch_options(s: SlurmConfig, run_dir: Path, name: str) -> dict[str, Any]:
 
 
 def _checked(field: str, value: object) -> str:
-    text = str(value)
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise RenderError(f"{field}: {text!r} contains a control character (a newline could start a command "
-                          "in the script); remove it")
-    return text
+    try:
+        return no_control_characters(str(value))
+    except ValueError as e:
+        raise RenderError(f"{field}: {e}") from None
 
 
 def sbatch_lines(s: SlurmConfig, run_dir: Path, name: str) -> list[str]:
@@ -94,8 +93,9 @@ def batch_script(s: SlurmConfig, run_dir: Path, name: str, command: str, *, env:
 def render(cfg: Config, script_path: Path | None = None) -> str:
     """Freeze the run's config in its run folder and return a plain sbatch script that runs it."""
     run_dir = cfg.run_dir()
+    shown = "<this file>" if script_path is None else shlex.quote(_checked("--output", script_path))
     header = (f"Rendered by `rlhpc render` for run {run_dir.name} ({time.strftime('%Y-%m-%d %H:%M')}). "
-              f"Submit with: sbatch {script_path or '<this file>'}")
+              f"Submit with: sbatch {shown}")
     command = f"{shlex.quote(sys.executable)} -u -m rlhpc.job {shlex.quote(str(run_dir))}"
     script = batch_script(cfg.slurm, run_dir, job_name(cfg), command, header=header)
     jobs_dir(freeze(cfg)).mkdir(exist_ok=True)  # only once the script is sound
