@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -138,7 +139,10 @@ class RolloutConfig(Section):
     group_rm: bool = False
     rm_url: str | None = None
     rm_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds one request to rm_url may take."""
     rm_max_retries: Annotated[int, Field(ge=0)] = 5
+    rm_deadline_s: Annotated[float, Field(gt=0)] = 300.0
+    """Seconds one sample's reward may take in all, retries and their backoff included."""
     reward_key: str | None = None
     # engines in service
     use_fault_tolerance: bool = False
@@ -158,6 +162,14 @@ class RolloutConfig(Section):
     def _top_k(cls, v: int) -> int:
         if v != -1 and v < 1:
             raise ValueError("must be -1 (off) or a positive number of tokens")
+        return v
+
+    @field_validator("rm_url")
+    @classmethod
+    def _rm_url(cls, v: str | None) -> str | None:
+        # urllib would also open file:// and ftp:// URLs: a reward "server" reading local files.
+        if v is not None and (urlsplit(v).scheme.lower() not in ("http", "https") or not urlsplit(v).netloc):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
         return v
 
     @field_validator("rm_type")
@@ -311,7 +323,6 @@ class RunConfig(Section):
         if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(v)):
             raise ValueError(f"{str(v)!r} contains a control character; name a folder without one")
         return v
-
 
 
 class RLConfig(BaseModel):

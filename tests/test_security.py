@@ -3,6 +3,10 @@ command, signals a process or reads a file it was not meant to."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,76 @@ def test_render_refuses_an_output_path_that_would_end_the_header_comment(write_c
     result = runner.invoke(app, ["render", str(path), "-o", str(tmp_path / "x\ntouch pwned")], terminal_width=400)
     assert result.exit_code == 2 and "--output" in result.output and "control character" in result.output
     assert not (tmp_path / "x\ntouch pwned").exists()
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://host/x", "http:/no-host", "localhost:8000/reward"])
+def test_reward_urls_are_http_or_https(write_config, url):
+    path = write_config(MINIMAL.replace('rm_type = "math"', f'rm_type = "remote_rm"\nrm_url = "{url}"'))
+    assert "rollout.rm_url" in problems_of(path)
+
+
+def test_an_https_reward_url_is_accepted(write_config):
+    path = write_config(MINIMAL.replace('rm_type = "math"', 'rm_type = "remote_rm"\nrm_url = "HTTPS://rm:8000/r"'))
+    assert load_config(path).rollout.rm_url == "HTTPS://rm:8000/r"
+
+
+class StatusServer:
+    """A reward server on loopback that answers every request with `status` (and no reward)."""
+
+    def __init__(self, status: int):
+        self.seen = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.seen += 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/reward"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> StatusServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+PAYLOAD = {"prompt": "", "response": "", "label": ""}
+
+
+def test_a_reward_servers_refusal_is_not_retried_like_an_outage():
+    from rl.rewards.remote import RemoteRewardError, remote_reward
+
+    with StatusServer(422) as server:
+        with pytest.raises(RemoteRewardError, match="refused the request: HTTP 422"):
+            asyncio.run(remote_reward(server.url, PAYLOAD, max_retries=3, backoff_s=0.01))
+        assert server.seen == 1
+    with StatusServer(429) as server:  # too many requests: later may work
+        with pytest.raises(RemoteRewardError, match="still failing after 4 attempts"):
+            asyncio.run(remote_reward(server.url, PAYLOAD, max_retries=3, backoff_s=0.01))
+        assert server.seen == 4
+
+
+def test_a_samples_remote_reward_has_an_overall_deadline():
+    from rl.rewards.remote import RemoteRewardError, remote_reward
+
+    with StatusServer(503) as server:
+        start = time.monotonic()
+        with pytest.raises(RemoteRewardError, match="deadline"):
+            asyncio.run(remote_reward(server.url, PAYLOAD, max_retries=100, backoff_s=0.2, deadline_s=1.0))
+        assert time.monotonic() - start < 1.5 and 2 <= server.seen < 10
+
+
+def test_the_deadline_is_a_config_field(write_config):
+    path = write_config(MINIMAL)
+    assert load_config(path, ["rollout.rm_deadline_s=60"]).rollout.rm_deadline_s == 60
+    assert "rollout.rm_deadline_s" in problems_of(path, "rollout.rm_deadline_s=0")

@@ -77,6 +77,7 @@ async def compute_rewards(rollout: Any, samples: list[Any]) -> list[float]:
                         {"prompt": s.prompt, "response": s.response, "label": s.label},
                         timeout_s=rollout.rm_timeout_s,
                         max_retries=rollout.rm_max_retries,
+                        deadline_s=rollout.rm_deadline_s,
                     )
                     for s in samples
                 )

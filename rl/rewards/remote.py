@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
+import urllib.error
 import urllib.request
 from typing import Any
+
+RETRIED_CLIENT_ERRORS = {408, 425, 429}
+"""4xx answers that say "later" (timeout, too early, too many requests); any other 4xx is the request's fault
+and would fail the same way again."""
 
 
 class RemoteRewardError(RuntimeError):
@@ -37,19 +43,28 @@ async def remote_reward(
     timeout_s: float = 30.0,
     max_retries: int = 5,
     backoff_s: float = 1.0,
+    deadline_s: float = 300.0,
 ) -> float:
-    """POST with a timeout; on failure retry with exponential backoff and jitter (backoff_s · 2^k, at most
-    30 s), then raise an error naming the URL and the last cause."""
+    """POST with a timeout; on an outage (no answer, 5xx, 408/425/429) retry with exponential backoff and
+    jitter (backoff_s · 2^k, at most 30 s) while `deadline_s` from the first attempt allows, then raise an
+    error naming the URL and the last cause. Any other 4xx fails at once: the server refused the request."""
+    deadline = time.monotonic() + deadline_s
     attempt = 0
     while True:
+        left = max(deadline - time.monotonic(), 0.01)  # a sleep may overrun its end a little
         try:
-            return _as_reward(await asyncio.to_thread(_post, url, payload, timeout_s))
-        except RemoteRewardError:
-            raise
+            return _as_reward(await asyncio.to_thread(_post, url, payload, min(timeout_s, left)))
+        except urllib.error.HTTPError as e:
+            if 400 <= e.code < 500 and e.code not in RETRIED_CLIENT_ERRORS:
+                raise RemoteRewardError(f"reward server {url} refused the request: HTTP {e.code} {e.reason}") from e
+            cause: Exception = e
         except (OSError, json.JSONDecodeError) as e:  # URLError and timeouts are OSErrors
-            if attempt == max_retries:
-                raise RemoteRewardError(
-                    f"reward server {url} still failing after {max_retries + 1} attempts: {e}"
-                ) from e
-            await asyncio.sleep(min(backoff_s * 2**attempt, 30.0) * (1 + 0.25 * random.random()))
-            attempt += 1
+            cause = e
+        pause = min(backoff_s * 2**attempt, 30.0) * (1 + 0.25 * random.random())
+        if attempt == max_retries:
+            raise RemoteRewardError(f"reward server {url} still failing after {attempt + 1} attempts: {cause}") from cause
+        if time.monotonic() + pause >= deadline:
+            raise RemoteRewardError(f"reward server {url} still failing after {attempt + 1} attempts, at the "
+                                    f"{deadline_s:g} s deadline (rollout.rm_deadline_s): {cause}") from cause
+        await asyncio.sleep(pause)
+        attempt += 1
