@@ -10,6 +10,7 @@ job that has left `squeue` is then known only from the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -158,15 +159,21 @@ def _timestamp(value: str) -> float | None:
     return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
 
 
-SQUEUE_TIMEOUT_S = 30
-"""A squeue without a reachable configuration looks for one in DNS, which can take a minute."""
+SLURM_TIMEOUT_S = 30
+"""How long a Slurm command may take: without a reachable configuration one looks for it in DNS, which can take
+a minute, and one whose controller does not answer keeps retrying."""
+
+
+def slurm_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Slurm client command, its output captured; OSError when it does not end within SLURM_TIMEOUT_S."""
+    try:
+        return subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=SLURM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise OSError(f"{' '.join(args[:2])} did not answer within {SLURM_TIMEOUT_S}s") from None
 
 
 def _squeue(*args: str, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(["squeue", *args], capture_output=True, text=True, env=env, timeout=SQUEUE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise OSError(f"squeue did not answer within {SQUEUE_TIMEOUT_S}s") from None
+    return slurm_command("squeue", *args, env=env)
 
 
 def queue(job_ids: list[str] | None = None, env: dict[str, str] | None = None) -> list[JobInfo]:
@@ -189,9 +196,8 @@ def queue(job_ids: list[str] | None = None, env: dict[str, str] | None = None) -
 def accounting(job_ids: list[str], env: dict[str, str] | None = None) -> list[JobInfo] | None:
     """Jobs from `sacct --json`; None where accounting is off or sacct lacks --json."""
     try:
-        p = subprocess.run(["sacct", "--json", "-X", "--jobs", ",".join(job_ids)], capture_output=True, text=True,
-                           env=env, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        p = slurm_command("sacct", "--json", "-X", "--jobs", ",".join(job_ids), env=env)
+    except OSError:
         return None
     if p.returncode != 0 or not p.stdout.lstrip().startswith("{"):
         return None
@@ -199,21 +205,24 @@ def accounting(job_ids: list[str], env: dict[str, str] | None = None) -> list[Jo
 
 
 def cancel(job_id: str, env: dict[str, str] | None = None) -> None:
-    p = subprocess.run(["scancel", job_id], capture_output=True, text=True, env=env)
+    p = slurm_command("scancel", job_id, env=env)
     if p.returncode != 0:
         raise OSError(f"scancel {job_id} failed: {p.stderr.strip()}")
 
 
 def requeue(job_id: str, env: dict[str, str] | None = None) -> None:
     """Put a job back in the queue (a running one is ended first); it keeps its id and counts a restart."""
-    p = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, env=env)
+    p = slurm_command("scontrol", "requeue", job_id, env=env)
     if p.returncode != 0:
         raise OSError(f"scontrol requeue {job_id} failed: {p.stderr.strip()}")
 
 
 def kill_wait_s(env: dict[str, str] | None = None) -> int:
     """The cluster's KillWait: seconds between a step's SIGTERM and its SIGKILL (Slurm's default 30)."""
-    p = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, env=env)
+    try:
+        p = slurm_command("scontrol", "show", "config", env=env)
+    except OSError:
+        return 30
     m = re.search(r"^KillWait\s*=\s*(\d+)", p.stdout, re.MULTILINE)
     return int(m.group(1)) if m else 30
 
@@ -226,4 +235,5 @@ def release(job_id: str, env: dict[str, str] | None = None) -> None:
     second fails with "Job credential revoked"). The update says `now`, since a start time in the future waits
     for the scheduler's next periodic pass."""
     time.sleep(kill_wait_s(env) + 5)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, env=env)
+    with contextlib.suppress(OSError):  # without the update the job still starts, after the delay
+        slurm_command("scontrol", "update", f"JobId={job_id}", "StartTime=now", env=env)

@@ -496,7 +496,7 @@ def drill(
             start = drills.wait_resumed(run_dir, done.job_id, done.attempt, timeout_s=900)
             out.print(f"resumed from checkpoint {start['resumed_from']}, {start['redone']} rollouts redone",
                       highlight=False)
-    except drills.DrillError as e:
+    except (drills.DrillError, OSError) as e:  # OSError: a Slurm command that failed or did not answer
         _error(str(e))
         raise typer.Exit(1) from None
 

@@ -14,13 +14,14 @@ their own site, before a long run, that requeue and resume work there.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.allocation import expand_hostlist
-from hpc.slurm import TERMINAL, JobInfo, queue, release, requeue
+from hpc.slurm import TERMINAL, JobInfo, queue, release, requeue, slurm_command
 from rl import heartbeat
 from rlhpc.run_folder import START, attempt_dir, submissions
 
@@ -77,7 +78,9 @@ def wait_for_phase(run_dir: Path, phase: str, since: float, timeout_s: float, ro
 
 def preempting_partition(job: JobInfo, env: dict[str, str] | None = None) -> str:
     """The partition with the highest PriorityTier above the job's own."""
-    out = subprocess.run(["scontrol", "show", "partition", "-o"], capture_output=True, text=True, env=env, check=True)
+    out = slurm_command("scontrol", "show", "partition", "-o", env=env)
+    if out.returncode != 0:
+        raise DrillError(f"scontrol show partition failed: {out.stderr.strip()}")
     tiers = {}
     for line in out.stdout.splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
@@ -91,9 +94,9 @@ def preempting_partition(job: JobInfo, env: dict[str, str] | None = None) -> str
 
 
 def preempt(job: JobInfo, partition: str, env: dict[str, str] | None = None) -> str:
-    p = subprocess.run(["sbatch", "--parsable", f"--partition={partition}", f"--nodelist={job.nodelist}",
-                        f"--nodes={job.nodes}", "--exclusive", "--job-name=rlhpc-drill", "--output=/dev/null",
-                        "--time=5", "--wrap=sleep 5"], capture_output=True, text=True, env=env)
+    p = slurm_command("sbatch", "--parsable", f"--partition={partition}", f"--nodelist={job.nodelist}",
+                      f"--nodes={job.nodes}", "--exclusive", "--job-name=rlhpc-drill", "--output=/dev/null",
+                      "--time=5", "--wrap=sleep 5", env=env)
     if p.returncode != 0:
         raise DrillError(f"submitting the preempting job to {partition} failed: {p.stderr.strip()}")
     return f"job {p.stdout.strip().split(';')[0]} in partition {partition} preempts it"
@@ -102,11 +105,17 @@ def preempt(job: JobInfo, partition: str, env: dict[str, str] | None = None) -> 
 def time_limit_signal(job: JobInfo, signal: str, env: dict[str, str] | None = None) -> str:
     """What Slurm does `signal_grace_s` before the time limit: the signal to the batch shell. The limit itself
     is left alone: a user may shorten it but not lengthen it again, so every later attempt would be cut too."""
-    p = subprocess.run(["scancel", "--batch", f"--signal={signal}", job.job_id], capture_output=True, text=True,
-                       env=env)
+    p = slurm_command("scancel", "--batch", f"--signal={signal}", job.job_id, env=env)
     if p.returncode != 0:
         raise DrillError(f"scancel --batch --signal={signal} failed: {p.stderr.strip()}")
     return f"SIG{signal} sent to the batch shell, as before the time limit"
+
+
+def raylet_pattern(temp_dir: str) -> str:
+    """`pkill -f`'s pattern for the raylet of the Ray whose temp dir is `temp_dir`, and no other: the folder is
+    matched literally (a '.' in it must not stand for any character); `[r]` keeps pkill from matching srun's
+    own command line, which holds the pattern."""
+    return f"[r]aylet.*{re.escape(temp_dir)}/"
 
 
 def kill_ray_on(job: JobInfo, run_dir: Path, env: dict[str, str] | None = None) -> str:
@@ -121,7 +130,7 @@ def kill_ray_on(job: JobInfo, run_dir: Path, env: dict[str, str] | None = None) 
     except (OSError, ValueError, KeyError):
         raise DrillError(f"{node} does not say where Ray runs on {host} yet; try again once the run trains") from None
     p = subprocess.run(["srun", f"--jobid={job.job_id}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host}",
-                        "pkill", "-KILL", "-f", f"[r]aylet.*{temp_dir}/"], capture_output=True, text=True, env=env,
+                        "pkill", "-KILL", "-f", raylet_pattern(temp_dir)], capture_output=True, text=True, env=env,
                        timeout=60)
     if p.returncode != 0:
         raise DrillError(f"killing Ray on {host} failed: {(p.stderr or p.stdout).strip() or p.returncode}")

@@ -4,6 +4,8 @@ command, signals a process or reads a file it was not meant to."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -125,3 +127,34 @@ def test_the_deadline_is_a_config_field(write_config):
     path = write_config(MINIMAL)
     assert load_config(path, ["rollout.rm_deadline_s=60"]).rollout.rm_deadline_s == 60
     assert "rollout.rm_deadline_s" in problems_of(path, "rollout.rm_deadline_s=0")
+
+
+def test_slurm_commands_that_hang_time_out(tmp_path, monkeypatch):
+    from hpc import slurm
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("scancel", "scontrol"):
+        (bin_dir / tool).write_text(f"#!/bin/sh\nexec {shutil.which('sleep')} 30\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setattr(slurm, "SLURM_TIMEOUT_S", 0.5)
+    env = {"PATH": str(bin_dir)}
+    start = time.monotonic()
+    with pytest.raises(OSError, match="scancel 7 did not answer"):
+        slurm.cancel("7", env=env)
+    with pytest.raises(OSError, match="scontrol requeue did not answer"):
+        slurm.requeue("7", env=env)
+    assert slurm.kill_wait_s(env) == 30  # Slurm's default, when the controller does not say
+    assert time.monotonic() - start < 10
+
+
+def test_the_node_loss_drill_kills_only_the_raylet_of_its_own_temp_dir():
+    from rlhpc.drill import raylet_pattern
+
+    pattern = raylet_pattern("/tmp/ray.job+1")
+    lines = ["/usr/bin/raylet --temp_dir=/tmp/ray.job+1/session", "/usr/bin/raylet --temp_dir=/tmp/rayXjob1/session",
+             "/usr/bin/raylet --temp_dir=/tmp/ray.job+11/session", "srun pkill -f [r]aylet.*/tmp/ray.job+1/"]
+    # pkill reads its pattern as an extended regular expression, as grep -E does
+    found = subprocess.run(["grep", "-E", pattern], input="\n".join(lines), capture_output=True, text=True).stdout
+    assert found.splitlines() == lines[:1]
+
