@@ -410,26 +410,60 @@ def logs(
 @app.command()
 def cancel(run_: RunArg) -> None:
     """Cancel a run's current job and stop its requeueing."""
-    import os
-    import signal
-
     from hpc.slurm import cancel as scancel
     from rlhpc.run_folder import mark_cancelled
 
     run_dir = _one_run(run_)
     job = _last_job(run_dir)
-    mark_cancelled(run_dir)  # first: a requeue racing with the cancel finds the mark and stops
+    job_id = str(job["job_id"])
+    if job["executor"] == "slurm":
+        mark_cancelled(run_dir)  # first: a requeue racing with the cancel finds the mark and stops
+        try:
+            scancel(job_id)
+        except OSError as e:
+            _error(str(e))
+            raise typer.Exit(1) from None
+        running = True
+    else:
+        # submitit's local job id is its process id; -1 or 0 would signal every process the user can reach
+        if not job_id.isdigit() or int(job_id) <= 1:
+            _error(f"{run_dir / 'submissions.jsonl'}: job id {job_id!r} is not the process id of a local job; "
+                   "nothing was signalled")
+            raise typer.Exit(2)
+        mark_cancelled(run_dir)
+        running = _stop_local_job(int(job_id), job.get("started"))
+    if running:
+        out.print(f"cancelled job {job_id} of run {run_dir.name}; it will not be requeued", highlight=False)
+    else:
+        out.print(f"job {job_id} of run {run_dir.name} had already ended; the run is marked cancelled",
+                  highlight=False)
+
+
+def _stop_local_job(pid: int, started: str | None) -> bool:
+    """SIGTERM the local job `pid` if the process of that id is still the job, the one that started at
+    `started` (an id is reused once its process has ended); False when the job has ended."""
+    import os
+    import signal
+
+    from rlhpc.run_folder import process_start
+
+    now = process_start(pid)
+    if now is None:
+        return False
+    if started is None:
+        _error(f"cannot tell whether process {pid} is still this run's job (its start time was not recorded); "
+               "nothing was signalled: stop it yourself if it is")
+        raise typer.Exit(1)
+    if now != started:
+        return False  # another program holds the id now
     try:
-        if job["executor"] == "slurm":
-            scancel(job["job_id"])
-        else:
-            os.kill(int(job["job_id"]), signal.SIGTERM)  # submitit's local job id is its process id
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        pass
+        return False
     except OSError as e:
-        _error(str(e))
+        _error(f"signalling job {pid}: {e.strerror}")
         raise typer.Exit(1) from None
-    out.print(f"cancelled job {job['job_id']} of run {run_dir.name}; it will not be requeued", highlight=False)
+    return True
 
 
 @app.command()

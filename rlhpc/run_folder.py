@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,12 +53,27 @@ def attempt_dir(run_dir: Path, job_id: str, restart_count: int) -> Path:
 
 
 def record_submission(run_dir: Path, job_id: str, executor: str, nodes: int) -> None:
-    """Append a job to the run's submissions, once (the job records itself too, for scripts run by sbatch)."""
+    """Append a job to the run's submissions, once (the job records itself too, for scripts run by sbatch).
+    A local job's id is its process id: its start time is recorded with it, so that `cancel` can tell the job
+    from a later process that reuses the id."""
     if any(s["job_id"] == job_id for s in submissions(run_dir)):
         return
     entry = {"job_id": job_id, "executor": executor, "nodes": nodes, "submitted_at": time.time()}
+    if executor == "local" and job_id.isdigit():
+        entry["started"] = process_start(int(job_id))
     with (run_dir / SUBMISSIONS).open("a") as f:
         f.write(json.dumps(entry) + "\n")
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as `ps` tells it in UTC (the same for every reader), or None when there is
+    no such process."""
+    try:
+        p = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10,
+                           env={**os.environ, "TZ": "UTC", "LC_ALL": "C"})
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout.strip() or None
 
 
 def submissions(run_dir: Path) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ command, signals a process or reads a file it was not meant to."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import subprocess
 import threading
@@ -158,3 +160,54 @@ def test_the_node_loss_drill_kills_only_the_raylet_of_its_own_temp_dir():
     found = subprocess.run(["grep", "-E", pattern], input="\n".join(lines), capture_output=True, text=True).stdout
     assert found.splitlines() == lines[:1]
 
+
+
+def local_run(root: Path, job_id: str, started: str | None) -> Path:
+    run = root / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    entry = {"job_id": job_id, "executor": "local", "nodes": 1, "submitted_at": 0, "started": started}
+    (run / "submissions.jsonl").write_text(json.dumps(entry) + "\n")
+    return run
+
+
+@pytest.fixture
+def bystander():
+    """A process that is not the run's job, and must survive `cancel`."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_cancel_leaves_alone_a_process_that_reused_the_jobs_pid(tmp_path, monkeypatch, bystander):
+    run = local_run(tmp_path, str(bystander.pid), started="Mon Jan  1 00:00:00 2024")  # the job that ended
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cancel", "a"], terminal_width=400)
+    assert result.exit_code == 0 and "had already ended" in result.output
+    assert (run / "cancelled").exists()
+    time.sleep(0.2)
+    assert bystander.poll() is None
+
+
+def test_cancel_signals_nothing_it_cannot_identify(tmp_path, monkeypatch, bystander):
+    run = local_run(tmp_path, str(bystander.pid), started=None)  # a run folder written before start times
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cancel", "a"], terminal_width=400)
+    assert result.exit_code == 1 and "nothing was signalled" in result.output
+    time.sleep(0.2)
+    assert bystander.poll() is None
+    assert (run / "cancelled").exists()  # the mark still stops any later resume
+
+
+@pytest.mark.parametrize("job_id", ["-1", "0", "1", "x12", ""])
+def test_cancel_refuses_a_local_job_id_that_is_no_process_of_its_own(tmp_path, monkeypatch, job_id):
+    signalled = []
+    # kill(-1) would reach every process of the user (of the machine, as root): never for real in a test
+    monkeypatch.setattr(os, "kill", lambda pid, sig: signalled.append(pid))
+    run = local_run(tmp_path, job_id, started=None)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["cancel", "a"], terminal_width=400)
+    assert result.exit_code == 2
+    assert "is not the process id of a local job" in result.output and len(result.output.splitlines()) == 1
+    assert not (run / "cancelled").exists() and signalled == []

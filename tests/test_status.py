@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from hpc.slurm import JobInfo
 from rlhpc.cli import app
+from rlhpc.run_folder import record_submission
 from rlhpc.status import collect, duration, find_runs, run_status
 
 runner = CliRunner()
@@ -136,6 +137,8 @@ def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
 def test_cancel_a_local_run_marks_it_and_stops_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     run = make_run(tmp_path, "a", str(sleeper.pid), executor="local")
+    (run / "submissions.jsonl").unlink()
+    record_submission(run, str(sleeper.pid), "local", 1)  # as `submit` does: with the process's start time
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["cancel", "a"])
     assert result.exit_code == 0 and "will not be requeued" in result.output
