@@ -313,7 +313,9 @@ def render(
     if output is None:
         out.print(script, highlight=False, markup=False, soft_wrap=True, end="")
     else:
-        output.write_text(script)
+        from rlhpc.run_folder import write_private
+
+        write_private(output, script)
         err.print(f"wrote {output}; submit it with: sbatch {output}", highlight=False, soft_wrap=True)
 
 

@@ -38,10 +38,19 @@ def freeze(cfg: Config) -> Path:
 
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # [slurm.env] (tokens, keys) is in the config and the batch scripts under it
     frozen = cfg.model_copy(deep=True)
     frozen.run.output_dir = run_dir
-    (run_dir / FROZEN).write_text(dump_toml(frozen))
+    write_private(run_dir / FROZEN, dump_toml(frozen))
     return run_dir
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read: it may hold [slurm.env]'s secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that existed keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def jobs_dir(run_dir: Path) -> Path:

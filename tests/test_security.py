@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -211,3 +212,16 @@ def test_cancel_refuses_a_local_job_id_that_is_no_process_of_its_own(tmp_path, m
     assert result.exit_code == 2
     assert "is not the process id of a local job" in result.output and len(result.output.splitlines()) == 1
     assert not (run / "cancelled").exists() and signalled == []
+
+
+def test_the_run_folder_and_what_holds_slurm_env_are_private(write_config, tmp_path):
+    run_dir, script = tmp_path / "run", tmp_path / "job.sbatch"
+    script.write_text("an older script\n")
+    script.chmod(0o644)
+    path = write_config(MINIMAL + f'[run]\noutput_dir = "{run_dir}"\n[slurm.env]\nHF_TOKEN = "hf_secret"\n')
+    result = runner.invoke(app, ["render", str(path), "-o", str(script)], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert "hf_secret" in script.read_text() and "hf_secret" in (run_dir / "config.toml").read_text()
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((run_dir / "config.toml").stat().st_mode) == 0o600
+    assert stat.S_IMODE(script.stat().st_mode) == 0o600
