@@ -79,7 +79,9 @@ def load_rng(folder: Path, rank: int) -> bool:
     path = rng_file(folder, rank)
     if not path.exists():
         return False
-    state = torch.load(path, weights_only=False)  # Python's state is a tuple; the file's checksum was verified
+    # Tensors and Python's state (a tuple of ints) only: a run folder may be writable by others, and its
+    # manifest's checksums with it, so nothing in the file may name code to run.
+    state = torch.load(path, weights_only=True)
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import shutil
 import stat
 import subprocess
@@ -225,3 +226,36 @@ def test_the_run_folder_and_what_holds_slurm_env_are_private(write_config, tmp_p
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((run_dir / "config.toml").stat().st_mode) == 0o600
     assert stat.S_IMODE(script.stat().st_mode) == 0o600
+
+
+class Trap:
+    """Unpickled, it creates a file: what a hostile checkpoint file would do with a command instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoints_random_state_is_loaded_without_running_code(tmp_path):
+    import random
+
+    import torch
+
+    from rl import checkpoint
+
+    random.seed(3)
+    torch.manual_seed(3)
+    checkpoint.save_rng(tmp_path, rank=0)
+    expected = (random.random(), torch.rand(2))
+    random.seed(4)
+    torch.manual_seed(4)
+    assert checkpoint.load_rng(tmp_path, rank=0)
+    assert (random.random(), *torch.rand(2).tolist()) == (expected[0], *expected[1].tolist())
+
+    marker = tmp_path / "code-ran"
+    torch.save({"torch": torch.get_rng_state(), "python": Trap(marker)}, checkpoint.rng_file(tmp_path, 0))
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load_rng(tmp_path, rank=0)
+    assert not marker.exists()
