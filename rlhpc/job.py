@@ -29,7 +29,8 @@ from hpc.slurm import requeue as requeue_job
 from hpc.wait import until
 from hpc.watchdog import Watchdog
 from rl import heartbeat
-from rlhpc.run_folder import INTERRUPTED, START, attempt_dir, is_cancelled, jobs_dir, record_submission
+from rlhpc.run_folder import (FAILED, INTERRUPTED, RESULT, START, attempt_dir, is_cancelled, jobs_dir,
+                              record_submission)
 
 TEARDOWN_S = 15
 """Of the grace, what stopping Ray and requeueing need after the loop has stopped."""
@@ -133,13 +134,18 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
             summary = {"run_dir": str(folder), "job_id": alloc.job_id, "rollouts": len(rows),
                        "last_reward": rows[-1]["reward_mean"] if rows else None, "ray_nodes": cluster.nodes,
                        "workers": result["workers"], "stopped_at": result["stopped_at"]}
-            (attempt / "result.json").write_text(json.dumps(summary))
+            (attempt / RESULT).write_text(json.dumps(summary))
     except RayNodeLost as e:
         # This node's Ray died under the run: the job cannot go on, but it can start again elsewhere.
         if not in_slurm:
             raise
         interrupted({"signal": None, "stopped_at": None, "reason": str(e)})
         return None
+    except Exception as e:
+        if alloc.node_rank == 0:  # for `rlhpc status` once Slurm has forgotten the job
+            attempt.mkdir(parents=True, exist_ok=True)
+            (attempt / FAILED).write_text(json.dumps({"error": f"{type(e).__name__}: {e}", "time": time.time()}))
+        raise
     finally:
         watchdog.stop()
     if result["stopped_at"] is not None:

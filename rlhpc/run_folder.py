@@ -3,11 +3,13 @@
 
     config.toml          the resolved config, frozen when the run was started or submitted
     submissions.jsonl    one line per submitted job: job id, executor, nodes, time
-    jobs/<job id>/       submitit's pickles and each task's append-mode log (<job id>_<task>_log.out/err)
+    jobs/<job id>/       submitit's pickles (never read by `status`: anyone who can write them could plant code)
+                         and each task's append-mode log (<job id>_<task>_log.out/err)
     jobs/<job id>/attempt-<k>/   one folder per requeue: Ray rendezvous files and Ray's logs, and
         start.json        the checkpoint this attempt resumed from and the rollouts it redid
         interrupted.json  why it stopped early (signal, rollout stopped at or reason) and whether it requeued
         result.json       rank 0's summary when the loop returned
+        failed.json       the error that ended rank 0's job otherwise
     cancelled            present once `rlhpc cancel` stopped the run: nothing requeues or resumes it
     metrics.jsonl, checkpoints/  written by the loop
 """
@@ -29,6 +31,8 @@ SUBMISSIONS = "submissions.jsonl"
 CANCELLED = "cancelled"
 START = "start.json"
 INTERRUPTED = "interrupted.json"
+RESULT = "result.json"
+FAILED = "failed.json"
 
 
 def freeze(cfg: Config) -> Path:

@@ -8,7 +8,6 @@ completed run, `metrics.jsonl` gives rollout, reward and pace, the checkpoint fo
 from __future__ import annotations
 
 import json
-import pickle
 import time
 import tomllib
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ from typing import Any
 
 from hpc.slurm import JobInfo, accounting, queue
 from rl import checkpoint
-from rlhpc.run_folder import FROZEN, INTERRUPTED, START, jobs_dir, submissions
+from rlhpc.run_folder import FAILED, FROZEN, INTERRUPTED, RESULT, START, jobs_dir, submissions
 
 
 @dataclass
@@ -108,13 +107,15 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _state_from_folder(run_dir: Path, job_id: str) -> str:
-    """The end state of a job Slurm no longer knows, from the outcome submitit pickled for rank 0."""
-    result = jobs_dir(run_dir) / job_id / f"{job_id}_0_result.pkl"
-    if result.exists():
-        with result.open("rb") as f:
-            outcome = pickle.load(f)[0]  # ("success", value) or ("error", traceback), written by this run's job
-        return "COMPLETED" if outcome == "success" else "FAILED"
-    return "ENDED" if _attempts(run_dir, job_id) else "UNKNOWN"
+    """The end state of a job Slurm no longer knows, from what its last attempt wrote: rank 0's summary or the
+    error that ended it (JSON: submitit's result pickle is not read, since unpickling a file from a folder
+    others may write to runs their code)."""
+    attempts = _attempts(run_dir, job_id)
+    if not attempts:
+        return "UNKNOWN"
+    if (attempts[-1] / RESULT).exists():
+        return "COMPLETED"
+    return "FAILED" if (attempts[-1] / FAILED).exists() else "ENDED"
 
 
 def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = None) -> RunStatus:

@@ -10,6 +10,7 @@ import pickle
 import shutil
 import stat
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -259,3 +260,37 @@ def test_a_checkpoints_random_state_is_loaded_without_running_code(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.load_rng(tmp_path, rank=0)
     assert not marker.exists()
+
+
+def test_status_reads_no_pickle_from_a_run_folder(tmp_path):
+    from rlhpc.status import collect
+
+    run = tmp_path / "a"
+    (run / "jobs" / "7" / "attempt-0").mkdir(parents=True)
+    (run / "config.toml").write_text("")
+    (run / "submissions.jsonl").write_text(json.dumps({"job_id": "7", "executor": "slurm", "nodes": 1,
+                                                       "submitted_at": 0}) + "\n")
+    marker = tmp_path / "code-ran"
+    (run / "jobs" / "7" / "7_0_result.pkl").write_bytes(pickle.dumps(("success", Trap(marker))))
+    [row] = collect([run], env={"PATH": ""})  # no squeue: the state comes from the folder
+    assert not marker.exists() and row.state == "ENDED"
+    (run / "jobs" / "7" / "attempt-0" / "failed.json").write_text('{"error": "ValueError: x"}')
+    assert collect([run], env={"PATH": ""})[0].state == "FAILED"
+
+
+def test_a_job_that_fails_says_so_in_json(write_config, tmp_path):
+    from rlhpc.config import load_config
+    from rlhpc.run_folder import freeze
+    from rlhpc.status import collect
+
+    run_dir = freeze(load_config(write_config(MINIMAL + f'[run]\noutput_dir = "{tmp_path / "run"}"\n')))
+    failing = ("import contextlib, sys\nimport rlhpc.job as job\n"
+               "@contextlib.contextmanager\ndef no_ray(*args, **kwargs):\n    raise ValueError('no Ray here')\n    yield\n"
+               "job.ray_cluster = no_ray\njob.run_job(sys.argv[1])\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"SUBMITIT_LOCAL_JOB_ID": "123"}
+    p = subprocess.run([sys.executable, "-c", failing, str(run_dir)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert p.returncode != 0 and "no Ray here" in p.stderr
+    failed = json.loads((run_dir / "jobs" / "123" / "attempt-0" / "failed.json").read_text())
+    assert failed["error"] == "ValueError: no Ray here"
+    assert collect([run_dir], env={"PATH": ""})[0].state == "FAILED"

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pickle
 import select
 import signal
 import subprocess
@@ -37,9 +36,8 @@ def make_run(root: Path, name: str, job_id: str, executor: str = "slurm", rollou
             for i in range(rollouts)]
     rows[1]["checkpoint"] = str(ckpt)
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if outcome:
-        with open(run / "jobs" / job_id / f"{job_id}_0_result.pkl", "wb") as f:
-            pickle.dump((outcome, {}), f)
+    if outcome:  # what rank 0 of the job writes when it returns ("result") or fails ("failed")
+        (run / "jobs" / job_id / "attempt-0" / f"{outcome}.json").write_text("{}")
     (run / "jobs" / job_id / f"{job_id}_0_log.out").write_text("hello from rank 0\n")
     (run / "jobs" / job_id / f"{job_id}_1_log.err").write_text("rank 1 says\n")
     return run
@@ -63,8 +61,8 @@ def test_running_job_joins_squeue_and_progress(tmp_path: Path) -> None:
 
 
 def test_finished_jobs_are_read_from_the_run_folder(tmp_path: Path) -> None:
-    done = make_run(tmp_path, "done", "7", rollouts=10, outcome="success")
-    failed = make_run(tmp_path, "failed", "8", outcome="error")
+    done = make_run(tmp_path, "done", "7", rollouts=10, outcome="result")
+    failed = make_run(tmp_path, "failed", "8", outcome="failed")
     left = make_run(tmp_path, "left", "9")
     got = {s.run: s for s in collect([done, failed, left], env={"PATH": ""})}  # no squeue, no sacct
     assert got["done"].state == "COMPLETED" and got["done"].eta_s is None
