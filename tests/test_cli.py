@@ -10,10 +10,13 @@ from conftest import CONFIGS, MINIMAL
 from rlhpc.cli import app
 
 runner = CliRunner()
-COMMANDS = ["validate", "config", "submit", "run", "status", "logs", "cancel", "resume", "drill", "render", "cluster", "doctor", "convert"]
+COMMANDS = ["validate", "config", "submit", "run", "export", "plot", "status", "logs", "cancel", "resume", "drill",
+            "render", "cluster", "doctor", "convert"]
 
 
 def test_help_lists_every_command():
+    registered = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert sorted(registered + [g.name for g in app.registered_groups]) == sorted(COMMANDS)  # a new one is added here
     result = runner.invoke(app, ["--help"], terminal_width=200)
     assert result.exit_code == 0
     for command in COMMANDS:
@@ -39,7 +42,7 @@ def test_validate_accepts_the_shipped_configs():
 
 def test_validate_reports_missing_paths_and_strict_fails_on_them():
     result = runner.invoke(app, ["validate", str(CONFIGS / "qwen3_4b.toml")])
-    assert "warning" in result.output and "ckpt.hf_checkpoint" in result.output
+    assert result.exit_code == 0 and "warning" in result.output and "ckpt.hf_checkpoint" in result.output
     result = runner.invoke(app, ["validate", "--strict", str(CONFIGS / "qwen3_4b.toml")])
     assert result.exit_code == 2 and "error" in result.output
 

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -58,9 +62,16 @@ def test_samples_depend_only_on_their_seed(engine, tokenizer):
     assert len({tuple(g.output_ids) for g in other}) > 1
 
 
-def test_sample_seed_is_a_pure_function():
-    assert sample_seed(1, 2, 3) == sample_seed(1, 2, 3)
+def test_sample_seed_is_the_same_in_every_process():
+    """A resumed run draws what the interrupted one did only if the seed does not depend on the process (as
+    Python's salted hash() would): computed in processes with other hash salts, it is the same."""
+    code = "import sys; from rl.rollout.engine import sample_seed; print(sample_seed(*map(int, sys.argv[1:])))"
+    for salt in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code, "1", "2", "3"], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": salt}).stdout
+        assert int(out) == sample_seed(1, 2, 3)
     assert len({sample_seed(1, r, i) for r in range(10) for i in range(10)}) == 100
+    assert sample_seed(1, 12, 3) != sample_seed(1, 1, 23)  # digits of one argument never run into the next
 
 
 def test_top_k_and_top_p_filtering():
