@@ -294,3 +294,22 @@ def test_a_job_that_fails_says_so_in_json(write_config, tmp_path):
     failed = json.loads((run_dir / "jobs" / "123" / "attempt-0" / "failed.json").read_text())
     assert failed["error"] == "ValueError: no Ray here"
     assert collect([run_dir], env={"PATH": ""})[0].state == "FAILED"
+
+
+def test_a_checkpoints_index_is_read_without_running_code(tmp_path):
+    import torch
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from rl import checkpoint
+
+    weights = {"w": torch.arange(4.0), "step": 3, "extra": {"path": Path("/x"), "dtype": "bf16"}}
+    checkpoint.save_model_state(weights, tmp_path)
+    loaded = {"w": torch.zeros(4), "step": 0, "extra": {"path": Path(), "dtype": ""}}
+    checkpoint.load_model_state(loaded, tmp_path)
+    assert torch.equal(loaded["w"], torch.arange(4.0)) and loaded["step"] == 3 and loaded["extra"]["path"] == Path("/x")
+
+    marker = tmp_path / "code-ran"
+    (tmp_path / "model" / ".metadata").write_bytes(pickle.dumps(Trap(marker)))
+    with pytest.raises(CheckpointException, match="index names pathlib.Path.touch"):
+        checkpoint.load_model_state(loaded, tmp_path)
+    assert not marker.exists()
