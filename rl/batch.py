@@ -111,23 +111,29 @@ class MicroBatch:
     held: torch.Tensor
 
 
-def lay_out(samples: list[TrainSample], *, packed: bool, cp_size: int = 1, cp_rank: int = 0) -> MicroBatch:
+def lay_out(samples: list[TrainSample], *, packed: bool, cp_size: int = 1, cp_rank: int = 0,
+            multiple: int = 1) -> MicroBatch:
     """One packed row (Megatron's THD layout: no padding, positions restarting at each sequence; with context
     parallelism each rank holds its chunks of every sequence, `rl/megatron/context_parallel.py`), or
     right-padded rows, which need no attention mask: under causal attention a real token sees only the real
-    tokens before it. Position t's logit predicts token t + 1."""
+    tokens before it. Position t's logit predicts token t + 1. Each rank's row length is a multiple of
+    `multiple` (sequence parallelism scatters a row over the tensor-parallel ranks): a packed row ends with a
+    padding sequence of its own, padded rows are widened."""
     lengths = [len(s.tokens) for s in samples]
     if packed:
         padded = padded_lengths(lengths, cp_size)
+        tail = -sum(padded) % ((2 * cp_size if cp_size > 1 else 1) * multiple)
+        padded, lengths = (padded + [tail], lengths + [tail]) if tail else (padded, lengths)
         cu = torch.tensor([0, *padded]).cumsum(0)
-        full = torch.tensor([t for s, n in zip(samples, padded) for t in s.tokens + [0] * (n - len(s.tokens))])
+        tokens_of = [s.tokens for s in samples] + [[]] * (len(padded) - len(samples))
+        full = torch.tensor([t for seq, n in zip(tokens_of, padded) for t in seq + [0] * (n - len(seq))])
         held = torch.tensor(held_positions(lengths, cp_size, cp_rank))
         tokens, positions = full[held][None], torch.cat([torch.arange(n) for n in padded])[held][None]
         local = torch.full((len(full),), -1)
         local[held] = torch.arange(len(held))
-        starts, cu_seqlens, max_seqlen = cu[:-1], cu.to(torch.int32), max(padded)
+        starts, cu_seqlens, max_seqlen = cu[: len(samples)], cu.to(torch.int32), max(padded)
     else:
-        width = max(lengths)
+        width = -(-max(lengths) // multiple) * multiple
         tokens = torch.tensor([s.tokens + [0] * (width - len(s.tokens)) for s in samples])
         positions = torch.arange(width)[None].expand(len(samples), width)
         full, local = tokens.flatten(), torch.arange(tokens.numel())

@@ -235,6 +235,8 @@ class PerfConfig(Section):
     use_dynamic_batch_size: bool = False
     max_tokens_per_gpu: PositiveInt | None = None
     log_probs_max_tokens_per_gpu: PositiveInt | None = None
+    """Token budget of a micro-batch in passes without backward (old and reference log-probs); max_tokens_per_gpu
+    when unset. Needs use_dynamic_batch_size."""
     # activation recomputation
     recompute_granularity: Literal["full", "selective"] | None = None
     recompute_method: Literal["uniform", "block"] | None = None
@@ -388,6 +390,11 @@ class RLConfig(BaseModel):
                 p.use_dynamic_batch_size and p.max_tokens_per_gpu is None,
                 ("perf.max_tokens_per_gpu", "perf.use_dynamic_batch_size"),
                 "max_tokens_per_gpu must be set when use_dynamic_batch_size is on",
+            ),
+            (
+                p.log_probs_max_tokens_per_gpu is not None and not p.use_dynamic_batch_size,
+                ("perf.log_probs_max_tokens_per_gpu", "perf.use_dynamic_batch_size"),
+                "log_probs_max_tokens_per_gpu is a token budget: it needs use_dynamic_batch_size = true",
             ),
             (
                 e.eval_interval is not None and not e.eval_prompt_data,

@@ -112,6 +112,8 @@ def test_unknown_section_gets_did_you_mean(write_config):
         (["rollout.partial_rollout=true"], "rollout.partial_rollout / rollout.over_sampling_batch_size",
          "set over_sampling_batch_size too"),
         (["rollout.top_k=0"], "rollout.rollout_top_k", "-1 (off)"),
+        (["perf.log_probs_max_tokens_per_gpu=64"], "perf.log_probs_max_tokens_per_gpu / perf.use_dynamic_batch_size",
+         "needs use_dynamic_batch_size"),
     ],
 )
 def test_cross_field_checks(write_config, overrides, fields, reason):

@@ -133,3 +133,48 @@ def test_micro_batch_inputs_point_at_each_response_token_once(packed, cp_size):
                     assert inputs[x.at[b, j]] == s.tokens[s.prompt_length - 1 + j]
     if cp_size == 2:
         assert ranks[0].input_ids[0, :4].tolist() == [10, 11, 0, 0]  # sequence 0 padded to 8: chunks 0 and 3
+
+
+@pytest.mark.parametrize("cp_size,tp_size", [(1, 2), (2, 2), (1, 4)])
+def test_packed_rows_are_padded_for_sequence_parallelism(cp_size, tp_size):
+    """Sequence parallelism scatters each rank's row over the tensor-parallel ranks, so its length must divide
+    evenly (Megatron asserts it in the embedding's reduce-scatter): the row ends with a padding sequence, and
+    what the loss reads is unchanged."""
+    from rl.batch import TrainSample, lay_out
+
+    samples = [TrainSample([10, 11, 12, 13, 14], 2, [1, 1], 0.0, [0.0] * 2, [0.0] * 2),
+               TrainSample([20, 21, 22, 23, 24, 25, 26], 3, [1] * 3, 0.0, [0.0] * 3, [0.0] * 3)]
+    for r in range(cp_size):
+        plain = lay_out(samples, packed=True, cp_size=cp_size, cp_rank=r)
+        x = lay_out(samples, packed=True, cp_size=cp_size, cp_rank=r, multiple=tp_size)
+        assert x.input_ids.shape[1] % tp_size == 0 and x.input_ids.shape[1] >= plain.input_ids.shape[1]
+        assert int(x.cu_seqlens[-1]) == x.input_ids.shape[1] * cp_size
+        for name in ("at", "target", "valid", "held"):
+            assert torch.equal(getattr(x, name), getattr(plain, name)), name
+    padded = lay_out(samples, packed=False, multiple=4)
+    assert padded.input_ids.shape[1] == 8
+
+
+def test_megatron_parameters_are_read_one_tensor_at_a_time(tiny_model_dir):
+    """Each Megatron parameter from only the Hugging Face tensors it is made of, read from safetensors by name:
+    the same as converting the whole loaded model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rl.megatron.hf_tensors import hf_tensors
+    from rl.megatron.layout import OUTPUT, megatron_sources
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    whole = hf_to_megatron(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict(),
+                           config)
+    read_names = []
+    with hf_tensors(tiny_model_dir) as read:
+        def counted(name):
+            read_names.append(name)
+            return read(name)
+
+        layer_1 = {name: make(*map(counted, keys)) for name, (keys, make) in megatron_sources(config).items()
+                   if name.startswith("decoder.layers.1.")}
+        tied = megatron_sources(config)[OUTPUT]
+        assert torch.equal(tied[1](*map(read, tied[0])), whole["embedding.word_embeddings.weight"])
+    assert layer_1 and all(torch.equal(t, whole[name]) for name, t in layer_1.items())
+    assert read_names and all(name.startswith("model.layers.1.") for name in read_names)

@@ -271,3 +271,17 @@ def test_balanced_shares_even_out_tokens_across_ranks():
     tokens = [sum(lengths[i] for i in s) for s in shares]
     contiguous = [sum(lengths[i] for i in r) for r in split_for_ranks(9, 3)]
     assert max(tokens) - min(tokens) <= 10 < max(contiguous) - min(contiguous)
+
+
+def test_passes_without_backward_take_their_own_token_budget(write_config):
+    """`log_probs_max_tokens_per_gpu` (slime's) sizes the micro-batches of scoring passes; training keeps
+    `max_tokens_per_gpu`."""
+    from rl.train.torch_backend import rank_micro_batches
+
+    samples = make_samples(n=8)
+    cfg = load_config(write_config(MINIMAL), ["perf.use_dynamic_batch_size=true", "perf.max_tokens_per_gpu=16",
+                                              "perf.log_probs_max_tokens_per_gpu=1000"])
+    assert len(rank_micro_batches(samples, cfg.perf, None, forward_only=True)) == 1
+    assert len(rank_micro_batches(samples, cfg.perf, None)) > 1
+    cfg.perf.log_probs_max_tokens_per_gpu = None
+    assert rank_micro_batches(samples, cfg.perf, None, forward_only=True) == rank_micro_batches(samples, cfg.perf, None)

@@ -13,6 +13,7 @@ see whole sequences. Not yet: virtual pipeline stages.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +30,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
-from rl.megatron.convert import HF_CONFIG, load_megatron_state, torch_dist_config
-from rl.megatron.layout import hf_to_megatron, megatron_to_hf
-from rl.megatron.model import build_model, has_transformer_engine
+from rl.megatron.convert import (HF_CONFIG, MEGATRON_DIR, load_megatron_state, torch_dist_config,
+                                 write_torch_dist_config)
+from rl.megatron.hf_tensors import hf_tensors
+from rl.megatron.layout import megatron_sources, megatron_to_hf
+from rl.megatron.model import build_model, check_layer_spec, has_transformer_engine
 from rl.megatron.shards import renumber, shard, split_dim, unshard
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
@@ -41,12 +44,15 @@ if TYPE_CHECKING:
     from rl.config import RLConfig
 
 log = logging.getLogger(__name__)
+STEP_FILE = "megatron_step.json"
 
 
 def vocab_parallel_log_probs(logits: Tensor, target: Tensor) -> Tensor:
     """log softmax(logits)[target] with the vocabulary split over the tensor-parallel ranks:
-    −cross_entropy, computed by Megatron across the ranks' shards."""
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
+    −cross_entropy, computed by Megatron across the ranks' shards. Megatron's cross-entropy overwrites its
+    float32 input (max subtracted, exponentiated in place), so it gets a copy: the caller's logits stay whole for
+    the entropy."""
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), target)
 
 
 def vocab_parallel_entropy(logits: Tensor) -> Tensor:
@@ -60,6 +66,15 @@ def vocab_parallel_entropy(logits: Tensor) -> Tensor:
     p = e / total
     weighted = tensor_parallel.reduce_from_tensor_model_parallel_region((p * z).sum(-1, keepdim=True))
     return (total.log() + m - weighted)[..., 0]
+
+
+def apply_schedule(param_groups: list[dict[str, Any]], *, lr: float, weight_decay: float) -> None:
+    """This step's learning rate and weight decay on Megatron's parameter groups, scaled by each group's
+    `lr_mult` and `wd_mult` as Megatron's `OptimizerParamScheduler` does: its groups give norms, biases and
+    other 1-D parameters `wd_mult = 0`, which only the schedule applies (the groups start with the full decay)."""
+    for group in param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
 def model_inputs(x: MicroBatch, device: torch.device) -> dict[str, Any]:
@@ -80,6 +95,8 @@ class MegatronBackend:
 
         p = cfg.perf
         self.cfg, self.total_steps, self.device = cfg, total_steps, torch.device(device)
+        self.te = has_transformer_engine()
+        check_layer_spec(p, te=self.te)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=p.tensor_model_parallel_size,
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -87,10 +104,6 @@ class MegatronBackend:
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=p.expert_tensor_parallel_size)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
-        self.te = has_transformer_engine()
-        if p.context_parallel_size > 1 and not self.te:
-            raise ValueError("perf.context_parallel_size > 1 needs Transformer Engine (its THD attention splits "
-                             "sequences over context-parallel ranks)")
         self.hf_config = AutoConfig.from_pretrained(init_from)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -108,11 +121,15 @@ class MegatronBackend:
         self.layer_offset = self.model.decoder.layers[0].layer_number - 1 if len(self.model.decoder.layers) else 0
         self._load_weights(cfg, Path(init_from))
         self.ref = None
+        # Colocated, the engines generate in the memory training leaves: the reference model waits on the host
+        # and comes to the device only for its forward.
+        self.ref_home = torch.device("cpu") if p.colocate else self.device
         if cfg.grpo.use_kl_loss or cfg.grpo.kl_coef:
             self.ref = build_model(self.hf_config, p, te=self.te, pre_process=self.first_stage,
-                                   post_process=self.last_stage).to(self.device).eval()
+                                   post_process=self.last_stage).eval()
             self.ref.load_state_dict(self.model.state_dict())
             self.ref.requires_grad_(False)
+            self.ref.to(self.ref_home)
         self.ddp = DistributedDataParallel(
             config=self.model.config, module=self.model,
             ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
@@ -134,7 +151,8 @@ class MegatronBackend:
 
     def _load_weights(self, cfg: RLConfig, init_from: Path) -> None:
         """From a torch_dist checkpoint (`ckpt.ref_load` written by `rlhpc convert hf-to-megatron`), which
-        loads under any layout; else straight from the Hugging Face folder, each rank cutting its shards."""
+        loads under any layout; else straight from the Hugging Face folder, each rank cutting its shards of its
+        own stage's parameters, one parameter at a time."""
         ref = cfg.ckpt.ref_load
         if ref is not None and (Path(ref) / HF_CONFIG).exists():
             _, te = torch_dist_config(Path(ref))
@@ -144,15 +162,11 @@ class MegatronBackend:
             loaded = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(ref))
             load_megatron_state(self.model, loaded["model"])
             return
-        from transformers import AutoModelForCausalLM
-
-        hf = AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32).state_dict()
-        whole = hf_to_megatron(hf, self.hf_config, te=self.te)
-        params = dict(self.model.named_parameters())
-        load_megatron_state(self.model, {
-            name: shard(whole[renumber(name, self.layer_offset)], name, split_dim(params[name]), self.tp_rank,
-                        self.tp_size)
-            for name in params})
+        sources = megatron_sources(self.hf_config, te=self.te)
+        with hf_tensors(init_from) as read, torch.no_grad():
+            for name, param in self.model.named_parameters():
+                keys, make = sources[renumber(name, self.layer_offset)]
+                param.copy_(shard(make(*map(read, keys)), name, split_dim(param), self.tp_rank, self.tp_size))
 
     # --- forward ---------------------------------------------------------------------------------------
 
@@ -169,7 +183,7 @@ class MegatronBackend:
         """Megatron's schedule (pipelined when the model is) over this rank's micro-batches; on the last stage
         `loss_of(indices, batch, log_probs, entropy)` gets each micro-batch (the indices of its samples in
         `samples`, empty for padding) and returns (loss, metrics)."""
-        batches = rank_micro_batches(samples, self.cfg.perf, self.device)
+        batches = rank_micro_batches(samples, self.cfg.perf, self.device, forward_only=forward_only)
         feed = iter([[samples[i] for i in b] or [PADDING] for b in batches])
         temperature = self.cfg.rollout.rollout_temperature
         count = iter(range(len(batches)))
@@ -177,7 +191,8 @@ class MegatronBackend:
         def forward_step(data: Iterator[list[TrainSample]], module: torch.nn.Module):
             batch = next(data)
             k = next(count)
-            x = lay_out(batch, packed=self.te, cp_size=self.cp_size, cp_rank=self.cp_rank)
+            x = lay_out(batch, packed=self.te, cp_size=self.cp_size, cp_rank=self.cp_rank,
+                        multiple=self.tp_size if self.model.config.sequence_parallel else 1)
             at, target, held, valid = (t.to(self.device) for t in (x.at, x.target, x.held, x.valid))
             out = module(**model_inputs(x, self.device))
 
@@ -211,7 +226,12 @@ class MegatronBackend:
                 out[i] = row[: samples[i].response_length]
             return lp.sum() * 0, {}
 
+        home = self.ref_home if ref else self.device
+        model.to(self.device)
         self._run(model, samples, keep, forward_only=True)
+        if home != self.device:
+            model.to(home)
+            torch.cuda.empty_cache()
         return out
 
     # --- update ----------------------------------------------------------------------------------------
@@ -221,8 +241,7 @@ class MegatronBackend:
         o = self.cfg.optimizer
         lr = lr_at(self.step, lr=o.lr, min_lr=o.min_lr, style=o.lr_decay_style, warmup=o.lr_warmup_iters,
                    decay_steps=o.lr_decay_iters or self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        apply_schedule(self.optimizer.param_groups, lr=lr, weight_decay=o.weight_decay)
         self.model.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -292,18 +311,28 @@ class MegatronBackend:
 
     # --- checkpoints (torch_dist: loadable under another parallel layout) ------------------------------
 
-    def _sharded_state(self) -> dict[str, Any]:
+    def _sharded_state(self, *, is_loading: bool = False) -> dict[str, Any]:
         model_state = self.model.sharded_state_dict()
-        return {"model": model_state, "optimizer": self.optimizer.sharded_state_dict(model_state)}
+        # Loading needs the optimizer's state laid out before it exists: with is_loading Megatron builds Adam's
+        # moments and step count as placeholders to read into (a fresh process has none yet, and without them
+        # they are silently left out).
+        return {"model": model_state,
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
     def save(self, folder: Path) -> None:
-        dist_checkpointing.save(self._sharded_state(), str(Path(folder) / "megatron"))
+        out = Path(folder) / MEGATRON_DIR
         if dist.get_rank() == 0:
-            torch.save({"step": self.step}, Path(folder) / "megatron_step.pt")
+            out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(), str(out))
+        if dist.get_rank() == 0:
+            # What `rlhpc convert megatron-to-hf` and `rlhpc export` need to read the weights on their own.
+            write_torch_dist_config(out, self.hf_config, te=self.te)
+            (Path(folder) / STEP_FILE).write_text(json.dumps({"step": self.step}))
 
     def load(self, folder: Path) -> None:
-        state = dist_checkpointing.load(self._sharded_state(), str(Path(folder) / "megatron"))
-        self.model.load_state_dict(state["model"], strict=False)
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(Path(folder) / MEGATRON_DIR))
+        load_megatron_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(torch.load(Path(folder) / "megatron_step.pt")["step"])
+        self.step = int(json.loads((Path(folder) / STEP_FILE).read_text())["step"])
 

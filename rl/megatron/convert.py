@@ -25,6 +25,8 @@ HF_CONFIG = "hf_config.json"
 """The Hugging Face config the checkpoint was converted from, kept beside it (Megatron's own files say nothing
 of the architecture)."""
 TE_MARK = "layer_spec.json"
+MEGATRON_DIR = "megatron"
+"""Where the Megatron backend writes its torch_dist state inside a checkpoint folder (`iter_NNNNNNN/megatron`)."""
 
 
 @contextmanager
@@ -77,8 +79,13 @@ def hf_to_torch_dist(hf_dir: Path, out: Path, *, te: bool = False) -> None:
         load_megatron_state(model, hf_to_megatron(hf_state, hf_config, te=te))
         out.mkdir(parents=True, exist_ok=False)
         dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out))
-    hf_config.to_json_file(out / HF_CONFIG)
-    (out / TE_MARK).write_text(json.dumps({"transformer_engine": te}))
+    write_torch_dist_config(out, hf_config, te=te)
+
+
+def write_torch_dist_config(folder: Path, hf_config, *, te: bool) -> None:
+    """Beside a torch_dist checkpoint: the Hugging Face config and layer spec its tensors are laid out for."""
+    hf_config.to_json_file(folder / HF_CONFIG)
+    (folder / TE_MARK).write_text(json.dumps({"transformer_engine": te}))
 
 
 def torch_dist_config(folder: Path):

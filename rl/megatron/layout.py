@@ -14,7 +14,7 @@ Megatron fuses what Hugging Face keeps apart:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,28 +95,46 @@ def _renames(f: Family, te: bool) -> dict[str, str]:
     return names
 
 
-def hf_to_megatron(hf: Mapping[str, Tensor], hf_config: Any, *, te: bool = False) -> dict[str, Tensor]:
-    """A whole (unsharded) Hugging Face state dict in Megatron-core GPTModel names and layout. `te`: the norm
-    names of Transformer Engine's layer spec."""
+Source = tuple[tuple[str, ...], Callable[..., Tensor]]
+"""The Hugging Face tensors a Megatron parameter is made of, and how it is made of them."""
+OUTPUT = "output_layer.weight"
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _stacked(*parts: Tensor) -> Tensor:
+    return cat(parts)
+
+
+def megatron_sources(hf_config: Any, *, te: bool = False) -> dict[str, Source]:
+    """Every whole (unsharded) Megatron-core GPTModel parameter by name → its `Source`. With tied embeddings
+    the output layer is the embedding: the last pipeline stage holds a copy of it. `te`: the norm names of
+    Transformer Engine's layer spec."""
     f, heads = family(hf_config), Heads.of(hf_config)
-    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if not hf_config.tie_word_embeddings:
-        out["output_layer.weight"] = hf["lm_head.weight"]
+    embed = "model.embed_tokens.weight"
+    out: dict[str, Source] = {"embedding.word_embeddings.weight": ((embed,), _same),
+                              "decoder.final_layernorm.weight": (("model.norm.weight",), _same),
+                              OUTPUT: ((embed if hf_config.tie_word_embeddings else "lm_head.weight",), _same)}
     for i in range(hf_config.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
         for m, h in _renames(f, te).items():
-            out[dst + m] = hf[src + h]
-        attn = src + "self_attn."
+            out[dst + m] = ((src + h,), _same)
         for kind in ("weight", "bias") if f.qkv_bias else ("weight",):
-            out[f"{dst}self_attention.linear_qkv.{kind}"] = fuse_qkv(
-                *(hf[f"{attn}{p}_proj.{kind}"] for p in "qkv"), heads)
-        if f.fused_gate_up:
-            out[dst + "mlp.linear_fc1.weight"] = hf[src + "mlp.gate_up_proj.weight"]
-        else:
-            out[dst + "mlp.linear_fc1.weight"] = cat([hf[src + "mlp.gate_proj.weight"],
-                                                      hf[src + "mlp.up_proj.weight"]])
+            out[f"{dst}self_attention.linear_qkv.{kind}"] = (
+                tuple(f"{src}self_attn.{p}_proj.{kind}" for p in "qkv"), lambda q, k, v: fuse_qkv(q, k, v, heads))
+        out[dst + "mlp.linear_fc1.weight"] = (
+            ((src + "mlp.gate_up_proj.weight",), _same) if f.fused_gate_up
+            else ((src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"), _stacked))
     return out
+
+
+def hf_to_megatron(hf: Mapping[str, Tensor], hf_config: Any, *, te: bool = False) -> dict[str, Tensor]:
+    """A whole Hugging Face state dict in Megatron-core GPTModel names and layout, as a model on one pipeline
+    stage holds it (with tied embeddings, no output layer)."""
+    return {name: make(*(hf[k] for k in keys)) for name, (keys, make) in megatron_sources(hf_config, te=te).items()
+            if not (name == OUTPUT and hf_config.tie_word_embeddings)}
 
 
 def megatron_to_hf(mc: Mapping[str, Tensor], hf_config: Any, *, te: bool = False) -> dict[str, Tensor]:
@@ -124,7 +142,7 @@ def megatron_to_hf(mc: Mapping[str, Tensor], hf_config: Any, *, te: bool = False
     f, heads = family(hf_config), Heads.of(hf_config)
     embed = mc["embedding.word_embeddings.weight"]
     out = {"model.embed_tokens.weight": embed, "model.norm.weight": mc["decoder.final_layernorm.weight"],
-           "lm_head.weight": embed if hf_config.tie_word_embeddings else mc["output_layer.weight"]}
+           "lm_head.weight": embed if hf_config.tie_word_embeddings else mc[OUTPUT]}
     for i in range(hf_config.num_hidden_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         for m, h in _renames(f, te).items():

@@ -31,6 +31,16 @@ def has_transformer_engine() -> bool:
     return True
 
 
+def check_layer_spec(perf: PerfConfig, *, te: bool) -> None:
+    """Refuse what only Transformer Engine's layers can run, naming the setting."""
+    if perf.context_parallel_size > 1 and not te:
+        raise ValueError("perf.context_parallel_size > 1 needs Transformer Engine (its THD attention splits "
+                         "sequences over context-parallel ranks)")
+    if perf.sequence_parallel and perf.tensor_model_parallel_size > 1 and not te:
+        raise ValueError("perf.sequence_parallel needs Transformer Engine: Megatron's torch norms refuse sequence "
+                         "parallelism. Install transformer-engine, or set perf.sequence_parallel = false")
+
+
 def _rope(hf_config: Any) -> dict[str, Any]:
     """GPTModel's rotary arguments from either transformers' `rope_parameters` (v5) or `rope_theta` /
     `rope_scaling` (v4)."""
@@ -70,6 +80,8 @@ def transformer_config(hf_config: Any, perf: PerfConfig, **overrides: Any) -> Tr
         attention_dropout=0.0,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # What pipeline stages send each other (Megatron refuses pipeline parallelism without it).
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         tensor_model_parallel_size=perf.tensor_model_parallel_size,
         pipeline_model_parallel_size=perf.pipeline_model_parallel_size,
         context_parallel_size=perf.context_parallel_size,

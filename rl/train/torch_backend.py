@@ -46,11 +46,14 @@ def _full(t: Tensor) -> Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def rank_micro_batches(samples: list[TrainSample], perf: PerfConfig,
-                       device: torch.device | None) -> list[list[int]]:
+def rank_micro_batches(samples: list[TrainSample], perf: PerfConfig, device: torch.device | None, *,
+                       forward_only: bool = False) -> list[list[int]]:
     """This rank's micro-batches (by token budget or count), padded with empty ones to the count of the rank
-    that has the most, agreed over the default process group on `device` (None: alone, nothing to agree)."""
-    max_tokens = perf.max_tokens_per_gpu if perf.use_dynamic_batch_size else None
+    that has the most, agreed over the default process group on `device` (None: alone, nothing to agree).
+    A pass without backward keeps no activations, so it may take `log_probs_max_tokens_per_gpu` (slime's)."""
+    max_tokens = None
+    if perf.use_dynamic_batch_size:
+        max_tokens = (forward_only and perf.log_probs_max_tokens_per_gpu) or perf.max_tokens_per_gpu
     batches = micro_batches([len(s.tokens) for s in samples], max_tokens, perf.micro_batch_size)
     if device is not None:
         count = torch.tensor(len(batches), device=device)
@@ -146,11 +149,12 @@ class TorchBackend:
         picked = out.reshape(-1, out.shape[-1])[x.at.flatten().to(self.device)].float().view(*x.at.shape, -1)
         return picked, x.target.to(self.device), x.valid.to(self.device)
 
-    def _micro_batches(self, samples: list[TrainSample]) -> list[list[int]]:
+    def _micro_batches(self, samples: list[TrainSample], *, forward_only: bool = False) -> list[list[int]]:
         """This rank's micro-batches, padded with empty ones to the count of the rank that has the most: under
         FSDP every forward gathers parameters from all ranks, under DDP the last backward reduces gradients,
         so every rank must run as many (a rank may even have no sample at all)."""
-        return rank_micro_batches(samples, self.cfg.perf, self.device if self.world_size > 1 else None)
+        return rank_micro_batches(samples, self.cfg.perf, self.device if self.world_size > 1 else None,
+                                  forward_only=forward_only)
 
     @torch.no_grad()
     def compute_log_probs(self, samples: list[TrainSample], *, ref: bool = False) -> list[list[float]]:
@@ -165,7 +169,7 @@ class TorchBackend:
         """`rows(micro_batch)` ([b, R], no gradient) over this rank's micro-batches, cut to each sample's
         response."""
         out: list[list[float]] = [[] for _ in samples]
-        for batch in self._micro_batches(samples):
+        for batch in self._micro_batches(samples, forward_only=True):
             for row, i in zip(rows([samples[i] for i in batch] or [PADDING]).tolist(), batch):
                 out[i] = row[: samples[i].response_length]
         return out

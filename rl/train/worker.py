@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from rl import checkpoint
 from rl.batch import TrainSample
+from rl.ports import free_port
 from rl.rollout.engine import Generation, SamplingParams, engine_factory
 from rl.train.backend import TrainingBackend
 
@@ -46,7 +47,11 @@ class TrainWorker:
         torch.manual_seed(cfg.run.seed + rank)
         random.seed(cfg.run.seed + rank)
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        if world_size > 1:
+        if world_size > 1 or cfg.perf.train_backend == "megatron":
+            # Megatron's parallel state is built on a process group even for one rank; a lone rank's needs no
+            # rendezvous elsewhere.
+            if world_size == 1:
+                master_addr, master_port = "127.0.0.1", free_port("127.0.0.1")
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank,
                                     world_size=world_size, init_method=f"tcp://{master_addr}:{master_port}")
         self.backend: TrainingBackend = training_backend(cfg)(cfg, init_from=init_from, total_steps=total_steps,

@@ -1,0 +1,155 @@
+"""The Megatron-core backend run for real on the host: megatron-core's GPTModel, DDP, optimizer, pipeline schedule
+and torch_dist checkpoints, over gloo, one process per rank, with rlhpc's `TrainWorker` and `MegatronBackend`.
+
+Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the tiny Qwen3's tied embeddings)
+runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
+loads that checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and
+take the same second step bitwise. Log-probs and the first step's loss terms are compared with the torch
+backend's on the same weights (float32).
+
+Stand-ins, each for one megatron-core call that demands CUDA (`tests/megatron_cpu.py` says why each is
+harmless): `tensor_parallel.model_parallel_cuda_manual_seed`, `CudaRNGStatesTracker.fork`,
+`torch.cuda.current_device`, `device="cuda"` in tensor factories, the fp32-gradient type assertion of
+`clip_grad_by_total_norm_fp32`, `Tensor.cuda()` on the tied embedding of pipeline stages, and
+`torch.cuda.synchronize` in the torch_dist writer.
+
+What cannot run on the host at all: sequence parallelism (Megatron's torch norm refuses it, only Transformer
+Engine's norms take it, and TE needs CUDA), packed THD micro-batches and context parallelism (TE's attention),
+bf16. Those run in `tests/test_megatron_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import MINIMAL
+from rl.ports import free_port
+from rlhpc.config import load_config
+from test_torch_backend import make_samples
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron") is None,
+                                reason="megatron-core is not installed (pip install rlhpc[megatron])")
+
+LAYOUTS = {
+    "tp1": (1, []),
+    "tp2": (2, ["perf.tensor_model_parallel_size=2"]),
+    "pp2": (2, ["perf.pipeline_model_parallel_size=2"]),
+}
+SETTINGS = ["perf.train_backend=megatron", "perf.bf16=false", "optimizer.lr=1e-2", "grpo.entropy_coef=0.01",
+            "grpo.use_kl_loss=true", "grpo.kl_loss_coef=0.1", "perf.cpu_threads=1"]
+TOLERANCE = 2e-5
+"""float32 on both sides; Megatron's attention and fused QKV sum in another order than transformers'."""
+
+
+def _sizes(samples) -> dict[str, int]:
+    return {"num_samples": len(samples), "num_tokens": sum(sum(s.loss_mask) for s in samples)}
+
+
+def _optimizer_state(backend) -> list[dict]:
+    return [{k: v for k, v in o.state_dict()["state"].items()} for o in backend._torch_optimizers()]
+
+
+def _rank(rank: int, world: int, port: int, config: str, overrides: list[str], model: str, ckpt: str, out: str,
+          resume: bool) -> None:
+    import megatron_cpu
+
+    megatron_cpu.install()
+    from rl.train.worker import TrainWorker
+
+    cfg = load_config(config, [*SETTINGS, *overrides])
+    worker = TrainWorker(cfg, rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
+                         init_from=model, total_steps=4, threads=1, host_engine=False)
+    backend = worker.backend
+    samples = make_samples()
+    result: dict = {}
+    if not resume:
+        result["log_probs"] = backend.compute_log_probs(samples)
+        result["first"] = backend.train_step(samples, **_sizes(samples))
+        result["no_decay"] = sorted({g["weight_decay"] for g in backend.optimizer.param_groups
+                                     if all(p.dim() == 1 for p in g["params"]) and g["params"]})
+        worker.save(ckpt)
+    else:
+        worker.load(ckpt)
+    result["step"] = backend.step
+    result["weights_at_save"] = dict(backend.named_weights())
+    result["optimizer_at_save"] = _optimizer_state(backend)
+    result["second"] = backend.train_step(samples, **_sizes(samples))
+    result["weights_after"] = dict(backend.named_weights())
+    torch.save(result, f"{out}.{rank}")
+
+
+def _run(world: int, *args) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    port = free_port("127.0.0.1")
+    mp.spawn(_rank, args=(world, port, *args), nprocs=world)
+    return [torch.load(f"{args[-2]}.{r}", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_config, tiny_model_dir, tmp_path):
+    from rl.train.torch_backend import TorchBackend
+
+    world, overrides = LAYOUTS[layout]
+    config = str(write_config(MINIMAL))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    first = _run(world, config, overrides, str(tiny_model_dir), str(ckpt), str(tmp_path / "first"), False)
+    resumed = _run(world, config, overrides, str(tiny_model_dir), str(ckpt), str(tmp_path / "resumed"), True)
+
+    samples = make_samples()
+    reference = TorchBackend(load_config(config, [s for s in SETTINGS if "megatron" not in s]),
+                             init_from=tiny_model_dir, total_steps=4)
+    expected_log_probs = reference.compute_log_probs(samples)
+    expected = reference.train_step(samples, **_sizes(samples))
+    reporter = first[-1]  # the last pipeline stage, tensor-parallel rank 0 in these layouts: it holds the losses
+    for ours, theirs in zip(reporter["log_probs"], expected_log_probs, strict=True):
+        assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=TOLERANCE), (ours, theirs)
+    # The entropy bonus, the KL term and the clipped objective, summed over the micro-batches on the reporting rank.
+    for name in ("pg_loss", "entropy", "kl", "loss"):
+        assert reporter["first"][name] == pytest.approx(expected[name], abs=TOLERANCE), name
+    assert reporter["first"]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
+    # Norms, biases and q/k norms take no weight decay (Megatron's wd_mult = 0 for 1-D parameters).
+    assert all(r["no_decay"] == [0.0] for r in first)
+
+    head = first[0]  # rank 0 gathers the whole policy by Hugging Face name
+    assert head["weights_at_save"].keys() == reference.model.state_dict().keys()
+    for rank, (a, b) in enumerate(zip(first, resumed, strict=True)):
+        assert b["step"] == a["step"] == 1
+        assert a["optimizer_at_save"] and any(a["optimizer_at_save"][0].values()), "no optimizer state to compare"
+        _assert_same(a["optimizer_at_save"], b["optimizer_at_save"], f"rank {rank} optimizer state")
+        _assert_same(a["weights_at_save"], b["weights_at_save"], f"rank {rank} weights")
+        assert a["second"] == b["second"]
+        _assert_same(a["weights_after"], b["weights_after"], f"rank {rank} weights after the next step")
+    assert head["weights_after"] and any(not torch.equal(head["weights_after"][k], head["weights_at_save"][k])
+                                         for k in head["weights_at_save"])
+
+
+def _assert_same(a, b, what: str) -> None:
+    """Bitwise equality of nested dicts / lists of tensors and numbers, with the first difference named."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for k in a:
+            _assert_same(a[k], b[k], f"{what}[{k!r}]")
+    elif isinstance(a, list):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), what
+    else:
+        assert a == b, what
+
+
+def test_sequence_parallel_without_transformer_engine_is_refused(write_config):
+    from rl.megatron.model import check_layer_spec
+
+    cfg = load_config(write_config(MINIMAL), ["perf.train_backend=megatron", "perf.tensor_model_parallel_size=2",
+                                               "perf.sequence_parallel=true"])
+    with pytest.raises(ValueError, match="perf.sequence_parallel"):
+        check_layer_spec(cfg.perf, te=False)
+    check_layer_spec(cfg.perf, te=True)
+
