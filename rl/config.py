@@ -58,8 +58,9 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    """Architecture of the policy. Each field left unset is read from `ckpt.hf_checkpoint`'s config.json;
-    set one to override it, as slime's `MODEL_ARGS+=(--rotary-base 10000)` does."""
+    """Architecture of the policy, in slime's MODEL_ARGS terms. The model is built from `ckpt.hf_checkpoint`'s
+    config.json; each field set here must agree with it (a mismatch is refused, naming both values), so a
+    section copied from slime's model scripts is checked against the weights it will train."""
 
     family: Literal["qwen3", "qwen2", "llama", "glm4"] | None = None
     num_layers: PositiveInt | None = None
@@ -298,7 +299,11 @@ class SglangConfig(Section):
     sglang_log_level: str = "warning"
     sglang_server_concurrency: PositiveInt = 512
     sglang_cuda_graph_bs: list[PositiveInt] | None = None
+    """Decode batch sizes captured as CUDA graphs (SGLang's `--cuda-graph-bs-decode`)."""
     sglang_disable_cuda_graph: bool = False
+    sglang_enable_deterministic_inference: bool = True
+    """SGLang honours each sample's seed only with this (batch-invariant kernels, slower): off, samples are not
+    reproducible, so neither a resumed run nor an engine's reissued requests draw the same samples again."""
     sglang_context_length: PositiveInt | None = None
     sglang_router_strategy: Literal["cache_aware", "round_robin", "random", "power_of_two"] | None = None
     sglang_server_args: dict[str, Any] = {}

@@ -207,3 +207,18 @@ def test_a_grace_as_long_as_the_time_limit_is_refused_at_its_line(write_config):
     err = problems_of(write_config(MINIMAL + '[slurm]\ntime = "2"\nsignal_grace_s = 120\n'))
     assert "slurm.signal_grace_s" in str(err) and "run.toml:12:" in str(err) and "not shorter than the time limit" in str(err)
     assert load_config(write_config(MINIMAL + '[slurm]\ntime = "3"\nsignal_grace_s = 120\n')).slurm.working_s == 60
+
+
+def test_model_section_is_checked_against_the_checkpoint(write_config, tiny_model_dir, tmp_path):
+    """`[model]` (slime's MODEL_ARGS) must state the architecture of `ckpt.hf_checkpoint`: fields that agree
+    load, one that disagrees is refused naming the field and both values."""
+    import shutil
+
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "model" / "config.json")
+    agreeing = ["model.family='qwen3'", "model.num_layers=2", "model.num_query_groups=2", "model.qk_layernorm=true",
+                "model.swiglu=true", "model.untie_embeddings_and_output_weights=false", "model.normalization='RMSNorm'"]
+    load_config(write_config(MINIMAL), agreeing)
+    err = str(problems_of(write_config(MINIMAL), ["model.num_layers=36"]))
+    assert "model.num_layers = 36, but" in err and "config.json says 2" in err
+    err = str(problems_of(write_config(MINIMAL), ["model.rotary_base=1000000"]))
+    assert "model.rotary_base = 1000000.0, but" in err and "says 10000.0" in err
