@@ -23,7 +23,18 @@ system-deps: install
 	    >/dev/null; \
 	fi
 
-test: install system-deps
+# SGLang's own argument parser and request classes judge what the SGLang engine sends
+# (tests/sglang_contract.py): the release the sglang extra is checked against, without its dependencies
+# (they pull CUDA torch, ~11 GB), plus the few packages that its parser and request modules import.
+SGLANG_CONTRACT := .sglang-contract
+SGLANG_CONTRACT_VERSION := 0.5.23
+$(SGLANG_CONTRACT)/.installed-$(SGLANG_CONTRACT_VERSION): | install
+	rm -rf $(SGLANG_CONTRACT)
+	$(PY) -m pip install --quiet --no-deps --no-compile --target $(SGLANG_CONTRACT) \
+	  sglang==$(SGLANG_CONTRACT_VERSION) msgspec orjson pybase64 psutil starlette pyzmq IPython traitlets
+	touch $@
+
+test: install system-deps $(SGLANG_CONTRACT)/.installed-$(SGLANG_CONTRACT_VERSION)
 	$(PY) -m pytest
 
 # The whole interruption matrix on the local cluster (`make test` runs each cause and each moment once),
@@ -38,4 +49,4 @@ demo: install artifacts/tiny-qwen3/config.json
 	$(VENV)/bin/rlhpc run configs/tiny_cpu.toml
 
 clean:
-	rm -rf $(VENV) artifacts runs .pytest_cache
+	rm -rf $(VENV) $(SGLANG_CONTRACT) artifacts runs .pytest_cache

@@ -129,6 +129,9 @@ class RolloutConfig(Section):
     rollout_stop: list[str] = []
     rollout_stop_token_ids: list[int] = []
     rollout_skip_special_tokens: bool = False
+    update_weight_buffer_size: PositiveInt = 512 * 1024**2
+    """SGLang engine: bytes of weights per update request (slime's `--update-weight-buffer-size`); a larger
+    tensor goes alone."""
     stream_interval: PositiveInt = 8
     """Torch engine: decode steps between its messages of the samples that have ended (SGLang's
     `--stream-interval`). 1 sends each as it ends, so partial rollout aborts soonest; each message costs the
@@ -346,6 +349,17 @@ class RLConfig(BaseModel):
     optimizer: OptimizerConfig = OptimizerConfig()
     sglang: SglangConfig = SglangConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _model_matches_checkpoint(self) -> RLConfig:
+        """`[model]` agrees with `ckpt.hf_checkpoint`'s config.json, field by field."""
+        from rl.architecture import model_mismatches
+
+        wrong = model_mismatches(self.model.model_dump(), self.ckpt.hf_checkpoint)
+        if wrong:
+            raise ConfigFieldsError(tuple(f"model.{name}" for name, _ in wrong),
+                                    "; ".join(message for _, message in wrong))
+        return self
 
     @model_validator(mode="after")
     def _batch_constraint(self) -> RLConfig:

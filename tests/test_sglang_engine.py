@@ -1,13 +1,28 @@
-"""The SGLang engine's translation of rlhpc's interface to SGLang's server (issue #7). Launching a server needs
-SGLang and a GPU: that test is `gpu` and skipped where SGLang is not installed."""
+"""The SGLang engine: what it sends SGLang 0.5.23 and in which order (against `Recorder`, a local HTTP server
+that records requests), and that SGLang's own code accepts all of it (`tests/sglang_contract.py`, run in a
+separate interpreter with the pinned SGLang release from `.sglang-contract/`). Launching a real server needs
+SGLang's full install and a GPU: that test is `gpu`."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
 import pytest
+import torch
+from packaging.requirements import Requirement
+from sglang_contract import ROOT, Recorder
 
 from rl.config import SglangConfig
+from rl.rollout import sglang_engine
 from rl.rollout.engine import SamplingParams
-from rl.rollout.sglang_engine import generate_payload, generation_of, server_args
+from rl.rollout.sglang_engine import SglangClient, buckets, generate_payload, generation_of, server_args
+
+CONTRACT = ROOT / ".sglang-contract"
 
 
 def test_every_sglang_option_reaches_the_server_command_line():
@@ -16,12 +31,35 @@ def test_every_sglang_option_reaches_the_server_command_line():
                      sglang_server_args={"chunked_prefill_size": 8192, "mem_fraction_static": 0.6})
     args = server_args(o, "/models/qwen3", host="10.0.0.1", port=30000, colocate=True)
     text = " ".join(args)
-    for expected in ("--model-path /models/qwen3", "--tp-size 2", "--cuda-graph-bs 1 2 4", "--disable-cuda-graph",
-                     "--context-length 4096", "--max-running-requests 64", "--chunked-prefill-size 8192",
-                     "--enable-memory-saver", "--skip-tokenizer-init", "--host 10.0.0.1 --port 30000"):
+    for expected in ("--model-path /models/qwen3", "--tp-size 2", "--context-length 4096",
+                     "--max-running-requests 64", "--chunked-prefill-size 8192", "--enable-memory-saver",
+                     "--skip-tokenizer-init", "--host 10.0.0.1 --port 30000"):
         assert expected in text
     assert "--mem-fraction-static 0.6" in text and "0.7" not in text  # sglang_server_args win
     assert "--enable-memory-saver" not in server_args(SglangConfig(), "m", host="h", port=1, colocate=False)
+
+
+def test_cuda_graph_options_use_the_flags_of_sglang_0_5():
+    """0.5.23 has no --cuda-graph-bs (its parser calls it ambiguous) and deprecates --disable-cuda-graph."""
+    o = SglangConfig(sglang_cuda_graph_bs=[1, 2, 4], sglang_disable_cuda_graph=True)
+    args = server_args(o, "m", host="h", port=1, colocate=False)
+    assert " ".join(args).count("--cuda-graph-bs-decode 1 2 4") == 1
+    assert {"--disable-decode-cuda-graph", "--disable-prefill-cuda-graph"} <= set(args)
+    assert not {"--cuda-graph-bs", "--disable-cuda-graph"} & set(args)
+
+
+def test_per_sample_seeds_come_with_deterministic_inference_or_not_at_all():
+    """SGLang reads sampling_seed only under --enable-deterministic-inference (sampling_batch_info.py)."""
+    args = server_args(SglangConfig(), "m", host="h", port=1, colocate=False)
+    assert "--enable-deterministic-inference" in args
+    off = SglangConfig(sglang_enable_deterministic_inference=False)
+    assert "--enable-deterministic-inference" not in server_args(off, "m", host="h", port=1, colocate=False)
+    params = SamplingParams(max_new_tokens=2)
+    with Recorder() as server:
+        for options, seed in ((SglangConfig(), 42), (off, None)):
+            SglangClient(server.url, options=options, devices=["cpu"], update_weight_buffer_size=1).generate(
+                [[1, 2]], params, seeds=[42])
+            assert server.requests.pop()[1]["sampling_params"].get("sampling_seed") == seed
 
 
 def test_requests_carry_ids_seed_and_ask_for_log_probs_and_answers_become_generations():
@@ -35,6 +73,100 @@ def test_requests_carry_ids_seed_and_ask_for_log_probs_and_answers_become_genera
     assert (g.output_ids, g.log_probs, g.finish_reason, g.weight_version) == ([4, 7], [-0.5, -0.1], "stop", 3)
 
 
+def test_memory_is_resumed_only_after_a_release():
+    """SGLang 0.5.23 fails a resume of memory it never released (`offload_tags.remove` in its scheduler):
+    the first weight sync of a colocated run resumes before anything was released."""
+    with Recorder() as server:
+        client = SglangClient(server.url, options=SglangConfig(), devices=["cpu"], update_weight_buffer_size=1)
+        client.resume_memory()
+        assert server.paths == []
+        client.release_memory()
+        client.resume_memory()
+        client.resume_memory()
+        assert server.paths == ["/release_memory_occupation", "/resume_memory_occupation"]
+
+
+def _fake_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Payloads naming their tensors and device, instead of SGLang's serializer (the contract test runs that)."""
+    def payloads(bucket: list[tuple[str, torch.Tensor]], devices: list[str]) -> list[str]:
+        return [f"{','.join(name for name, _ in bucket)}@{device}" for device in devices]
+
+    monkeypatch.setattr(sglang_engine, "rank_payloads", payloads)
+
+
+def test_weights_go_in_one_update_session_in_bounded_buckets_one_payload_per_tp_rank(monkeypatch):
+    """SGLang 0.5.23 refuses update_weights_from_tensor outside begin_weight_update … end_weight_update."""
+    _fake_payloads(monkeypatch)
+    weights = {"a": torch.zeros(100), "b": torch.zeros(100), "c": torch.zeros(300), "d": torch.zeros(10)}
+    with Recorder() as server:
+        client = SglangClient(server.url, options=SglangConfig(rollout_num_gpus_per_engine=2),
+                              devices=["cuda:0", "cuda:1"], update_weight_buffer_size=800)
+        client.update_weights(weights, version=5)
+        assert server.paths == ["/begin_weight_update"] + ["/update_weights_from_tensor"] * 3 + ["/end_weight_update"]
+        updates = [body for path, body in server.requests if path == "/update_weights_from_tensor"]
+        assert [u["serialized_named_tensors"] for u in updates] == [
+            ["a,b@cuda:0", "a,b@cuda:1"], ["c@cuda:0", "c@cuda:1"], ["d@cuda:0", "d@cuda:1"]]
+        assert all(u["load_format"] == "flattened_bucket" and u["weight_version"] == "5" for u in updates)
+        assert client.version == 5
+
+
+def test_a_failed_update_still_closes_the_session_and_keeps_the_old_version(monkeypatch):
+    _fake_payloads(monkeypatch)
+    with Recorder(refuse=("/update_weights_from_tensor",)) as server:
+        client = SglangClient(server.url, options=SglangConfig(), devices=["cpu"], update_weight_buffer_size=1)
+        with pytest.raises(Exception, match="400"):
+            client.update_weights({"a": torch.zeros(1)}, version=1)
+        assert server.paths[-1] == "/end_weight_update" and client.version == 0
+
+
+def test_buckets_hold_at_most_the_limit_a_larger_tensor_alone_and_are_taken_lazily():
+    taken: list[str] = []
+
+    def weights():
+        for name, n in (("a", 3), ("b", 3), ("big", 50), ("c", 1), ("d", 4)):
+            taken.append(name)
+            yield name, torch.zeros(n, dtype=torch.float32)
+
+    out = buckets(weights(), limit=24)
+    assert [name for name, _ in next(out)] == ["a", "b"] and taken == ["a", "b", "big"]
+    assert [[name for name, _ in b] for b in out] == [["big"], ["c", "d"]]
+
+
+@pytest.fixture(scope="module")
+def sglang_verdicts() -> dict[str, Any]:
+    """SGLang's own verdicts on everything the engine sends (tests/sglang_contract.py)."""
+    if not any(CONTRACT.glob("sglang-*.dist-info")):
+        pytest.skip(f"SGLang is not in {CONTRACT} (make test installs it there, without its dependencies)")
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "sglang_contract.py"), str(CONTRACT)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+def test_the_sglang_checked_is_in_the_supported_range(sglang_verdicts):
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (supported,) = [Requirement(r) for r in extras["sglang"] if Requirement(r).name == "sglang"]
+    assert supported.specifier.contains(sglang_verdicts["sglang"])
+
+
+def test_sglangs_own_parser_takes_the_launch_command_line(sglang_verdicts):
+    assert sglang_verdicts["argv_refusal"] is None
+    assert "ambiguous option: --cuda-graph-bs" in sglang_verdicts["control_argv_refusal"]  # the judge can refuse
+
+
+def test_sglangs_own_request_classes_accept_every_body_sent(sglang_verdicts):
+    assert {"/generate", "/abort_request", "/release_memory_occupation", "/resume_memory_occupation",
+            "/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update"} == set(
+        sglang_verdicts["paths"])
+    assert {k: v for k, v in sglang_verdicts["body_refusals"].items() if v is not None} == {}
+    assert "abort_al" in sglang_verdicts["control_body_refusal"]  # the judge can refuse
+
+
+def test_each_tp_rank_gets_its_own_payload_that_sglang_rebuilds_exactly(sglang_verdicts):
+    assert len(sglang_verdicts["weights_refusals"]) == 2  # two buckets, the first of two dtypes
+    assert sglang_verdicts["weights_refusals"] == [None, None]
+
+
 @pytest.mark.gpu
 def test_a_real_sglang_server_generates_with_log_probs_and_takes_new_weights(tiny_model_dir):
     pytest.importorskip("sglang", reason="SGLang is not installed (its wheels are too large to carry here)")
@@ -42,10 +174,13 @@ def test_a_real_sglang_server_generates_with_log_probs_and_takes_new_weights(tin
 
     from rl.rollout.sglang_engine import SglangEngine
 
-    engine = SglangEngine(str(tiny_model_dir), options=SglangConfig(sglang_mem_fraction_static=0.3))
+    engine = SglangEngine(str(tiny_model_dir), options=SglangConfig(sglang_mem_fraction_static=0.3),
+                          update_weight_buffer_size=1 << 20)
     params = SamplingParams(max_new_tokens=6, temperature=1.0)
     first = engine.generate([[1, 2, 3]] * 4, params, seeds=[0, 1, 2, 3])
     assert all(len(g.output_ids) == len(g.log_probs) > 0 for g in first)
+    assert engine.generate([[1, 2, 3]] * 4, params, seeds=[0, 1, 2, 3]) == first  # deterministic inference
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    engine.resume_memory()  # a colocated run's first sync: nothing released yet
     engine.update_weights({k: v * 0 for k, v in model.state_dict().items()}, version=1)
     assert engine.generate([[1, 2, 3]], params, seeds=[0])[0].weight_version == 1

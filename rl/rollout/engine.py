@@ -95,7 +95,8 @@ def engine_factory(cfg: RLConfig) -> tuple[type, dict[str, Any]]:
     if cfg.rollout.engine == "sglang":
         from rl.rollout.sglang_engine import SglangEngine
 
-        return SglangEngine, {"options": cfg.sglang, "colocate": cfg.perf.colocate}
+        return SglangEngine, {"options": cfg.sglang, "colocate": cfg.perf.colocate,
+                              "update_weight_buffer_size": cfg.rollout.update_weight_buffer_size}
     from rl.rollout.torch_engine import TorchEngine
 
     return TorchEngine, {"stream_interval": cfg.rollout.stream_interval}

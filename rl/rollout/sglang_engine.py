@@ -2,10 +2,14 @@
 by this class (a Ray actor on the engine's GPUs) through the server's HTTP API, as slime does.
 
 `generate` posts one `/generate` request per sample (token ids in, `return_logprob`), concurrently up to
-`sglang_server_concurrency`; weights arrive by `/update_weights_from_tensor` (the tensors put on this GPU
-and handed to the server by CUDA IPC, SGLang's own serializer); `/abort_request`, `/release_memory_occupation`,
-`/resume_memory_occupation` and `/health_generate` back the rest of `rl/rollout/engine.py`'s interface.
-SGLang itself is imported only here, and only for the weight serializer.
+`sglang_server_concurrency`. Weights arrive in a weight-update session (`/begin_weight_update` …
+`/end_weight_update`, required by SGLang 0.5.23): buckets of at most `rollout.update_weight_buffer_size`
+bytes, each one `/update_weights_from_tensor` request carrying one payload per tensor-parallel rank (the
+bucket flattened on that rank's GPU and handed over by CUDA IPC, SGLang's `flattened_bucket` format).
+`/abort_request`, `/release_memory_occupation`, `/resume_memory_occupation` and `/health_generate` back the
+rest of `rl/rollout/engine.py`'s interface. SGLang itself is imported only here, and only to serialize
+weights. Every request body and the launch command line are checked against SGLang's own code in
+tests/test_sglang_engine.py.
 """
 
 from __future__ import annotations
@@ -40,8 +44,12 @@ def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, coloc
         "skip-tokenizer-init": True,  # token ids in and out: the driver owns tokenization
         "mem-fraction-static": o.sglang_mem_fraction_static,
         "context-length": o.sglang_context_length,
-        "cuda-graph-bs": o.sglang_cuda_graph_bs,
-        "disable-cuda-graph": o.sglang_disable_cuda_graph,
+        # 0.5.23 split --cuda-graph-bs (decode batch sizes) into a decode and a prefill list
+        "cuda-graph-bs-decode": o.sglang_cuda_graph_bs,
+        "disable-decode-cuda-graph": o.sglang_disable_cuda_graph,
+        "disable-prefill-cuda-graph": o.sglang_disable_cuda_graph,
+        # without it SGLang ignores each request's sampling_seed
+        "enable-deterministic-inference": o.sglang_enable_deterministic_inference,
         "enable-memory-saver": colocate,  # release/resume around training
     }
     args |= {k.replace("_", "-"): v for k, v in o.sglang_server_args.items()}
@@ -57,15 +65,14 @@ def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, coloc
     return out
 
 
-def generate_payload(prompt: list[int], params: SamplingParams, seed: int) -> dict[str, Any]:
-    return {
-        "input_ids": prompt,
-        "sampling_params": {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
-                            "top_p": params.top_p, "top_k": params.top_k,
-                            "stop_token_ids": list(params.stop_token_ids), "sampling_seed": seed,
-                            "skip_special_tokens": False, "no_stop_trim": True},
-        "return_logprob": True,
-    }
+def generate_payload(prompt: list[int], params: SamplingParams, seed: int | None) -> dict[str, Any]:
+    """A `/generate` body; `seed` None where the server would ignore it (no deterministic inference)."""
+    sampling = {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "top_k": params.top_k, "stop_token_ids": list(params.stop_token_ids),
+                "skip_special_tokens": False, "no_stop_trim": True}
+    if seed is not None:
+        sampling["sampling_seed"] = seed
+    return {"input_ids": prompt, "sampling_params": sampling, "return_logprob": True}
 
 
 def generation_of(response: Mapping[str, Any], version: int) -> Generation:
@@ -79,27 +86,55 @@ def generation_of(response: Mapping[str, Any], version: int) -> Generation:
                       weight_version=version)
 
 
-class SglangEngine:
-    def __init__(self, model_path: str, *, options: SglangConfig, colocate: bool = False,
-                 threads: int | None = None, device: str | None = None):
+def buckets(named_tensors: Iterable[tuple[str, Tensor]], limit: int) -> Iterator[list[tuple[str, Tensor]]]:
+    """Consecutive tensors in groups of at most `limit` bytes, a larger tensor alone (slime's packing). Taken
+    lazily, so that weights gathered one by one are never all held at once."""
+    bucket: list[tuple[str, Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def rank_payloads(bucket: list[tuple[str, Tensor]], devices: list[str]) -> list[str]:
+    """One `flattened_bucket` payload per tensor-parallel rank, the bucket's bytes on that rank's device.
+    Each rank is sent its own serialization: SGLang's rank r opens entry r alone, and one CUDA IPC handle
+    opened by several ranks would be released once per rank (SGLang's `deserialize_own_rank`)."""
+    import torch
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    flat = FlattenedTensorBucket(named_tensors=[(name, t.detach()) for name, t in bucket])
+    payloads = []
+    for device in devices:
+        # The server is this actor's child process: it sees the same CUDA_VISIBLE_DEVICES, so the device
+        # index in the handle means the same GPU there.
+        on_device = flat.get_flattened_tensor().to(device, non_blocking=True)
+        if on_device.is_cuda:
+            torch.cuda.synchronize(on_device.device)
+        payloads.append(MultiprocessingSerializer.serialize(
+            {"flattened_tensor": on_device, "metadata": flat.get_metadata()}, output_str=True))
+    return payloads
+
+
+class SglangClient:
+    """The HTTP side of an SGLang server at `url` whose tensor-parallel rank r runs on `devices[r]`."""
+
+    def __init__(self, url: str, *, options: SglangConfig, devices: list[str], update_weight_buffer_size: int):
         import requests
 
-        self.options, self.version = options, 0
-        host = _node_address()
-        port = free_port()
-        self.url = f"http://{host}:{port}"
+        self.url, self.options, self.devices, self.version = url, options, devices, 0
+        self.update_weight_buffer_size = update_weight_buffer_size
         self.http = requests.Session()
         self.pool = ThreadPoolExecutor(max_workers=options.sglang_server_concurrency)
-        self.process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server",
-                                         *server_args(options, model_path, host=host, port=port, colocate=colocate)])
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.health():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the SGLang server for {model_path} exited with {self.process.returncode}")
-            if time.monotonic() > deadline:
-                self.process.kill()
-                raise TimeoutError(f"the SGLang server at {self.url} did not answer within {START_TIMEOUT_S:.0f}s")
-            time.sleep(2)
+        self.released = False
+        """True between release_memory and resume_memory: SGLang fails a resume of what it never released."""
 
     def _post(self, path: str, body: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
         response = self.http.post(self.url + path, json=body or {}, timeout=timeout)
@@ -112,7 +147,8 @@ class SglangEngine:
     def generate_stream(self, prompts: list[list[int]], params: SamplingParams,
                         seeds: list[int]) -> Iterator[list[tuple[int, Generation]]]:
         version = self.version
-        futures = {self.pool.submit(self._post, "/generate", generate_payload(p, params, s)): i
+        seeded = self.options.sglang_enable_deterministic_inference
+        futures = {self.pool.submit(self._post, "/generate", generate_payload(p, params, s if seeded else None)): i
                    for i, (p, s) in enumerate(zip(prompts, seeds))}
         for future in as_completed(futures):
             yield [(futures[future], generation_of(future.result(), version))]
@@ -121,15 +157,15 @@ class SglangEngine:
         self._post("/abort_request", {"rid": "", "abort_all": True})
 
     def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
-        import torch
-        from sglang.srt.utils import MultiprocessingSerializer
-
         items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-        on_gpu = [(name, t.to("cuda", non_blocking=True)) for name, t in items]
-        torch.cuda.synchronize()
-        payload = MultiprocessingSerializer.serialize(on_gpu, output_str=True)
-        self._post("/update_weights_from_tensor", {
-            "serialized_named_tensors": [payload] * self.options.rollout_num_gpus_per_engine, "flush_cache": True})
+        self._post("/begin_weight_update")
+        try:
+            for bucket in buckets(items, self.update_weight_buffer_size):
+                self._post("/update_weights_from_tensor", {
+                    "serialized_named_tensors": rank_payloads(bucket, self.devices),
+                    "load_format": "flattened_bucket", "weight_version": str(version)})
+        finally:
+            self._post("/end_weight_update")
         self.version = version
 
     def health(self) -> bool:
@@ -142,9 +178,33 @@ class SglangEngine:
 
     def release_memory(self) -> None:
         self._post("/release_memory_occupation")
+        self.released = True
 
     def resume_memory(self) -> None:
-        self._post("/resume_memory_occupation")
+        if self.released:
+            self._post("/resume_memory_occupation")
+            self.released = False
+
+
+class SglangEngine(SglangClient):
+    """An SGLang server launched on this actor's GPUs (rank r on cuda:r), and the client to it."""
+
+    def __init__(self, model_path: str, *, options: SglangConfig, update_weight_buffer_size: int,
+                 colocate: bool = False, threads: int | None = None, device: str | None = None):
+        host = _node_address()
+        port = free_port()
+        super().__init__(f"http://{host}:{port}", options=options, update_weight_buffer_size=update_weight_buffer_size,
+                         devices=[f"cuda:{r}" for r in range(options.rollout_num_gpus_per_engine)])
+        self.process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server",
+                                         *server_args(options, model_path, host=host, port=port, colocate=colocate)])
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.health():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the SGLang server for {model_path} exited with {self.process.returncode}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise TimeoutError(f"the SGLang server at {self.url} did not answer within {START_TIMEOUT_S:.0f}s")
+            time.sleep(2)
 
     def __del__(self) -> None:
         if getattr(self, "process", None) is not None and self.process.poll() is None:

@@ -1,0 +1,250 @@
+"""SGLang's own code as the judge of what the SGLang engine sends it, on a machine without CUDA.
+
+`python tests/sglang_contract.py FOLDER` runs, in a fresh interpreter, the SGLang client
+(`rl.rollout.sglang_engine.SglangClient`) through a whole cycle — generate, abort, release, resume, a
+bucketed weight update to two tensor-parallel ranks — against `Recorder`, a local HTTP server that records
+every request, then hands each recorded body to SGLang's code from FOLDER (the pinned release, installed
+without its dependencies by `make test`: `pip install --no-deps --target .sglang-contract ...`):
+
+- the launch command line to `sglang.srt.server_args.prepare_server_args`, the parser `sglang.launch_server`
+  itself runs;
+- each body to its endpoint's request class in `sglang.srt.managers.io_struct`, validated by pydantic as
+  SGLang's FastAPI routes do, and its keys compared with the class's fields (pydantic drops unknown keys
+  silently, so a misspelt field would pass unnoticed); `/generate` bodies also through the route's contract
+  gate (`entrypoints.api_contract`) and `SamplingParams(**sampling_params)` with `normalize` and `verify`,
+  as the tokenizer manager does;
+- each weight payload to SGLang's `MultiprocessingSerializer.deserialize` (its allow-listing unpickler) and
+  `FlattenedTensorBucket`, and the tensors rebuilt compared with those sent.
+
+It prints one JSON object of verdicts (None where SGLang accepted); tests/test_sglang_engine.py asserts on
+them. Two negative controls (the `--cuda-graph-bs` that 0.5.23 removed, a misspelt abort field) show that
+the judge can refuse.
+
+What is not SGLang's own, and why (only in this interpreter, never in the test process):
+- `triton` is a stub module: `sglang.srt.utils.common` imports it at the top (a ~1 GB wheel) and nothing
+  here calls it.
+- `sglang.srt.managers.schedule_batch` is a stub module: its import chain (model configs, multimodal
+  processors) needs `torchvision`, whose registry wheels are built against CUDA torch and fail to import
+  with the CPU build, and compiled kernel packages. `io_struct` takes five names from it, used only as the
+  types of multimodal and hidden-state fields that rlhpc never sends. In the stubs every name is
+  `typing.Any`: such a field accepts anything, and calling a stubbed name fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+STUBBED = ("triton", "sglang.srt.managers.schedule_batch")
+
+
+class Recorder(ThreadingHTTPServer):
+    """An HTTP server on loopback that records `(path, JSON body)` of each POST and answers as SGLang does
+    when all goes well; a path in `refuse` is answered 400 with success false."""
+
+    def __init__(self, refuse: tuple[str, ...] = ()):
+        self.requests: list[tuple[str, Any]] = []
+        self.refuse = refuse
+        super().__init__(("127.0.0.1", 0), _Handler)
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.requests]
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Recorder
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        self._answer(200, None)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+        self.server.requests.append((self.path, body))
+        if self.path in self.server.refuse:
+            self._answer(400, {"success": False, "message": "refused"})
+        elif self.path == "/generate":
+            self._answer(200, {"meta_info": {"finish_reason": {"type": "length"},
+                                             "output_token_logprobs": [[-0.5, 4, None]]}})
+        elif self.path == "/abort_request":
+            self._answer(200, None)
+        else:
+            self._answer(200, {"success": True, "message": "Success"})
+
+    def _answer(self, status: int, body: Any) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def import_sglang(folder: Path) -> None:
+    """SGLang importable from `folder`, with the two stubs the module docstring gives reasons for."""
+    import importlib.abc
+    import importlib.machinery
+    import types
+    import typing
+
+    # Both cache at import whether triton or torchvision exist: imported first, they see neither stub.
+    import torch._dynamo  # noqa: F401
+    import transformers.utils.import_utils  # noqa: F401
+
+    class AnyModule(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return typing.Any
+
+    class Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+            return importlib.machinery.ModuleSpec(name, self) if name in STUBBED else None
+
+        def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+            return AnyModule(spec.name)
+
+        def exec_module(self, module: types.ModuleType) -> None:
+            pass
+
+    sys.path.append(str(folder))
+    sys.meta_path.insert(0, Stubs())
+
+
+def refusal(call: Any) -> str | None:
+    """None if `call()` returns, else what SGLang said (argparse's exit included)."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            call()
+    except SystemExit as e:
+        return err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else f"exit {e.code}"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def body_refusal(path: str, body: Any) -> str | None:
+    """What SGLang's request class for `path` says of `body` (None: accepted, every key a field)."""
+    import dataclasses
+
+    import msgspec
+    import pydantic
+    from sglang.srt.entrypoints.api_contract import generate_contract_error
+    from sglang.srt.managers import io_struct
+    from sglang.srt.sampling.sampling_params import SamplingParams  # a msgspec struct: unknown keys refused
+
+    cls = {
+        "/generate": io_struct.GenerateReqInput,
+        "/abort_request": io_struct.AbortReq,
+        "/begin_weight_update": io_struct.BeginWeightUpdateReqInput,
+        "/end_weight_update": io_struct.EndWeightUpdateReqInput,
+        "/update_weights_from_tensor": io_struct.UpdateWeightsFromTensorReqInput,
+        "/release_memory_occupation": io_struct.ReleaseMemoryOccupationReqInput,
+        "/resume_memory_occupation": io_struct.ResumeMemoryOccupationReqInput,
+    }.get(path)
+    if cls is None:
+        return f"no request class known for {path}"
+    fields = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
+              else {f.name for f in msgspec.structs.fields(cls)})
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        return f"not fields of {cls.__name__}: {unknown}"
+    if error := refusal(lambda: pydantic.TypeAdapter(cls).validate_python(body)):
+        return error
+    if path == "/generate":
+        if error := generate_contract_error(body):
+            return error
+
+        def sampling() -> None:
+            params = SamplingParams(**body["sampling_params"])
+            params.normalize(None)
+            params.verify(vocab_size=1 << 20)
+
+        return refusal(sampling)
+    return None
+
+
+def weights_refusal(body: Any, sent: dict[str, Any]) -> str | None:
+    """None if each TP rank's payload is its own and SGLang rebuilds from it exactly the tensors sent."""
+    import torch
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    payloads = body["serialized_named_tensors"]
+    if len(set(payloads)) != len(payloads):
+        return "the same payload for several TP ranks"
+    for rank, payload in enumerate(payloads):
+        data = MultiprocessingSerializer.deserialize(payload)
+        bucket = FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
+        for name, tensor in bucket.reconstruct_tensors():
+            if not torch.equal(tensor, sent[name]):
+                return f"rank {rank}: {name} differs from what was sent"
+    return None
+
+
+def main(folder: Path) -> dict[str, Any]:
+    import_sglang(folder)
+    from importlib.metadata import version
+
+    import torch
+    from sglang.srt.server_args import prepare_server_args
+
+    from rl.config import SglangConfig
+    from rl.rollout.engine import SamplingParams
+    from rl.rollout.sglang_engine import SglangClient, server_args
+
+    options = SglangConfig(rollout_num_gpus_per_engine=2, sglang_mem_fraction_static=0.7, sglang_cuda_graph_bs=[1, 2],
+                           sglang_disable_cuda_graph=True, sglang_context_length=4096,
+                           sglang_server_args={"chunked_prefill_size": 8192})
+    argv = server_args(options, "/models/qwen3", host="127.0.0.1", port=30000, colocate=True)
+    generator = torch.Generator().manual_seed(0)
+    sent = {"embed.weight": torch.randn(64, 8, generator=generator).bfloat16(),
+            "norm.weight": torch.randn(8, generator=generator),
+            "head.weight": torch.randn(64, 8, generator=generator).bfloat16()}
+    with Recorder() as server:
+        client = SglangClient(server.url, options=options, devices=["cpu", "cpu"], update_weight_buffer_size=2048)
+        client.generate([[1, 2, 3], [4, 5]], SamplingParams(max_new_tokens=4, temperature=0.8, top_k=5,
+                                                            stop_token_ids=(7,)), seeds=[11, 2**63 - 1])
+        client.abort()
+        client.release_memory()
+        client.resume_memory()
+        client.update_weights(sent, version=3)
+        requests = list(server.requests)
+    return {
+        "sglang": version("sglang"),
+        "argv": argv,
+        "argv_refusal": refusal(lambda: prepare_server_args(argv)),
+        "paths": [path for path, _ in requests],
+        "body_refusals": {f"{i} {path}": body_refusal(path, body) for i, (path, body) in enumerate(requests)},
+        "weights_refusals": [weights_refusal(body, sent) for path, body in requests
+                             if path == "/update_weights_from_tensor"],
+        "control_argv_refusal": refusal(lambda: prepare_server_args(["--model-path", "m", "--cuda-graph-bs", "1"])),
+        "control_body_refusal": body_refusal("/abort_request", {"rid": "", "abort_al": True}),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]))))
