@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch is pinned in pyproject.toml; where a local CPU build of that version exists pip takes it.
+# pyproject.toml gives torch a range (the sglang extra pins its own); the CPU install names the version whose
+# small CPU build pip takes where one lies on disk, rather than PyPI's newest CUDA build.
+CPU_TORCH := torch==2.13.0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' '$(CPU_TORCH)'
 	touch $@
 
 # The Slurm tests run a real local cluster (`rlhpc cluster up --accounting`): as root, install Debian's
