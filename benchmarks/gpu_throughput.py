@@ -108,13 +108,14 @@ def train_rate(backend_name: str, folder: Path, args) -> dict:
 
 
 def rollout_rate(engine_name: str, folder: Path, args) -> dict:
-    from rl.config import SglangConfig
+    from rl.config import RolloutConfig, SglangConfig
     from rl.rollout.engine import SamplingParams
 
     if engine_name == "sglang":
         from rl.rollout.sglang_engine import SglangEngine
 
-        engine = SglangEngine(str(folder), options=SglangConfig(sglang_mem_fraction_static=0.6))
+        engine = SglangEngine(str(folder), options=SglangConfig(sglang_mem_fraction_static=0.6),
+                              update_weight_buffer_size=RolloutConfig.model_fields["update_weight_buffer_size"].default)
     else:
         from rl.rollout.torch_engine import TorchEngine
 
