@@ -8,11 +8,13 @@ without its dependencies by `make test`: `pip install --no-deps --target .sglang
 
 - the launch command line to `sglang.srt.server_args.prepare_server_args`, the parser `sglang.launch_server`
   itself runs;
-- each body to its endpoint's request class in `sglang.srt.managers.io_struct`, validated by pydantic as
-  SGLang's FastAPI routes do, and its keys compared with the class's fields (pydantic drops unknown keys
-  silently, so a misspelt field would pass unnoticed); `/generate` bodies also through the route's contract
-  gate (`entrypoints.api_contract`) and `SamplingParams(**sampling_params)` with `normalize` and `verify`,
-  as the tokenizer manager does;
+- each request to its route as `sglang/srt/entrypoints/http_server.py` declares it (read from its source
+  with `ast`: importing it starts the whole server's import chain): the route takes POST, the query
+  parameters sent are its `Query` parameters, and the body goes to the request class the route names in
+  `sglang.srt.managers.io_struct`, validated by pydantic as SGLang's FastAPI routes do, its keys compared
+  with the class's fields (pydantic drops unknown keys silently, so a misspelt field would pass unnoticed);
+  `/generate` bodies also through the route's contract gate (`entrypoints.api_contract`) and
+  `SamplingParams(**sampling_params)` with `normalize` and `verify`, as the tokenizer manager does;
 - each weight payload to SGLang's `MultiprocessingSerializer.deserialize` (its allow-listing unpickler) and
   `FlattenedTensorBucket`, and the tensors rebuilt compared with those sent.
 
@@ -32,12 +34,15 @@ What is not SGLang's own, and why (only in this interpreter, never in the test p
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs
 
 ROOT = Path(__file__).resolve().parents[1]
 STUBBED = ("triton", "sglang.srt.managers.schedule_batch")
@@ -146,27 +151,63 @@ def refusal(call: Any) -> str | None:
     return None
 
 
-def body_refusal(path: str, body: Any) -> str | None:
-    """What SGLang's request class for `path` says of `body` (None: accepted, every key a field)."""
+class Route(NamedTuple):
+    methods: frozenset[str]
+    body: str | None
+    """The name of its request class in io_struct; None: the route reads no body."""
+    query: frozenset[str]
+
+
+@functools.cache
+def routes(http_server: Path) -> dict[str, Route]:
+    """The routes `http_server.py` declares with `@app.<method>(path)` or `@app.api_route(path, methods=…)`."""
+    out: dict[str, Route] = {}
+    for node in ast.walk(ast.parse(http_server.read_text())):
+        if not isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef):
+            continue
+        params = node.args.args
+        defaults = [None] * (len(params) - len(node.args.defaults)) + node.args.defaults
+        query = frozenset(p.arg for p, d in zip(params, defaults)
+                          if isinstance(d, ast.Call) and ast.unparse(d.func) == "Query")
+        bodies = []
+        for p, d in zip(params, defaults):
+            annotation = p.annotation
+            if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+                annotation = annotation.slice.elts[0]  # type: ignore[attr-defined]
+            if d is None and isinstance(annotation, ast.Name) and annotation.id not in ("Request", "Response"):
+                bodies.append(annotation.id)
+        for decorator in node.decorator_list:
+            if not (isinstance(decorator, ast.Call) and ast.unparse(decorator.func).startswith("app.")
+                    and decorator.args and isinstance(decorator.args[0], ast.Constant)):
+                continue
+            kind = ast.unparse(decorator.func).removeprefix("app.")
+            methods = ([ast.literal_eval(k.value) for k in decorator.keywords if k.arg == "methods"] or [["GET"]])[0]
+            out[decorator.args[0].value] = Route(
+                frozenset(methods if kind == "api_route" else [kind.upper()]), bodies[0] if bodies else None, query)
+    return out
+
+
+def body_refusal(target: str, body: Any) -> str | None:
+    """What SGLang's route for `target` (a path, maybe with a query) and its request class say of `body`
+    (None: accepted, every key a field)."""
     import dataclasses
 
     import msgspec
     import pydantic
+    import sglang
     from sglang.srt.entrypoints.api_contract import generate_contract_error
     from sglang.srt.managers import io_struct
     from sglang.srt.sampling.sampling_params import SamplingParams  # a msgspec struct: unknown keys refused
 
-    cls = {
-        "/generate": io_struct.GenerateReqInput,
-        "/abort_request": io_struct.AbortReq,
-        "/begin_weight_update": io_struct.BeginWeightUpdateReqInput,
-        "/end_weight_update": io_struct.EndWeightUpdateReqInput,
-        "/update_weights_from_tensor": io_struct.UpdateWeightsFromTensorReqInput,
-        "/release_memory_occupation": io_struct.ReleaseMemoryOccupationReqInput,
-        "/resume_memory_occupation": io_struct.ResumeMemoryOccupationReqInput,
-    }.get(path)
-    if cls is None:
-        return f"no request class known for {path}"
+    path, _, query = target.partition("?")
+    route = routes(Path(sglang.__file__).parent / "srt" / "entrypoints" / "http_server.py").get(path)
+    if route is None or "POST" not in route.methods:
+        return f"SGLang has no POST {path}"
+    if unknown := sorted(set(parse_qs(query)) - route.query):
+        return f"not query parameters of {path}: {unknown}"
+    if route.body is None:
+        return None if not body else f"{path} reads no body"
+    cls = getattr(io_struct, route.body)
     fields = ({f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls)
               else {f.name for f in msgspec.structs.fields(cls)})
     unknown = sorted(set(body) - fields)
@@ -237,12 +278,13 @@ def main(folder: Path) -> dict[str, Any]:
         "sglang": version("sglang"),
         "argv": argv,
         "argv_refusal": refusal(lambda: prepare_server_args(argv)),
-        "paths": [path for path, _ in requests],
+        "paths": [path.partition("?")[0] for path, _ in requests],
         "body_refusals": {f"{i} {path}": body_refusal(path, body) for i, (path, body) in enumerate(requests)},
         "weights_refusals": [weights_refusal(body, sent) for path, body in requests
                              if path == "/update_weights_from_tensor"],
         "control_argv_refusal": refusal(lambda: prepare_server_args(["--model-path", "m", "--cuda-graph-bs", "1"])),
         "control_body_refusal": body_refusal("/abort_request", {"rid": "", "abort_al": True}),
+        "control_query_refusal": body_refusal("/flush_cache?timeout_s=1", {}),
     }
 
 

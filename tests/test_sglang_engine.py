@@ -83,7 +83,17 @@ def test_memory_is_resumed_only_after_a_release():
         client.release_memory()
         client.resume_memory()
         client.resume_memory()
-        assert server.paths == ["/release_memory_occupation", "/resume_memory_occupation"]
+        assert server.paths[1:] == ["/release_memory_occupation", "/resume_memory_occupation"]
+
+
+def test_a_release_waits_until_the_server_is_idle():
+    """SGLang 0.5.23 asserts in its scheduler that a release finds it idle; requests just aborted may not
+    have ended. /flush_cache?timeout=T waits up to T for that, and a 400 stops the release."""
+    with Recorder(refuse=(f"/flush_cache?timeout={sglang_engine.IDLE_TIMEOUT_S:g}",)) as server:
+        client = SglangClient(server.url, options=SglangConfig(), devices=["cpu"], update_weight_buffer_size=1)
+        with pytest.raises(Exception, match="400"):
+            client.release_memory()
+        assert server.paths == ["/flush_cache?timeout=60"] and not client.released
 
 
 def _fake_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,11 +165,12 @@ def test_sglangs_own_parser_takes_the_launch_command_line(sglang_verdicts):
 
 
 def test_sglangs_own_request_classes_accept_every_body_sent(sglang_verdicts):
-    assert {"/generate", "/abort_request", "/release_memory_occupation", "/resume_memory_occupation",
+    assert {"/generate", "/abort_request", "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation",
             "/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update"} == set(
         sglang_verdicts["paths"])
     assert {k: v for k, v in sglang_verdicts["body_refusals"].items() if v is not None} == {}
     assert "abort_al" in sglang_verdicts["control_body_refusal"]  # the judge can refuse
+    assert "timeout_s" in sglang_verdicts["control_query_refusal"]
 
 
 def test_each_tp_rank_gets_its_own_payload_that_sglang_rebuilds_exactly(sglang_verdicts):

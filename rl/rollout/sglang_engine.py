@@ -6,10 +6,10 @@ by this class (a Ray actor on the engine's GPUs) through the server's HTTP API, 
 `/end_weight_update`, required by SGLang 0.5.23): buckets of at most `rollout.update_weight_buffer_size`
 bytes, each one `/update_weights_from_tensor` request carrying one payload per tensor-parallel rank (the
 bucket flattened on that rank's GPU and handed over by CUDA IPC, SGLang's `flattened_bucket` format).
-`/abort_request`, `/release_memory_occupation`, `/resume_memory_occupation` and `/health_generate` back the
-rest of `rl/rollout/engine.py`'s interface. SGLang itself is imported only here, and only to serialize
-weights. Every request body and the launch command line are checked against SGLang's own code in
-tests/test_sglang_engine.py.
+`/abort_request`, `/flush_cache`, `/release_memory_occupation`, `/resume_memory_occupation` and
+`/health_generate` back the rest of `rl/rollout/engine.py`'s interface. SGLang itself is imported only here,
+and only to serialize weights. Every request and the launch command line are checked against SGLang's own
+code (tests/sglang_contract.py).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 900.0
 """A large model's first start (weights read, CUDA graphs captured) takes minutes."""
+IDLE_TIMEOUT_S = 60.0
+"""How long a release waits for the server to finish what it has (aborted requests end within a few steps)."""
 
 
 def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, colocate: bool) -> list[str]:
@@ -177,6 +179,9 @@ class SglangClient:
             return False
 
     def release_memory(self) -> None:
+        # SGLang's scheduler asserts that a release finds it idle (aborted requests may still be ending);
+        # /flush_cache waits for that, or answers 400
+        self._post(f"/flush_cache?timeout={IDLE_TIMEOUT_S:g}")
         self._post("/release_memory_occupation")
         self.released = True
 
