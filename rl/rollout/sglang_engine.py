@@ -159,6 +159,8 @@ class SglangClient:
         self._post("/abort_request", {"rid": "", "abort_all": True})
 
     def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
+        import torch
+
         items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
         self._post("/begin_weight_update")
         try:
@@ -166,6 +168,10 @@ class SglangClient:
                 self._post("/update_weights_from_tensor", {
                     "serialized_named_tensors": rank_payloads(bucket, self.devices),
                     "load_format": "flattened_bucket", "weight_version": str(version)})
+                if torch.cuda.is_initialized():
+                    # a buffer shared by CUDA IPC is freed once collected after the server lets go of it:
+                    # collected bucket by bucket, they do not add up (slime does the same)
+                    torch.cuda.ipc_collect()
         finally:
             self._post("/end_weight_update")
         self.version = version
