@@ -1,6 +1,6 @@
 """Training tokens/s per GPU and model FLOPs utilisation of a Qwen3-4B-shaped model (random weights built from
 its config) with the Megatron backend beside the torch backend on one GPU, and rollout tokens/s of the torch
-engine and, where SGLang is installed, of the SGLang engine (issue #7).
+engine and, where SGLang is installed, of the SGLang engine.
 
     .venv/bin/pip install -e '.[megatron]'   # plus transformer-engine where available
     .venv/bin/python benchmarks/gpu_throughput.py [--layers 36] [--seq-len 2048] [--steps 5]
@@ -73,7 +73,9 @@ def train_rate(backend_name: str, folder: Path, args) -> dict:
     config = ROOT / "configs" / "tiny_cpu.toml"
     cfg = load_config(config, [f"ckpt.hf_checkpoint='{folder}'", f"perf.train_backend={backend_name}",
                                "perf.use_dynamic_batch_size=true", f"perf.max_tokens_per_gpu={args.max_tokens}",
-                               "perf.bf16=true", "optimizer.lr=1e-6"])
+                               "perf.bf16=true", "optimizer.lr=1e-6",
+                               # No reference model: its forward would run uncounted by the MFU's FLOPs.
+                               "grpo.use_kl_loss=false"])
     if backend_name == "megatron":
         import torch.distributed as dist
 

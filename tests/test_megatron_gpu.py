@@ -1,4 +1,4 @@
-"""The Megatron-core backend on a GPU (issue #7, `pytest -m gpu`): a training step on the tiny Qwen3 with tensor
+"""The Megatron-core backend on a GPU (`pytest -m gpu`): a training step on the tiny Qwen3 with tensor
 parallel size 1, log-probs equal to the Hugging Face model's given the same weights, a checkpoint round trip,
 and Hugging Face-named weights out equal to those in."""
 
@@ -51,13 +51,15 @@ def test_a_training_step_moves_the_policy_and_weights_leave_by_hugging_face_name
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
-    before = dict(megatron_backend.named_weights())
-    assert before.keys() <= hf.keys() and all(torch.equal(before[k].cpu(), hf[k]) for k in before)
+    before = {k: v.clone() for k, v in megatron_backend.named_weights()}
+    assert before.keys() == hf.keys()
+    for k in hf:
+        assert torch.equal(before[k].cpu(), hf[k]), k
     samples = make_samples()
     metrics = megatron_backend.train_step(samples, num_samples=len(samples),
                                           num_tokens=sum(sum(s.loss_mask) for s in samples))
     assert metrics["grad_norm"] > 0 and megatron_backend.step == 1
-    after = dict(megatron_backend.named_weights())
+    after = {k: v.clone() for k, v in megatron_backend.named_weights()}
     assert any(not torch.equal(after[k], before[k]) for k in before)
 
     megatron_backend.save(tmp_path)
@@ -66,7 +68,9 @@ def test_a_training_step_moves_the_policy_and_weights_leave_by_hugging_face_name
     megatron_backend.load(tmp_path)
     assert megatron_backend.step == 1
     reloaded = dict(megatron_backend.named_weights())
-    assert all(torch.equal(reloaded[k], after[k]) for k in after)
+    assert reloaded.keys() == after.keys()
+    for k in after:
+        assert torch.equal(reloaded[k], after[k]), k
 
 
 def _tp2_rank(rank: int, port: int, config: str, model: str, out: str) -> None:
@@ -86,9 +90,9 @@ def _tp2_rank(rank: int, port: int, config: str, model: str, out: str) -> None:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).state_dict()
-        same = all(torch.equal(weights[k].cpu(), hf[k]) for k in weights)
+        same = weights.keys() == hf.keys() and all(torch.equal(weights[k].cpu(), hf[k]) for k in hf)
         with open(out, "w") as f:
-            json.dump({"log_probs": log_probs, "weights_whole": same and weights.keys() <= hf.keys()}, f)
+            json.dump({"log_probs": log_probs, "weights_whole": same}, f)
     dist.destroy_process_group()
 
 
