@@ -7,6 +7,9 @@ from pathlib import Path
 
 from rl import checkpoint
 
+MEGATRON_DIR = "megatron"
+"""Where the Megatron backend writes its torch_dist state inside a checkpoint folder (`iter_NNNNNNN/megatron`)."""
+
 
 def load_policy(folder: Path, hf_checkpoint: Path):
     """The policy of a checkpoint folder, as a `transformers` model (architecture from hf_checkpoint)."""
@@ -26,6 +29,11 @@ def export_hf(checkpoints: Path, hf_checkpoint: Path, out: Path) -> Path:
     folder = checkpoint.latest(checkpoints)
     if folder is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoints}")
+    if (folder / MEGATRON_DIR).is_dir():  # the Megatron backend's torch_dist state
+        from rl.megatron.convert import torch_dist_to_hf
+
+        torch_dist_to_hf(folder / MEGATRON_DIR, out, tokenizer_from=hf_checkpoint)
+        return folder
     model = load_policy(folder, hf_checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -160,7 +160,8 @@ def export(
 
 
 convert_app = typer.Typer(help="Convert weights between Hugging Face folders and Megatron torch_dist checkpoints "
-                          "(needs megatron-core, `pip install rlhpc[megatron]`, and CUDA).", no_args_is_help=True)
+                          "(needs megatron-core, `pip install rlhpc[megatron]`; hf-to-megatron also CUDA).",
+                          no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 
 
@@ -181,8 +182,8 @@ def hf_to_megatron(
 
 @convert_app.command("megatron-to-hf")
 def megatron_to_hf(
-    folder: Annotated[Path, typer.Argument(help="torch_dist checkpoint written by hf-to-megatron.",
-                                           show_default=False)],
+    folder: Annotated[Path, typer.Argument(help="torch_dist checkpoint: written by hf-to-megatron, or a Megatron "
+                                                "run's iter_NNNNNNN/megatron.", show_default=False)],
     out: Annotated[Path, typer.Argument(help="Hugging Face folder to write.", show_default=False)],
     tokenizer: Annotated[Path | None, typer.Option(help="Hugging Face folder to copy the tokenizer from.")] = None,
 ) -> None:

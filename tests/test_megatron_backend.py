@@ -1,13 +1,14 @@
-"""The Megatron-core backend run for real on the host: megatron-core's GPTModel, DDP, optimizer, pipeline schedule
-and torch_dist checkpoints, over gloo, one process per rank, with rlhpc's `TrainWorker` and `MegatronBackend`.
+"""The Megatron-core backend run for real: megatron-core's GPTModel, DDP, optimizer, pipeline schedule and
+torch_dist checkpoints, one process per rank, with rlhpc's `TrainWorker` and `MegatronBackend` — on the host over
+gloo (the suite), or on GPUs over NCCL where there are enough of them (`benchmarks/gpu_smoke.py`).
 
 Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the tiny Qwen3's tied embeddings)
 runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
 loads that checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and
-take the same second step bitwise. Log-probs and the first step's loss terms are compared with the torch
+take the same second step bitwise. `rlhpc export` of the sealed checkpoint gives the saved weights. Log-probs and the first step's loss terms are compared with the torch
 backend's on the same weights (float32).
 
-Stand-ins, each for one megatron-core call that demands CUDA (`tests/megatron_cpu.py` says why each is
+On the host: stand-ins, each for one megatron-core call that demands CUDA (`tests/megatron_cpu.py` says why each is
 harmless): `tensor_parallel.model_parallel_cuda_manual_seed`, `CudaRNGStatesTracker.fork`,
 `torch.cuda.current_device`, `device="cuda"` in tensor factories, the fp32-gradient type assertion of
 `clip_grad_by_total_norm_fp32`, `Tensor.cuda()` on the tied embedding of pipeline stages, and
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from conftest import MINIMAL
+from rl import checkpoint
 from rl.ports import free_port
 from rlhpc.config import load_config
 from test_torch_backend import make_samples
@@ -49,14 +51,26 @@ def _sizes(samples) -> dict[str, int]:
 
 
 def _optimizer_state(backend) -> list[dict]:
-    return [{k: v for k, v in o.state_dict()["state"].items()} for o in backend._torch_optimizers()]
+    """A copy: the optimizer's own state dict holds its live tensors, which the next step changes."""
+    import copy
+
+    return [copy.deepcopy(o.state_dict()["state"]) for o in backend._torch_optimizers()]
 
 
-def _rank(rank: int, world: int, port: int, config: str, overrides: list[str], model: str, ckpt: str, out: str,
-          resume: bool) -> None:
-    import megatron_cpu
+def _weights(backend) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu", copy=True) for name, t in backend.named_weights()}
 
-    megatron_cpu.install()
+
+def _rank(rank: int, world: int, port: int, cuda: bool, config: str, overrides: list[str], model: str, ckpt: str,
+          out: str, resume: bool) -> None:
+    if cuda:  # one GPU per rank, as Ray gives each training actor
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(rank)
+    else:
+        import megatron_cpu
+
+        megatron_cpu.install()
     from rl.train.worker import TrainWorker
 
     cfg = load_config(config, [*SETTINGS, *overrides])
@@ -74,10 +88,10 @@ def _rank(rank: int, world: int, port: int, config: str, overrides: list[str], m
     else:
         worker.load(ckpt)
     result["step"] = backend.step
-    result["weights_at_save"] = dict(backend.named_weights())
+    result["weights_at_save"] = _weights(backend)
     result["optimizer_at_save"] = _optimizer_state(backend)
     result["second"] = backend.train_step(samples, **_sizes(samples))
-    result["weights_after"] = dict(backend.named_weights())
+    result["weights_after"] = _weights(backend)
     torch.save(result, f"{out}.{rank}")
 
 
@@ -85,24 +99,31 @@ def _run(world: int, *args) -> list[dict]:
     import torch.multiprocessing as mp
 
     port = free_port("127.0.0.1")
-    mp.spawn(_rank, args=(world, port, *args), nprocs=world)
+    mp.spawn(_rank, args=(world, port, torch.cuda.is_available(), *args), nprocs=world)
     return [torch.load(f"{args[-2]}.{r}", weights_only=True) for r in range(world)]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_config, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from rl.export import export_hf
     from rl.train.torch_backend import TorchBackend
 
     world, overrides = LAYOUTS[layout]
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        pytest.skip(f"{layout} needs {world} GPUs")
     config = str(write_config(MINIMAL))
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    first = _run(world, config, overrides, str(tiny_model_dir), str(ckpt), str(tmp_path / "first"), False)
-    resumed = _run(world, config, overrides, str(tiny_model_dir), str(ckpt), str(tmp_path / "resumed"), True)
+    root = tmp_path / "checkpoints"
+    tmp = checkpoint.begin(root, 1)
+    first = _run(world, config, overrides, str(tiny_model_dir), str(tmp), str(tmp_path / "first"), False)
+    sealed = checkpoint.commit(root, tmp, 1)
+    resumed = _run(world, config, overrides, str(tiny_model_dir), str(sealed), str(tmp_path / "resumed"), True)
 
     samples = make_samples()
     reference = TorchBackend(load_config(config, [s for s in SETTINGS if "megatron" not in s]),
-                             init_from=tiny_model_dir, total_steps=4)
+                             init_from=tiny_model_dir, total_steps=4,
+                             device="cuda" if torch.cuda.is_available() else "cpu")
     expected_log_probs = reference.compute_log_probs(samples)
     expected = reference.train_step(samples, **_sizes(samples))
     reporter = first[-1]  # the last pipeline stage, tensor-parallel rank 0 in these layouts: it holds the losses
@@ -116,7 +137,7 @@ def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_conf
     assert all(r["no_decay"] == [0.0] for r in first)
 
     head = first[0]  # rank 0 gathers the whole policy by Hugging Face name
-    assert head["weights_at_save"].keys() == reference.model.state_dict().keys()
+    assert head["weights_at_save"].keys() == AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().keys()
     for rank, (a, b) in enumerate(zip(first, resumed, strict=True)):
         assert b["step"] == a["step"] == 1
         assert a["optimizer_at_save"] and any(a["optimizer_at_save"][0].values()), "no optimizer state to compare"
@@ -124,6 +145,10 @@ def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_conf
         _assert_same(a["weights_at_save"], b["weights_at_save"], f"rank {rank} weights")
         assert a["second"] == b["second"]
         _assert_same(a["weights_after"], b["weights_after"], f"rank {rank} weights after the next step")
+    # `rlhpc export` of the run: the latest checkpoint's torch_dist weights as a Hugging Face folder.
+    assert export_hf(root, tiny_model_dir, tmp_path / "hf") == sealed
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).state_dict()
+    _assert_same({k: exported[k] for k in head["weights_at_save"]}, head["weights_at_save"], "exported weights")
     assert head["weights_after"] and any(not torch.equal(head["weights_after"][k], head["weights_at_save"][k])
                                          for k in head["weights_at_save"])
 

@@ -30,8 +30,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
-from rl.megatron.convert import (HF_CONFIG, MEGATRON_DIR, load_megatron_state, torch_dist_config,
-                                 write_torch_dist_config)
+from rl.export import MEGATRON_DIR
+from rl.megatron.convert import HF_CONFIG, load_megatron_state, torch_dist_config, write_torch_dist_config
 from rl.megatron.hf_tensors import hf_tensors
 from rl.megatron.layout import megatron_sources, megatron_to_hf
 from rl.megatron.model import build_model, check_layer_spec, has_transformer_engine

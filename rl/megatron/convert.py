@@ -1,9 +1,9 @@
 """Hugging Face folder ↔ Megatron torch_dist checkpoint (`rlhpc convert`), the step slime runs as
 `convert_hf_to_torch_dist.py` before training.
 
-One process builds the model on the host (tensor and pipeline parallel size 1; a GPU must be present, see
-`one_process`) and writes or reads it through
-`megatron.core.dist_checkpointing`. torch_dist stores every tensor whole with its global shape, so the
+One process builds the model on the host (tensor and pipeline parallel size 1; writing needs a GPU, see
+`one_process`) and writes or reads it through `megatron.core.dist_checkpointing`. A Megatron run's own
+checkpoints (`iter_NNNNNNN/megatron`) carry the same metadata and convert the same way. torch_dist stores every tensor whole with its global shape, so the
 checkpoint loads under any parallel layout: each rank reads its own slices.
 """
 
@@ -25,15 +25,14 @@ HF_CONFIG = "hf_config.json"
 """The Hugging Face config the checkpoint was converted from, kept beside it (Megatron's own files say nothing
 of the architecture)."""
 TE_MARK = "layer_spec.json"
-MEGATRON_DIR = "megatron"
-"""Where the Megatron backend writes its torch_dist state inside a checkpoint folder (`iter_NNNNNNN/megatron`)."""
 
 
 @contextmanager
 def one_process() -> Iterator[None]:
-    """Megatron's parallel state for this process alone (every parallel size 1). Megatron's torch_dist writer
-    and reader agree over the process group on CUDA tensors, so conversion runs where CUDA is (a GPU node, as
-    slime's does), the model itself staying on the host."""
+    """Megatron's parallel state for this process alone (every parallel size 1), over NCCL where CUDA is and
+    gloo elsewhere. Reading runs on the host; Megatron's torch_dist writer waits on CUDA
+    (`filesystem_async.preload_tensors` calls `torch.cuda.synchronize`), so hf-to-megatron runs on a GPU node, as
+    slime's conversion does, the model itself staying on the host."""
     from megatron.core import parallel_state
 
     owned = not dist.is_initialized()
