@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test chaos demo clean
+.PHONY: install system-deps test chaos demo clean gpu-wheels
 
 install: $(STAMP)
 
@@ -50,5 +50,17 @@ artifacts/tiny-qwen3/config.json: | install
 demo: install artifacts/tiny-qwen3/config.json
 	$(VENV)/bin/rlhpc run configs/tiny_cpu.toml
 
+# What benchmarks/gpu_smoke.py carries to a GPU machine without a registry (Python 3.12, its own CUDA torch and
+# transformers): rlhpc's other dependencies as wheels, megatron-core in the range of the `megatron` extra.
+GPU_WHEELS := .gpu-wheels
+GPU_WHEEL_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: install
+	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) $(GPU_WHEEL_TAGS) pydantic math-verify tomli-w submitit \
+	  pytest-timeout
+	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) $(GPU_WHEEL_TAGS) --no-deps $$($(PY) -c 'import tomllib; \
+	  print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["megatron"]))')
+	du -sh $(GPU_WHEELS)
+
 clean:
-	rm -rf $(VENV) $(SGLANG_CONTRACT) artifacts runs .pytest_cache
+	rm -rf $(VENV) $(SGLANG_CONTRACT) $(GPU_WHEELS) .gpu-site artifacts runs .pytest_cache
