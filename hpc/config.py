@@ -36,7 +36,8 @@ def slurm_time_minutes(value: str) -> int:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan passes every range check (all comparisons are false) and inf most: refuse both in every float field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SlurmConfig(Section):
@@ -57,7 +58,7 @@ class SlurmConfig(Section):
     requeue: bool = True
     signal: str = "USR2"
     """Signal sent before the time limit and on preemption; USR1 is often taken by NCCL."""
-    signal_grace_s: Annotated[int, Field(gt=0)] = 120
+    signal_grace_s: Annotated[int, Field(gt=0, validate_default=True)] = 120
     """Seconds between the signal and the kill: time to checkpoint and requeue."""
     max_requeues: Annotated[int, Field(ge=0)] = 10
     setup: list[str] = []
@@ -94,17 +95,21 @@ class SlurmConfig(Section):
     @field_validator("time")
     @classmethod
     def _time(cls, v: str | None) -> str | None:
-        if v is not None:
-            slurm_time_minutes(v)
+        if v is not None and slurm_time_minutes(v) == 0:
+            # sbatch reads --time=0 as "no limit": the opposite of what a zero says
+            raise ValueError(f"{v!r} is no time at all (Slurm would read it as no limit); give a limit, or leave "
+                             "time unset for the partition's default")
         return v
 
     @field_validator("signal_grace_s")
     @classmethod
     def _grace(cls, v: int, info: ValidationInfo) -> int:
         time = info.data.get("time")
+        # validate_default: the default grace is checked against a short time limit as well
         if time is not None and v >= slurm_time_minutes(time) * 60:
-            raise ValueError(f"{v} s is not shorter than the time limit ({time}): the signal would come before "
-                             "the run could do anything")
+            raise ValueError(f"{v} s is not shorter than the time limit (slurm.time = {time!r}, "
+                             f"{slurm_time_minutes(time)} min): the signal would come before the run could do "
+                             "anything; lengthen the time or shorten signal_grace_s")
         return v
 
     @field_validator("signal")

@@ -48,12 +48,24 @@ def _same(ours: Any, theirs: Any) -> bool:
     return ours == theirs
 
 
-def model_mismatches(model: dict[str, Any], hf_dir: Path) -> list[tuple[str, str]]:
-    """(field, message) for each set `[model]` field that the checkpoint's config.json contradicts; none when
-    the folder has no config.json yet (paths that exist only on the compute nodes)."""
+def read_hf_config(hf_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint's config.json; None when the folder has none yet (paths that exist only on the compute
+    nodes). A file that is there but unreadable is a ValueError naming it."""
     path = Path(hf_dir) / CONFIG_JSON
     if not path.is_file():
-        return []
-    stated = hf_architecture(json.loads(path.read_text()))
-    return [(name, f"model.{name} = {value!r}, but {path} says {stated[name]!r}")
+        return None
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the model's config: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return hf
+
+
+def model_mismatches(model: dict[str, Any], hf: dict[str, Any], source: Path) -> list[tuple[str, str]]:
+    """(field, message) for each set `[model]` field that the checkpoint's config.json `hf` (read from
+    `source`) contradicts."""
+    stated = hf_architecture(hf)
+    return [(name, f"model.{name} = {value!r}, but {source} says {stated[name]!r}")
             for name, value in model.items() if value is not None and not _same(value, stated[name])]

@@ -20,6 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInf
 PositiveInt = Annotated[int, Field(gt=0)]
 
 KNOWN_RM_TYPES = ("math", "deepscaler", "dapo", "f1", "gpqa", "remote_rm")
+GROUP_ESTIMATORS = ("grpo", "gspo", "reinforce_plus_plus_baseline")
+"""Estimators whose advantage is a reward less its group's mean: zero for a group of one."""
 
 
 class ConfigFieldsError(ValueError):
@@ -54,7 +56,8 @@ as `path/to/file.py:function` (relative to the config file, as verl's `custom_re
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # nan passes every range check (all comparisons are false) and inf most: refuse both in every float field.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -351,14 +354,34 @@ class RLConfig(BaseModel):
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
-    def _model_matches_checkpoint(self) -> RLConfig:
-        """`[model]` agrees with `ckpt.hf_checkpoint`'s config.json, field by field."""
-        from rl.architecture import model_mismatches
+    def _agrees_with_checkpoint(self) -> RLConfig:
+        """`[model]` agrees with `ckpt.hf_checkpoint`'s config.json field by field, and the longest sequence
+        the rollout asks for fits the model's positions; unchecked while there is no config.json here."""
+        from rl.architecture import CONFIG_JSON, model_mismatches, read_hf_config
 
-        wrong = model_mismatches(self.model.model_dump(), self.ckpt.hf_checkpoint)
-        if wrong:
+        source = self.ckpt.hf_checkpoint / CONFIG_JSON
+        try:
+            hf = read_hf_config(self.ckpt.hf_checkpoint)
+        except ValueError as e:
+            raise ConfigFieldsError(("ckpt.hf_checkpoint",), str(e)) from None
+        if hf is None:
+            return self
+        if wrong := model_mismatches(self.model.model_dump(), hf, source):
             raise ConfigFieldsError(tuple(f"model.{name}" for name, _ in wrong),
                                     "; ".join(message for _, message in wrong))
+        positions = hf.get("max_position_embeddings")
+        prompt = self.rollout.rollout_max_prompt_len
+        for field, response in (("rollout.rollout_max_response_len", self.rollout.rollout_max_response_len),
+                                ("eval.eval_max_response_len", self.eval.eval_max_response_len)):
+            if not isinstance(positions, int) or response is None or (prompt or 1) + response <= positions:
+                continue
+            name = field.partition(".")[2]
+            if prompt is None:
+                raise ConfigFieldsError((field,), f"{name} = {response} leaves no room for a prompt within the "
+                                        f"model's max_position_embeddings = {positions} ({source})")
+            raise ConfigFieldsError((field, "rollout.rollout_max_prompt_len"),
+                                    f"rollout_max_prompt_len + {name} = {prompt} + {response} is more than the "
+                                    f"model's max_position_embeddings = {positions} ({source})")
         return self
 
     @model_validator(mode="after")
@@ -425,6 +448,19 @@ class RLConfig(BaseModel):
                 ("grpo.use_rollout_logprobs", "grpo.use_tis"),
                 "use_tis corrects for the engine's log-probs differing from the trainer's old ones; with "
                 "use_rollout_logprobs they are the same, so there is nothing to correct: choose one",
+            ),
+            (
+                r.n_samples_per_prompt == 1 and g.advantage_estimator in GROUP_ESTIMATORS,
+                ("rollout.n_samples_per_prompt", "grpo.advantage_estimator"),
+                f"advantage_estimator = {g.advantage_estimator!r} compares each response with the others of its "
+                "prompt: with n_samples_per_prompt = 1 every advantage is 0 and nothing is learned; sample several "
+                "responses per prompt (e.g. 8)",
+            ),
+            (
+                g.kl_loss_coef != 0 and not g.use_kl_loss,
+                ("grpo.kl_loss_coef", "grpo.use_kl_loss"),
+                f"kl_loss_coef = {g.kl_loss_coef} has no effect without use_kl_loss = true: set it, or drop "
+                "kl_loss_coef",
             ),
             (
                 g.kl_coef != 0 and g.kl_loss_coef != 0,

@@ -104,7 +104,13 @@ def test_unknown_section_gets_did_you_mean(write_config):
         (["grpo.kl_loss_type='k4'"], "grpo.kl_loss_type", "'k1', 'k2', 'k3' or 'low_var_kl'"),
         (["perf.colocate=true", "rollout.async_train=true"], "perf.colocate / rollout.async_train", "not supported"),
         (["perf.use_dynamic_batch_size=true"], "perf.max_tokens_per_gpu", "must be set"),
-        (["grpo.kl_coef=0.1", "grpo.kl_loss_coef=0.1"], "grpo.kl_coef / grpo.kl_loss_coef", "only one of"),
+        (["grpo.kl_coef=0.1", "grpo.use_kl_loss=true", "grpo.kl_loss_coef=0.1"], "grpo.kl_coef / grpo.kl_loss_coef",
+         "only one of"),
+        (["grpo.kl_loss_coef=0.1"], "grpo.kl_loss_coef / grpo.use_kl_loss", "no effect without use_kl_loss"),
+        (["rollout.n_samples_per_prompt=1", "rollout.rollout_batch_size=8"],
+         "rollout.n_samples_per_prompt / grpo.advantage_estimator", "every advantage is 0"),
+        (["rollout.n_samples_per_prompt=1", "rollout.rollout_batch_size=8", "grpo.advantage_estimator='gspo'"],
+         "rollout.n_samples_per_prompt / grpo.advantage_estimator", "'gspo'"),
         (["grpo.use_rollout_logprobs=true", "grpo.use_tis=true"], "grpo.use_rollout_logprobs / grpo.use_tis",
          "nothing to correct"),
         (["rollout.over_sampling_batch_size=2"], "rollout.over_sampling_batch_size", "at least rollout_batch_size"),
@@ -222,3 +228,44 @@ def test_model_section_is_checked_against_the_checkpoint(write_config, tiny_mode
     assert "model.num_layers = 36, but" in err and "config.json says 2" in err
     err = str(problems_of(write_config(MINIMAL), ["model.rotary_base=1000000"]))
     assert "model.rotary_base = 1000000.0, but" in err and "says 10000.0" in err
+
+
+@pytest.mark.parametrize("field", ["grpo.entropy_coef", "optimizer.lr", "rollout.rollout_temperature",
+                                   "rollout.rm_timeout_s", "run.hang_timeout_s", "model.rotary_base",
+                                   "ray.join_timeout_s"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_in_every_section(write_config, field, value):
+    err = problems_of(write_config(MINIMAL), [f"{field}={value}"])
+    assert field in str(err) and "finite" in str(err)
+
+
+def test_the_default_grace_is_checked_against_a_short_time_limit(write_config):
+    """`time = "1"` leaves 60 s, less than the default 120 s grace, although the grace is not written out."""
+    err = problems_of(write_config(MINIMAL + '[slurm]\ntime = "1"\n'))
+    assert "slurm.signal_grace_s" in str(err) and "120 s is not shorter than the time limit" in str(err)
+
+
+@pytest.mark.parametrize("time", ["0", "00:00:00", "0-0"])
+def test_a_zero_time_limit_is_refused(write_config, time):
+    """sbatch takes --time=0 for no limit at all."""
+    err = problems_of(write_config(MINIMAL), [f"slurm.time='{time}'"])
+    assert "slurm.time" in str(err) and "no time at all" in str(err)
+
+
+def test_lengths_beyond_the_models_positions_are_refused(write_config, tiny_model_dir, tmp_path):
+    """The tiny model has 256 positions: a response of 256 leaves no room for a prompt, 200 + 100 is too long."""
+    import shutil
+
+    shutil.copy(tiny_model_dir / "config.json", tmp_path / "model" / "config.json")
+    load_config(write_config(MINIMAL), ["rollout.rollout_max_prompt_len=56", "rollout.rollout_max_response_len=200"])
+    err = str(problems_of(write_config(MINIMAL), ["rollout.rollout_max_response_len=1000000000000"]))
+    assert "rollout.rollout_max_response_len" in err and "no room for a prompt" in err
+    assert "max_position_embeddings = 256" in err
+    err = str(problems_of(write_config(MINIMAL), ["rollout.max_prompt_len=200", "eval.eval_max_response_len=100"]))
+    assert "eval.eval_max_response_len / rollout.rollout_max_prompt_len" in err and "200 + 100" in err
+
+
+def test_an_unreadable_checkpoint_config_is_an_error_line(write_config, tmp_path):
+    (tmp_path / "model" / "config.json").write_text("{not json")
+    err = str(problems_of(write_config(MINIMAL)))
+    assert "ckpt.hf_checkpoint" in err and "config.json: cannot read the model's config" in err
