@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,29 @@ from typing import Any
 
 NOT_CURVES = {"rollout_id", "num_rollout", "timestamp"}
 """Row fields that place a row (for `rlhpc status`) rather than measure training."""
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a file written a line at a time; [] when there is no file. A line that is not one
+    (a write cut short by a kill or a full disk) is skipped with a warning naming it, so that one bad line
+    does not stop `status` or a resume."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            log.warning("%s:%d: skipped a line that is not a JSON object (a write cut short?)", path, n)
+    return rows
 
 
 class MetricsLog:
@@ -28,9 +52,7 @@ class MetricsLog:
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_from)
 
     def rows(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path)
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

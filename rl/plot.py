@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from rl.metrics import read_jsonl
 
 
 def plot_run(metrics: Path, out: Path) -> Path:
@@ -12,9 +13,9 @@ def plot_run(metrics: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{metrics} has no rollouts yet")
+    rows = [r for r in read_jsonl(metrics) if "rollout_id" in r]
+    if not rows:  # a run that has not finished a rollout, or no run at all
+        raise ValueError(f"{metrics}: no rollouts yet")
     x = [r["rollout_id"] for r in rows]
     panels = [("reward_mean", "reward"), ("response_len_mean", "response length (tokens)"), ("kl", "KL to reference")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 8), sharex=True)

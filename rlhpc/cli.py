@@ -100,8 +100,12 @@ def config_schema(
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output is None:
         typer.echo(text, nl=False)
-    else:
+        return
+    try:
         output.write_text(text)
+    except OSError as e:
+        _error(f"{output}: cannot write the schema: {e.strerror}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -211,7 +215,14 @@ def plot(
     from rl.plot import plot_run
 
     run_dir = _one_run(run_)
-    png = plot_run(run_dir / "metrics.jsonl", output or run_dir / "curves.png")
+    try:
+        png = plot_run(run_dir / "metrics.jsonl", output or run_dir / "curves.png")
+    except ValueError as e:  # no rollouts yet
+        _error(str(e))
+        raise typer.Exit(2) from None
+    except OSError as e:
+        _error(f"{e.filename or output}: cannot write the plot: {e.strerror or e}")
+        raise typer.Exit(2) from None
     out.print(f"wrote {png}", highlight=False, soft_wrap=True)
 
 
@@ -305,18 +316,24 @@ def render(
     cfg = _load_for_slurm(config, overrides, _slurm_flags(nodes=nodes), nodes)
     from rlhpc.render import RenderError
     from rlhpc.render import render as render_script
+    from rlhpc.run_folder import write_private
 
+    if output is not None and not output.parent.is_dir():  # before the run folder is made
+        _error(f"{output}: no folder {output.parent}")
+        raise typer.Exit(2)
     try:
         script = render_script(cfg, output)
+        if output is not None:
+            write_private(output, script)
     except RenderError as e:
         _error(str(e))
+        raise typer.Exit(2) from None
+    except OSError as e:
+        _error(f"{e.filename or output}: {e.strerror}")
         raise typer.Exit(2) from None
     if output is None:
         out.print(script, highlight=False, markup=False, soft_wrap=True, end="")
     else:
-        from rlhpc.run_folder import write_private
-
-        write_private(output, script)
         err.print(f"wrote {output}; submit it with: sbatch {output}", highlight=False, soft_wrap=True)
 
 
@@ -651,8 +668,15 @@ def doctor(
     from hpc.config import SlurmConfig
     from rlhpc.submit import JobFailed, Submitted, slurm_executor, wait
 
+    from pydantic import ValidationError
+
     folder = Path("runs") / "_doctor"
-    slurm = SlurmConfig(nodes=nodes, partition=partition, time=time_limit, requeue=False, max_requeues=0)
+    try:
+        slurm = SlurmConfig(nodes=nodes, partition=partition, time=time_limit, requeue=False, max_requeues=0)
+    except ValidationError as e:
+        for problem in e.errors():
+            _error(f"slurm.{'.'.join(map(str, problem['loc']))}: {problem['msg']}")
+        raise typer.Exit(2) from None
     ex = slurm_executor(slurm, folder.absolute(), "rlhpc-doctor")
     job = ex.submit(allreduce_probe)
     out.print(f"submitted job {job.job_id} on {nodes} nodes: all-reduce bandwidth and clock skew ...")

@@ -66,9 +66,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read, override and validate a run's TOML file. Raises ConfigError naming every problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [Problem("(file)", f"cannot read the config: {e.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [Problem("(file)", "not a text file (a TOML config is UTF-8 text)")]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

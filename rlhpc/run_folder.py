@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rl.metrics import read_jsonl
+
 if TYPE_CHECKING:
     from rlhpc.config import Config
 
@@ -90,10 +92,8 @@ def process_start(pid: int) -> str | None:
 
 
 def submissions(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / SUBMISSIONS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The run's jobs, oldest first (lines without a job id are skipped, as damaged ones are)."""
+    return [s for s in read_jsonl(run_dir / SUBMISSIONS) if isinstance(s.get("job_id"), str)]
 
 
 def task_logs(run_dir: Path, job_id: str, task: int) -> list[Path]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from hpc.slurm import JobInfo, accounting, queue
 from rl import checkpoint
+from rl.metrics import read_jsonl
 from rlhpc.run_folder import FAILED, FROZEN, INTERRUPTED, RESULT, START, jobs_dir, submissions
 
 
@@ -60,10 +61,7 @@ def find_runs(target: str | None, root: Path = Path("runs")) -> list[Path]:
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
@@ -76,7 +74,9 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _attempts(run_dir: Path, job_id: str) -> list[Path]:
-    return sorted((jobs_dir(run_dir) / job_id).glob("attempt-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The job's attempt folders in order; anything else named attempt-* is not one of them."""
+    found = [p for p in (jobs_dir(run_dir) / job_id).glob("attempt-*") if p.name[8:].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[8:]))
 
 
 def _interruptions(run_dir: Path, subs: list[dict[str, Any]]) -> list[str]:
@@ -88,22 +88,24 @@ def _interruptions(run_dir: Path, subs: list[dict[str, Any]]) -> list[str]:
         if why is None:
             text = "ended without a signal (scontrol requeue, a node failure or a resubmission)"
         elif why.get("stopped_at") is not None:
-            text = f"{why['signal']} at rollout {why['stopped_at']}"
+            text = f"{why.get('signal')} at rollout {why['stopped_at']}"
         elif why.get("signal"):
             text = f"{why['signal']}: {why.get('reason', 'no checkpoint')}"
         else:
             text = why.get("reason", "stopped")
-        if (start := _read(after / START)) is not None:
+        if (start := _read(after / START)) is not None and "redone" in start:
             text += f", {start['redone']} redone"
         found.append(text)
     return found
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """A JSON object the job wrote; None when missing or damaged (status shows what it can without it)."""
     try:
-        return json.loads(path.read_text())
+        found = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return found if isinstance(found, dict) else None
 
 
 def _state_from_folder(run_dir: Path, job_id: str) -> str:
@@ -146,7 +148,7 @@ def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = Non
         run=run_dir.name, run_dir=str(run_dir), job_id=job_id, executor=last["executor"] if last else None,
         state=state, reason=reason, nodes=nodes, elapsed_s=elapsed, time_left_s=left, requeues=requeues,
         interruptions=interruptions,
-        rollout=done, num_rollout=total, last_reward=rows[-1]["reward_mean"] if rows else None,
+        rollout=done, num_rollout=total, last_reward=rows[-1].get("reward_mean") if rows else None,
         checkpoint=ckpt.name if ckpt else None,
         checkpoint_age_s=now - ckpt.stat().st_mtime if ckpt else None,
         eta_s=pace * (total - done) if pace is not None and total and running else None,

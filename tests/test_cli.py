@@ -94,3 +94,43 @@ def test_a_wheel_carries_the_sbatch_template(tmp_path):
     (wheel,) = tmp_path.glob("rlhpc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "rlhpc/templates/sbatch/rlhpc.sbatch.j2" in names
+
+
+def one_error_line(result, *wanted: str, code: int = 2) -> None:
+    """An expected failure: the exit code, one line, no traceback, and the words that name the thing."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    for word in wanted:
+        assert word in result.output, result.output
+
+
+def test_a_binary_config_file_is_an_error_line(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    one_error_line(runner.invoke(app, ["validate", str(path)], terminal_width=400), str(path), "not a text file")
+
+
+def test_writing_into_a_missing_folder_is_an_error_line(write_config, tmp_path):
+    missing = tmp_path / "missing" / "x"
+    result = runner.invoke(app, ["render", str(write_config(MINIMAL)), "-o", str(missing)], terminal_width=400)
+    one_error_line(result, str(missing), "no folder")
+    assert not (tmp_path / "runs").exists()  # nothing frozen for a script that was not written
+    one_error_line(runner.invoke(app, ["config", "schema", "-o", str(missing)], terminal_width=400), str(missing),
+                   "No such file or directory")
+
+
+def test_plot_of_a_run_without_metrics_is_an_error_line(tmp_path, monkeypatch):
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "config.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    one_error_line(runner.invoke(app, ["plot", "a"], terminal_width=400), "metrics.jsonl: no rollouts yet")
+
+
+def test_doctor_refuses_a_zero_time_limit(monkeypatch):
+    import hpc.doctor
+
+    monkeypatch.setattr(hpc.doctor, "login_node_checks", lambda: [])
+    result = runner.invoke(app, ["doctor", "--nodes", "2", "--time", "0"], terminal_width=400)
+    assert result.exit_code == 2 and "slurm.time" in result.output and "no time at all" in result.output
+    assert "Traceback" not in result.output

@@ -146,3 +146,33 @@ def test_cancel_a_local_run_marks_it_and_stops_the_job(tmp_path: Path, monkeypat
 
 def test_duration() -> None:
     assert [duration(s) for s in (None, 59, 61, 3600, 90061)] == ["-", "0:59", "1:01", "01:00:00", "1-01:01:01"]
+
+
+def test_damaged_run_files_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A write cut short (a kill, a full disk) leaves half a line; a stray folder or a damaged record must not
+    stop `status` either."""
+    run = make_run(tmp_path, "a", "41")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"rollout_id": 3, "rew')
+    with (run / "submissions.jsonl").open("a") as f:
+        f.write('{"job_id": "4')
+    (run / "jobs" / "41" / "attempt-x").mkdir()
+    (run / "jobs" / "41" / "attempt-1").mkdir()
+    (run / "jobs" / "41" / "attempt-0" / "interrupted.json").write_text("[1, 2")
+    (run / "jobs" / "41" / "attempt-1" / "start.json").write_text('["not", "an", "object"]')
+    (run / "jobs" / "41" / "attempt-1" / "result.json").write_text("\x00\x01")
+    s = run_status(run, {}, now=5600.0)
+    assert (s.job_id, s.rollout, s.requeues, s.state) == ("41", 3, 1, "COMPLETED")
+    assert len(s.interruptions) == 1
+    assert "metrics.jsonl:4: skipped a line" in caplog.text and "submissions.jsonl:2: skipped a line" in caplog.text
+    result = runner.invoke(app, ["status", str(run)], terminal_width=400)
+    assert result.exit_code == 0 and "Traceback" not in result.output
+
+
+def test_plot_skips_a_truncated_last_line(tmp_path: Path) -> None:
+    from rl.plot import plot_run
+
+    run = make_run(tmp_path, "a", "41")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"rollout_id": 3, "rew')
+    assert plot_run(run / "metrics.jsonl", tmp_path / "c.png").stat().st_size > 0
