@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -197,7 +198,8 @@ def commit(root: Path, tmp: Path, iteration: int, keep_last: int | None = None) 
     """Seal the temporary folder: manifest, fsync, rename, then record it as the latest."""
     root, tmp = Path(root), Path(tmp)
     manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(tmp)}
-    (tmp / MANIFEST).write_text(json.dumps({"iteration": iteration, "files": manifest}, indent=1))
+    (tmp / MANIFEST).write_text(json.dumps({"iteration": iteration, "written_ns": time.time_ns(), "files": manifest},
+                                           indent=1))
     for p in [*tmp.rglob("*"), tmp]:
         _fsync(p)
     final = iteration_dir(root, iteration)
@@ -207,9 +209,22 @@ def commit(root: Path, tmp: Path, iteration: int, keep_last: int | None = None) 
     _fsync(root)
     _replace_latest(root, iteration)
     if keep_last:
-        for old in complete_iterations(root)[:-keep_last]:
+        # By when they were written, not by number: after a resume from an older checkpoint the folders of
+        # higher numbers are the abandoned ones, and the one just written is always kept.
+        others = sorted((i for i in complete_iterations(root) if i != iteration),
+                        key=lambda i: (_written_ns(iteration_dir(root, i)), i))
+        for old in others[:max(len(others) - (keep_last - 1), 0)]:
             shutil.rmtree(iteration_dir(root, old), ignore_errors=True)
     return final
+
+
+def _written_ns(folder: Path) -> int:
+    """When a sealed checkpoint was written: its manifest says (its files' times change when a run folder is
+    copied); the manifest's mtime for those sealed before it did."""
+    try:
+        return int(json.loads((folder / MANIFEST).read_text())["written_ns"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (folder / MANIFEST).stat().st_mtime_ns if (folder / MANIFEST).exists() else 0
 
 
 def _replace_latest(root: Path, iteration: int) -> None:

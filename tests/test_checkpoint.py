@@ -92,3 +92,17 @@ def test_a_full_disk_ends_the_save_with_an_error_and_keeps_the_previous_latest(s
     assert "no space left on device" in str(e.value)
     assert checkpoint.latest(small_disk).name == "iter_0000001"
     assert sorted(p.name for p in small_disk.iterdir()) == ["iter_0000001", checkpoint.LATEST]  # no leftovers
+
+
+def test_keep_last_prunes_by_when_a_checkpoint_was_written(tmp_path: Path) -> None:
+    """A run resumed from checkpoint 4 while an abandoned 8 is still there: the 5 it writes next is the one to
+    keep, and latest stays on it (pruning by number deleted 5 and made 8 the latest)."""
+    root = tmp_path / "ckpt"
+    for iteration in (4, 8):
+        checkpoint.write(root, iteration, lambda f: (f / "w").write_text("x"))
+    (root / checkpoint.LATEST).write_text("4\n")  # 8 failed to load or was set aside: the run resumed from 4
+    checkpoint.write(root, 5, lambda f: (f / "w").write_text("y"), keep_last=1)
+    assert checkpoint.complete_iterations(root) == [5] and checkpoint.latest(root).name == "iter_0000005"
+    for iteration in (9, 6):  # 9 is written before 6: keep_last=2 keeps 6 and the 9 before it
+        checkpoint.write(root, iteration, lambda f: (f / "w").write_text("z"), keep_last=2)
+    assert checkpoint.complete_iterations(root) == [6, 9] and checkpoint.latest(root).name == "iter_0000006"
