@@ -331,10 +331,12 @@ class RunConfig(Section):
 
     @field_validator("output_dir")
     @classmethod
-    def _one_line(cls, v: Path | None) -> Path | None:
+    def _run_folder(cls, v: Path | None) -> Path | None:
         # The run folder is written into the batch script, its name into a comment line.
         if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in str(v)):
             raise ValueError(f"{str(v)!r} contains a control character; name a folder without one")
+        if v is not None and v.parent == v:
+            raise ValueError(f"{str(v)!r} is the root of the file system; name a folder of the run's own")
         return v
 
 

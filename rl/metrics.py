@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,13 @@ class MetricsLog:
         rows = self.rows()
         kept = [row for row in rows if row.get("rollout_id", -1) < resume_from]
         self.dropped = len(rows) - len(kept)  # rollouts done after the checkpoint resumed from: redone
+        if rows and not kept:
+            # A start from scratch over earlier rows (none checkpointed, or --force): they are kept aside, not
+            # emptied.
+            kept_as = self.path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(self.path, kept_as)
+            log.warning("starting from rollout %d: the %d rows already in %s are kept in %s", resume_from,
+                        len(rows), self.path, kept_as)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.tb = None
         if tensorboard:

@@ -38,6 +38,8 @@ SetOpt = Annotated[
 ]
 NodesOpt = Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")]
 RunArg = Annotated[str, typer.Argument(help="Run name, run folder or Slurm job id.", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Point this config at a run folder that holds another "
+                                        "run: its frozen config is replaced, its checkpoints resumed from.")]
 
 
 SHORT_ATTEMPT_S = 600
@@ -109,19 +111,19 @@ def config_schema(
 
 
 @app.command()
-def run(config: ConfigArg, overrides: SetOpt = None) -> None:
+def run(config: ConfigArg, overrides: SetOpt = None, force: ForceOpt = False) -> None:
     """Run the GRPO loop on this machine (Ray started locally); resumes from the run's latest checkpoint."""
     cfg = _load(config, overrides)
     from rl.data import DataError
     from rl.loop import RunError
     from rl.loop import run as run_loop
-    from rlhpc.run_folder import freeze
+    from rlhpc.run_folder import RunFolderError, freeze
 
     try:
-        run_dir = freeze(cfg)
+        run_dir = freeze(cfg, replace=force)
         out.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
         result = run_loop(cfg, run_dir)
-    except (RunError, DataError, OSError) as e:
+    except (RunError, DataError, RunFolderError, OSError) as e:
         _error(str(e))
         raise typer.Exit(2) from None
     rows = result["rows"]
@@ -262,6 +264,7 @@ def submit(
     local: Annotated[bool, typer.Option("--local", help="Run through submitit's local executor here.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end; exit non-zero if it failed.")] = False,
     overrides: SetOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Submit a run to Slurm (or run it through the local executor where no Slurm is reachable)."""
     flags = _slurm_flags(nodes=nodes, partition=partition, account=account, qos=qos, time=time,
@@ -273,10 +276,10 @@ def submit(
     if dry_run:
         out.print(submission.sbatch_script(cfg, cfg.run_dir()), highlight=False, markup=False, soft_wrap=True)
         return
-    _submit_and_report(cfg, local=local, wait=wait)
+    _submit_and_report(cfg, local=local, wait=wait, replace=force)
 
 
-def _submit_and_report(cfg: Config, *, local: bool, wait: bool) -> None:
+def _submit_and_report(cfg: Config, *, local: bool, wait: bool, replace: bool) -> None:
     from rlhpc import submit as submission
 
     if not local and not submission.slurm_reachable():
@@ -292,7 +295,13 @@ def _submit_and_report(cfg: Config, *, local: bool, wait: bool) -> None:
                   f"{cfg.slurm.time} less slurm.signal_grace_s {cfg.slurm.signal_grace_s}), start-up included: "
                   f"an attempt that completes no rollout still counts against slurm.max_requeues "
                   f"({cfg.slurm.max_requeues})", highlight=False, soft_wrap=True)
-    done = submission.submit(cfg, local=local)
+    from rlhpc.run_folder import RunFolderError
+
+    try:
+        done = submission.submit(cfg, local=local, replace=replace)
+    except RunFolderError as e:
+        _error(str(e))
+        raise typer.Exit(2) from None
     out.print(f"submitted job {done.job_id} ({done.executor}); run folder: {done.run_dir}", highlight=False,
               soft_wrap=True)
     if wait:
@@ -311,21 +320,22 @@ def render(
     nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the script here (else stdout).")] = None,
     overrides: SetOpt = None,
+    force: ForceOpt = False,
 ) -> None:
     """Render a plain sbatch script that does what `rlhpc submit` does (and freeze the run's config)."""
     cfg = _load_for_slurm(config, overrides, _slurm_flags(nodes=nodes), nodes)
     from rlhpc.render import RenderError
     from rlhpc.render import render as render_script
-    from rlhpc.run_folder import write_private
+    from rlhpc.run_folder import RunFolderError, write_private
 
     if output is not None and not output.parent.is_dir():  # before the run folder is made
         _error(f"{output}: no folder {output.parent}")
         raise typer.Exit(2)
     try:
-        script = render_script(cfg, output)
+        script = render_script(cfg, output, replace=force)
         if output is not None:
             write_private(output, script)
-    except RenderError as e:
+    except (RenderError, RunFolderError) as e:
         _error(str(e))
         raise typer.Exit(2) from None
     except OSError as e:
@@ -511,7 +521,9 @@ def resume(
         raise typer.Exit(2)
     (run_dir / CANCELLED).unlink(missing_ok=True)  # resuming is the user taking the run back up
     flags = _slurm_flags(nodes=nodes, partition=partition, time=time)
-    _submit_and_report(_load_for_slurm(run_dir / "config.toml", overrides, flags, nodes), local=local, wait=wait)
+    # the run's own config, changed by --set: it replaces the frozen one
+    _submit_and_report(_load_for_slurm(run_dir / "config.toml", overrides, flags, nodes), local=local, wait=wait,
+                       replace=True)
 
 
 @app.command()

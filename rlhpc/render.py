@@ -90,13 +90,14 @@ def batch_script(s: SlurmConfig, run_dir: Path, name: str, command: str, *, env:
         task_output=str(logs / "%j_%t_log.out"), task_error=str(logs / "%j_%t_log.err"))
 
 
-def render(cfg: Config, script_path: Path | None = None) -> str:
-    """Freeze the run's config in its run folder and return a plain sbatch script that runs it."""
+def render(cfg: Config, script_path: Path | None = None, *, replace: bool = False) -> str:
+    """Freeze the run's config in its run folder (`replace`: see `freeze`) and return a plain sbatch script
+    that runs it."""
     run_dir = cfg.run_dir()
     shown = "<this file>" if script_path is None else shlex.quote(_checked("--output", script_path))
     header = (f"Rendered by `rlhpc render` for run {run_dir.name} ({time.strftime('%Y-%m-%d %H:%M')}). "
               f"Submit with: sbatch {shown}")
     command = f"{shlex.quote(sys.executable)} -u -m rlhpc.job {shlex.quote(str(run_dir))}"
     script = batch_script(cfg.slurm, run_dir, job_name(cfg), command, header=header)
-    jobs_dir(freeze(cfg)).mkdir(exist_ok=True)  # only once the script is sound
+    jobs_dir(freeze(cfg, replace=replace)).mkdir(exist_ok=True)  # only once the script is sound
     return script

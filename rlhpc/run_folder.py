@@ -2,6 +2,8 @@
 `cancel` and `resume` even when Slurm has forgotten the jobs:
 
     config.toml          the resolved config, frozen when the run was started or submitted
+    fingerprint          sha256 of its learning sections: the run's identity, and the mark that rlhpc made
+                         the folder (a different config aimed at it is refused)
     submissions.jsonl    one line per submitted job: job id, executor, nodes, time
     jobs/<job id>/       submitit's pickles (never read by `status`: anyone who can write them could plant code)
                          and each task's append-mode log (<job id>_<task>_log.out/err)
@@ -16,10 +18,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +33,8 @@ if TYPE_CHECKING:
     from rlhpc.config import Config
 
 FROZEN = "config.toml"
+FINGERPRINT = "fingerprint"
+CLUSTER_SECTIONS = ("slurm", "ray")
 SUBMISSIONS = "submissions.jsonl"
 CANCELLED = "cancelled"
 START = "start.json"
@@ -37,18 +43,68 @@ RESULT = "result.json"
 FAILED = "failed.json"
 
 
-def freeze(cfg: Config) -> Path:
+class RunFolderError(ValueError):
+    """A run folder that this config may not take: another run's, or a folder rlhpc did not make."""
+
+
+def freeze(cfg: Config, *, replace: bool = False) -> Path:
     """Create the run folder and write the resolved config there, the run folder itself made explicit, so
-    editing the TOML later never changes a running or requeued job."""
+    editing the TOML later never changes a running or requeued job; its fingerprint beside it is the run's
+    identity. A folder holding another run is refused unless `replace` (`--force`, or `resume` taking the
+    run up with changes), and a folder rlhpc did not make always is: its files are the user's."""
     from rlhpc.config import dump_toml
 
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run_dir.chmod(0o700)  # [slurm.env] (tokens, keys) is in the config and the batch scripts under it
     frozen = cfg.model_copy(deep=True)
     frozen.run.output_dir = run_dir
-    write_private(run_dir / FROZEN, dump_toml(frozen))
+    text = dump_toml(frozen)
+    identity = fingerprint(tomllib.loads(text))
+    _claim(run_dir, tomllib.loads(text), identity, replace)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)  # [slurm.env] (tokens, keys) is in the config and the batch scripts under it
+    write_private(run_dir / FROZEN, text)
+    (run_dir / FINGERPRINT).write_text(identity + "\n")
     return run_dir
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """sha256 of a resolved config's learning sections: what makes two configs the same run ([slurm] and [ray]
+    say only where and for how long it runs, and change between submissions)."""
+    learning = {section: table for section, table in config.items() if section not in CLUSTER_SECTIONS}
+    return hashlib.sha256(json.dumps(learning, sort_keys=True).encode()).hexdigest()
+
+
+def _claim(run_dir: Path, config: dict[str, Any], identity: str, replace: bool) -> None:
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    try:
+        recorded = (run_dir / FINGERPRINT).read_text().strip()
+    except OSError:
+        recorded = None
+    try:
+        frozen = tomllib.loads((run_dir / FROZEN).read_text())
+    except (OSError, ValueError):
+        frozen = None
+    if recorded is None and frozen is not None and frozen.get("run", {}).get("output_dir") == str(run_dir):
+        recorded = fingerprint(frozen)  # a run folder frozen before fingerprints were written
+    if recorded is None:
+        raise RunFolderError(f"{run_dir} is not a run folder rlhpc made (no {FINGERPRINT}), and its files are "
+                             "not rlhpc's to overwrite: set run.output_dir (or run.name) to a new or empty folder")
+    if recorded == identity or replace:
+        return
+    changed = _changed(frozen, config) if frozen else []
+    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    raise RunFolderError(
+        f"{run_dir} holds another run (its frozen config differs{' in ' + shown if shown else ''}): continue that "
+        f"one with `rlhpc resume {run_dir}` (--set to change fields), start a new one under another run.name or "
+        "run.output_dir, or pass --force to point this config at its folder and checkpoints")
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The dotted fields whose values differ between two resolved configs' learning sections."""
+    sections = sorted((set(old) | set(new)) - set(CLUSTER_SECTIONS))
+    return [f"{s}.{k}" for s in sections for k in sorted(set(old.get(s, {})) | set(new.get(s, {})))
+            if old.get(s, {}).get(k) != new.get(s, {}).get(k)]
 
 
 def write_private(path: Path, text: str) -> None:

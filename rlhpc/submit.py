@@ -63,13 +63,14 @@ def sbatch_script(cfg: Config, run_dir: Path) -> str:
     return ex._make_submission_file_text(ex._submitit_command_str, "")
 
 
-def submit(cfg: Config, *, local: bool = False) -> Submitted:
-    """Freeze and submit; `local` (or no reachable Slurm) runs through submitit's local executor."""
+def submit(cfg: Config, *, local: bool = False, replace: bool = False) -> Submitted:
+    """Freeze (`replace`: see `freeze`) and submit; `local` (or no reachable Slurm) runs through submitit's local
+    executor."""
     import submitit
 
     from rlhpc.job import run_job
 
-    run_dir = freeze(cfg)
+    run_dir = freeze(cfg, replace=replace)
     if local:
         ex: Any = submitit.LocalExecutor(folder=jobs_dir(run_dir) / "%j")
         ex.update_parameters(timeout_min=cfg.slurm.time_minutes or 60 * 24 * 365, nodes=1, tasks_per_node=1)
