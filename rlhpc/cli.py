@@ -38,6 +38,8 @@ SetOpt = Annotated[
 ]
 NodesOpt = Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")]
 RunArg = Annotated[str, typer.Argument(help="Run name, run folder or Slurm job id.", show_default=False)]
+NodePathsOpt = Annotated[bool, typer.Option("--paths-on-nodes", help="The config's input paths exist only on the "
+                                            "compute nodes: do not check them here.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Point this config at a run folder that holds another "
                                         "run: its frozen config is replaced, its checkpoints resumed from.")]
 
@@ -265,6 +267,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end; exit non-zero if it failed.")] = False,
     overrides: SetOpt = None,
     force: ForceOpt = False,
+    paths_on_nodes: NodePathsOpt = False,
 ) -> None:
     """Submit a run to Slurm (or run it through the local executor where no Slurm is reachable)."""
     flags = _slurm_flags(nodes=nodes, partition=partition, account=account, qos=qos, time=time,
@@ -276,11 +279,19 @@ def submit(
     if dry_run:
         out.print(submission.sbatch_script(cfg, cfg.run_dir()), highlight=False, markup=False, soft_wrap=True)
         return
-    _submit_and_report(cfg, local=local, wait=wait, replace=force)
+    _submit_and_report(cfg, local=local, wait=wait, replace=force, check_paths=not paths_on_nodes)
 
 
-def _submit_and_report(cfg: Config, *, local: bool, wait: bool, replace: bool) -> None:
+def _submit_and_report(cfg: Config, *, local: bool, wait: bool, replace: bool, check_paths: bool) -> None:
     from rlhpc import submit as submission
+
+    # A job that cannot find its model or data fails only after its wait in the queue.
+    missing = cfg.missing_paths() if check_paths else []
+    for field, path in missing:
+        _error(f"{field}: {path} does not exist on this machine (--paths-on-nodes if it exists on the compute "
+               "nodes only)")
+    if missing:
+        raise typer.Exit(2)
 
     if not local and not submission.slurm_reachable():
         local = True
@@ -505,6 +516,7 @@ def resume(
     local: Annotated[bool, typer.Option("--local", help="Run through submitit's local executor here.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to end; exit non-zero if it failed.")] = False,
     overrides: SetOpt = None,
+    paths_on_nodes: NodePathsOpt = False,
 ) -> None:
     """Submit a run again from its frozen config (plus --set, e.g. more rollouts); it continues from its latest
     complete checkpoint. For a run that ended (failed, timed out, cancelled, out of requeues): a requeued job
@@ -523,7 +535,7 @@ def resume(
     flags = _slurm_flags(nodes=nodes, partition=partition, time=time)
     # the run's own config, changed by --set: it replaces the frozen one
     _submit_and_report(_load_for_slurm(run_dir / "config.toml", overrides, flags, nodes), local=local, wait=wait,
-                       replace=True)
+                       replace=True, check_paths=not paths_on_nodes)
 
 
 @app.command()

@@ -134,3 +134,21 @@ def test_doctor_refuses_a_zero_time_limit(monkeypatch):
     result = runner.invoke(app, ["doctor", "--nodes", "2", "--time", "0"], terminal_width=400)
     assert result.exit_code == 2 and "slurm.time" in result.output and "no time at all" in result.output
     assert "Traceback" not in result.output
+
+
+def test_submit_refuses_input_paths_missing_here_unless_told_they_are_on_the_nodes(write_config, tmp_path,
+                                                                                   monkeypatch):
+    from rlhpc import submit as submission
+
+    submitted = []
+    monkeypatch.setattr(submission, "slurm_reachable", lambda: True)
+    monkeypatch.setattr(submission, "submit", lambda cfg, **kw: submitted.append(cfg) or submission.Submitted(
+        cfg.run_dir(), "7", "slurm", None))
+    monkeypatch.chdir(tmp_path)
+    path = write_config(MINIMAL.replace('"model"', '"/nodes/only/model"'))
+    result = runner.invoke(app, ["submit", str(path)], terminal_width=400)
+    assert result.exit_code == 2 and submitted == []
+    assert "ckpt.hf_checkpoint: /nodes/only/model does not exist on this machine" in result.output
+    assert "--paths-on-nodes" in result.output and not (tmp_path / "runs").exists()
+    result = runner.invoke(app, ["submit", str(path), "--paths-on-nodes"], terminal_width=400)
+    assert result.exit_code == 0 and "submitted job 7" in result.output and len(submitted) == 1
