@@ -524,6 +524,14 @@ class RLConfig(BaseModel):
         ]
         return [(f, p) for f, p in wanted if p is not None and not p.exists()]
 
+    def prompt_files(self) -> list[tuple[str, Path, str, str | None]]:
+        """(field, path, input key, label key) of each prompt file: the training data, then each evaluation set
+        (whose keys default to the training data's)."""
+        r, e = self.rollout, self.eval
+        return [("rollout.prompt_data", r.prompt_data, r.input_key, r.label_key),
+                *((f"eval.eval_prompt_data.{name}", path, e.eval_input_key or r.input_key,
+                   e.eval_label_key or r.label_key) for name, path in e.eval_prompt_data.items())]
+
     def run_dir(self) -> Path:
         """`run.output_dir`, else runs/<run name> under the working directory."""
         return Path(self.run.output_dir or Path("runs") / (self.run.name or "run")).absolute()

@@ -67,7 +67,8 @@ def _load(path: Path, overrides: list[str] | None) -> Config:
 def validate(
     config: ConfigArg,
     overrides: SetOpt = None,
-    strict: Annotated[bool, typer.Option(help="Treat input paths missing on this machine as errors.")] = False,
+    strict: Annotated[bool, typer.Option(help="Also load every hook and read every prompt file; input paths "
+                                         "missing on this machine are errors.")] = False,
 ) -> None:
     """Check a config: types, ranges, the batch constraint and the paths it names."""
     cfg = _load(config, overrides)
@@ -75,8 +76,14 @@ def validate(
     for field, path in missing:
         level = "[bold red]error[/]" if strict else "[yellow]warning[/]"
         err.print(f"{level} {config}: {field}: {path} does not exist on this machine", highlight=False, soft_wrap=True)
-    if strict and missing:
-        raise typer.Exit(2)
+    if strict:
+        from rlhpc.config import input_problems
+
+        unreadable = input_problems(cfg)
+        for problem in unreadable:
+            _error(f"{config}: {problem.field}: {problem.message}")
+        if missing or unreadable:
+            raise typer.Exit(2)
     r = cfg.rollout
     out.print(
         f"[green]ok[/] {config}: {r.rollout_batch_size} prompts × {r.n_samples_per_prompt} samples = "

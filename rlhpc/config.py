@@ -91,6 +91,46 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(str(path), _problems(e, text, origins)) from None
 
 
+HOOK_FIELDS = ("custom_rm_path", "custom_generate_function_path", "dynamic_sampling_filter_path",
+               "buffer_filter_path")
+
+
+def input_problems(cfg: Config) -> list[Problem]:
+    """What `validate --strict` finds beyond the config: hooks that do not load and prompt files that do not
+    read, as the run would load and read them (a path missing here is `missing_paths`'s to report)."""
+    from rl.data import DataError, PromptDataset
+    from rl.hooks import load_function
+
+    r, problems = cfg.rollout, []
+    for name in HOOK_FIELDS:
+        if (hook := getattr(r, name)) is None:
+            continue
+        try:
+            load_function(hook)
+        except ValueError as e:
+            problems.append(Problem(f"rollout.{name}", str(e)))
+        except Exception as e:  # the hook's module itself failed while it was imported
+            problems.append(Problem(f"rollout.{name}", f"hook {hook!r}: {type(e).__name__}: {e}"))
+    tokenizer = None
+    if r.apply_chat_template and cfg.ckpt.hf_checkpoint.exists():
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.ckpt.hf_checkpoint)
+        except Exception as e:  # transformers raises OSError, ValueError or its own for a folder it cannot read
+            problems.append(Problem("ckpt.hf_checkpoint", f"cannot load the tokenizer for the chat template: {e}"))
+    for field, path, input_key, label_key in cfg.prompt_files():
+        if not path.exists() or (r.apply_chat_template and tokenizer is None):
+            continue
+        try:
+            PromptDataset(path, input_key=input_key, label_key=label_key, metadata_key=r.metadata_key,
+                          tokenizer=tokenizer, apply_chat_template=r.apply_chat_template,
+                          chat_template_kwargs=r.apply_chat_template_kwargs)
+        except DataError as e:
+            problems.append(Problem(field, str(e)))
+    return problems
+
+
 def apply_override(data: dict[str, Any], item: str) -> str:
     """Apply one `section.key=value` to the raw TOML data; the value is read as TOML, else as a string."""
     key, sep, raw = item.partition("=")

@@ -152,3 +152,27 @@ def test_submit_refuses_input_paths_missing_here_unless_told_they_are_on_the_nod
     assert "--paths-on-nodes" in result.output and not (tmp_path / "runs").exists()
     result = runner.invoke(app, ["submit", str(path), "--paths-on-nodes"], terminal_width=400)
     assert result.exit_code == 0 and "submitted job 7" in result.output and len(submitted) == 1
+
+
+def test_validate_strict_loads_every_hook_and_reads_every_prompt_file(write_config, tmp_path):
+    (tmp_path / "hooks.py").write_text("def reward(args, sample):\n    return 1.0\n")
+    (tmp_path / "broken.py").write_text("def reward(args, sample)\n")
+    (tmp_path / "eval.jsonl").write_text('{"input": "2+2=", "label": "4"}\n{"input": "3+3=", "lab\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    good = MINIMAL + 'custom_rm_path = "hooks.py:reward"\n'
+    assert runner.invoke(app, ["validate", "--strict", str(write_config(good))]).exit_code == 0
+    bad = (MINIMAL.replace('rm_type = "math"', 'custom_rm_path = "broken.py:reward"')
+           + 'custom_generate_function_path = "no_such_package.gen:generate"\n'
+           + 'dynamic_sampling_filter_path = "hooks.py:no_such_function"\nover_sampling_batch_size = 8\n'
+           + '[eval]\neval_prompt_data = { aime = "eval.jsonl", empty = "empty.jsonl" }\n')
+    path = write_config(bad)
+    assert runner.invoke(app, ["validate", str(path)]).exit_code == 0  # without --strict, the config alone
+    result = runner.invoke(app, ["validate", "--strict", str(path)], terminal_width=400)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 5, result.output
+    assert "rollout.custom_rm_path: hook" in result.output and "SyntaxError" in result.output
+    assert "rollout.custom_generate_function_path" in result.output and "no_such_package" in result.output
+    assert "rollout.dynamic_sampling_filter_path" in result.output and "no function 'no_such_function'" in result.output
+    assert f"eval.eval_prompt_data.aime: {tmp_path / 'eval.jsonl'}:2: not valid JSON" in result.output
+    assert f"eval.eval_prompt_data.empty: {tmp_path / 'empty.jsonl'}: no prompts" in result.output
