@@ -151,6 +151,7 @@ class RolloutConfig(Section):
     rm_deadline_s: Annotated[float, Field(gt=0)] = 300.0
     """Seconds one sample's reward may take in all, retries and their backoff included."""
     reward_key: str | None = None
+    """The entry of a dict reward (custom_rm_path's or rm_url's answer) to train on, as slime's `--reward-key`."""
     # engines in service
     use_fault_tolerance: bool = False
     """Replace an engine that dies or fails its health check, and issue its requests again."""

@@ -197,3 +197,28 @@ def test_remote_reward_that_stays_down_is_a_clear_error():
         assert len(server.seen) == 3
     finally:
         server.close()
+
+
+def scored_reward(args, sample):
+    return {"accuracy": float(sample.response == "\\boxed{4}"), "format": 0.5}
+
+
+def test_reward_key_picks_the_entry_of_a_dict_reward(tmp_path):
+    """slime's --reward-key: a reward model answering several scores trains on the one named."""
+    cfg = rollout_config(tmp_path, custom_rm_path="test_rewards:scored_reward", reward_key="accuracy")
+    assert asyncio.run(compute_rewards(cfg, samples())) == [1.0, 0.0]
+    cfg = rollout_config(tmp_path, custom_rm_path="test_rewards:scored_reward", reward_key="fluency")
+    with pytest.raises(ValueError, match="has no 'fluency' \\(rollout.reward_key\\)"):
+        asyncio.run(compute_rewards(cfg, samples()))
+    cfg = rollout_config(tmp_path, custom_rm_path="test_rewards:scored_reward")
+    with pytest.raises(ValueError, match="answered a dict \\(accuracy, format\\): name the entry"):
+        asyncio.run(compute_rewards(cfg, samples()))
+    server = RewardServer()
+    try:  # the server answers {"reward": ...}: reward_key names that entry too
+        cfg = rollout_config(tmp_path, rm_type="remote_rm", rm_url=server.url, reward_key="reward")
+        assert asyncio.run(compute_rewards(cfg, [Sample(prompt="2+2=", response="4", label="4")])) == [1.0]
+        cfg = rollout_config(tmp_path, rm_type="remote_rm", rm_url=server.url, reward_key="score")
+        with pytest.raises(RemoteRewardError, match="has no 'score'"):
+            asyncio.run(compute_rewards(cfg, [Sample(prompt="2+2=", response="4", label="4")]))
+    finally:
+        server.close()

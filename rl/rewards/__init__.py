@@ -58,13 +58,14 @@ async def compute_rewards(rollout: Any, samples: list[Any]) -> list[float]:
     if rollout.custom_rm_path:
         from rl.hooks import load_function
 
-        fn = load_function(rollout.custom_rm_path)
+        fn, source = load_function(rollout.custom_rm_path), rollout.custom_rm_path
         if rollout.group_rm:
             rewards = await _maybe_await(fn(rollout, samples))
             if len(rewards) != len(samples):
                 raise ValueError(f"{rollout.custom_rm_path} returned {len(rewards)} rewards for {len(samples)} samples")
-            return [float(r) for r in rewards]
-        return [float(r) for r in await asyncio.gather(*(_maybe_await(fn(rollout, s)) for s in samples))]
+        else:
+            rewards = await asyncio.gather(*(_maybe_await(fn(rollout, s)) for s in samples))
+        return [reward_value(r, source, rollout.reward_key) for r in rewards]
     rm_type = rollout.rm_type
     if rm_type == "remote_rm":
         from rl.rewards.remote import remote_reward
@@ -78,12 +79,28 @@ async def compute_rewards(rollout: Any, samples: list[Any]) -> list[float]:
                         timeout_s=rollout.rm_timeout_s,
                         max_retries=rollout.rm_max_retries,
                         deadline_s=rollout.rm_deadline_s,
+                        reward_key=rollout.reward_key,
                     )
                     for s in samples
                 )
             )
         )
     return [score(s.metadata.get("rm_type") or rm_type, s.response, s.label, s.metadata) for s in samples]
+
+
+def reward_value(reward: Any, source: str, reward_key: str | None) -> float:
+    """The number a reward trains on: a bare number, or with `reward_key` (slime's `--reward-key`) that entry of
+    the dict a reward model answers (e.g. {"accuracy": 1, "format": 0.5})."""
+    if reward_key is not None:
+        if not isinstance(reward, dict) or reward_key not in reward:
+            raise ValueError(f"{source} answered {reward!r}, which has no {reward_key!r} (rollout.reward_key)")
+        reward = reward[reward_key]
+    if isinstance(reward, dict):
+        raise ValueError(f"{source} answered a dict ({', '.join(map(str, reward))}): name the entry to train on "
+                         "in rollout.reward_key")
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)):
+        raise ValueError(f"{source} answered {reward!r}, not a number")
+    return float(reward)
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -27,13 +27,16 @@ def _post(url: str, payload: dict[str, Any], timeout_s: float) -> Any:
         return json.loads(response.read())
 
 
-def _as_reward(body: Any) -> float:
-    # Servers answer a bare number, or an object carrying it as "reward" or "score".
-    if isinstance(body, dict):
+def _as_reward(body: Any, reward_key: str | None) -> float:
+    # Servers answer a bare number, or an object carrying it as "reward" or "score" (or as reward_key).
+    from rl.rewards import reward_value
+
+    if isinstance(body, dict) and reward_key is None:
         body = body.get("reward", body.get("score"))
-    if isinstance(body, bool) or not isinstance(body, (int, float)):
-        raise RemoteRewardError(f"the reward server answered {body!r}, not a number")
-    return float(body)
+    try:
+        return reward_value(body, "the reward server", reward_key)
+    except ValueError as e:
+        raise RemoteRewardError(str(e)) from None
 
 
 async def remote_reward(
@@ -44,6 +47,7 @@ async def remote_reward(
     max_retries: int = 5,
     backoff_s: float = 1.0,
     deadline_s: float = 300.0,
+    reward_key: str | None = None,
 ) -> float:
     """POST with a timeout; on an outage (no answer, 5xx, 408/425/429) retry with exponential backoff and
     jitter (backoff_s · 2^k, at most 30 s) while `deadline_s` from the first attempt allows, then raise an
@@ -53,7 +57,7 @@ async def remote_reward(
     while True:
         left = max(deadline - time.monotonic(), 0.01)  # a sleep may overrun its end a little
         try:
-            return _as_reward(await asyncio.to_thread(_post, url, payload, min(timeout_s, left)))
+            return _as_reward(await asyncio.to_thread(_post, url, payload, min(timeout_s, left)), reward_key)
         except urllib.error.HTTPError as e:
             if 400 <= e.code < 500 and e.code not in RETRIED_CLIENT_ERRORS:
                 raise RemoteRewardError(f"reward server {url} refused the request: HTTP {e.code} {e.reason}") from e
