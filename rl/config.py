@@ -133,8 +133,8 @@ class RolloutConfig(Section):
     rollout_stop_token_ids: list[int] = []
     rollout_skip_special_tokens: bool = False
     update_weight_buffer_size: PositiveInt = 512 * 1024**2
-    """SGLang engine: bytes of weights per update request (slime's `--update-weight-buffer-size`); a larger
-    tensor goes alone."""
+    """Bytes of weights per bucket from the trainer to the engines (slime's `--update-weight-buffer-size`); a
+    larger tensor goes alone."""
     stream_interval: PositiveInt = 8
     """Torch engine: decode steps between its messages of the samples that have ended (SGLang's
     `--stream-interval`). 1 sends each as it ends, so partial rollout aborts soonest; each message costs the

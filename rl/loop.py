@@ -181,7 +181,7 @@ class Driver:
                 self.init_from, threads=threads, **engine_kwargs)
 
         self.pool = (EnginePool(None, 1, self.cfg.rollout, engines=[self.workers[0]]) if p.colocate else
-                     EnginePool(make_engine, n_engines, self.cfg.rollout))
+                     EnginePool(make_engine, n_engines, self.cfg.rollout, ranks_per_engine=per_engine))
         self.placement = ray.get([w.node.remote() for w in self.workers])  # also surfaces start-up errors
         self.layout = ray.get([w.data_parallel.remote() for w in self.workers])
         self.dp_size = self.layout[0][1]
@@ -305,9 +305,7 @@ class Driver:
         if self.cfg.perf.colocate:
             ray.get([w.sync_engine.remote(version) for w in self.workers])
         else:
-            weights = [w.weights.remote() for w in self.workers]  # every rank, for sharded weights: rank 0's
-            self.pool.update_weights(weights[0], version)
-            ray.get(weights[1:])
+            self.pool.sync_weights(self.workers, version)
         return time.perf_counter() - start
 
     def evaluate(self, rollout_id: int) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 Shaped after SGLang's server API so the SGLang engine is a thin client: `generate` is `/generate` with
 `return_logprob` (token ids in, output ids, per-token log-probs and finish reason out), `update_weights` is
-`update_weights_from_tensor` (colocated) / `update_weights_from_distributed` (decoupled), `abort` is
+`update_weights_from_tensor`, `init_weights_update_group` and `update_weights_from_distributed` are SGLang's
+namesakes (a broadcast from the trainer, decoupled engines), `abort` is
 `/abort_request`, and `release_memory` / `resume_memory` are `release_memory_occupation` /
 `resume_memory_occupation`.
 """
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from rl.config import RLConfig
+    from rl.weight_sync import BucketMeta
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,15 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
         """Load new policy weights (all or some, by Hugging Face parameter name)."""
+        ...
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank: int, world_size: int,
+                                  backend: str) -> None:
+        """Join the weight-update group (`rl/weight_sync.py`) as `rank`, the trainer's rank 0 being rank 0."""
+        ...
+
+    def update_weights_from_distributed(self, meta: BucketMeta, version: int) -> None:
+        """Receive the bucket `meta` describes from the weight-update group's broadcast, and load it."""
         ...
 
     def health(self) -> bool: ...

@@ -28,14 +28,19 @@ log = logging.getLogger(__name__)
 
 class EnginePool:
     def __init__(self, make: Callable[..., Any] | None, count: int, rollout: RolloutConfig,
-                 engines: list[Any] | None = None):
+                 engines: list[Any] | None = None, ranks_per_engine: int = 1):
         """`make(slot)` creates the engine actor (of an `actor_class`) of a slot (its placement). A pool of
-        given `engines` instead (a colocated trainer generating) never replaces them."""
+        given `engines` instead (a colocated trainer generating) never replaces them. `ranks_per_engine`: the
+        processes of an engine that receive weights (an SGLang server's tensor-parallel ranks)."""
         self._make, self.cfg = make, rollout
         self.engines = engines or [self._start(slot) for slot in range(count)]
         self.fault_tolerant = rollout.use_fault_tolerance and make is not None
-        self.weights: tuple[Any, int] | None = None
+        self.weights: tuple[list[Any], int] | None = None
+        """The buckets of the weights in use and their version, for an engine that replaces one."""
         self.restarts = 0
+        self.ranks_per_engine = ranks_per_engine
+        self.joined = False
+        """Whether the engines and the trainer's rank 0 have formed their weight-update group."""
 
     @staticmethod
     def actor_class(engine: type) -> Any:
@@ -48,12 +53,32 @@ class EnginePool:
         assert self._make is not None
         return self._make(slot)
 
-    def update_weights(self, weights: Any, version: int) -> None:
-        """Send the policy's weights (a Ray object) to every engine; kept for engines started later."""
+    def sync_weights(self, workers: list[Any], version: int) -> None:
+        """The policy's weights from the training workers (rank 0 sends, every rank takes part in gathering)
+        to every engine, in buckets of at most `update_weight_buffer_size` bytes (`rl/weight_sync.py`):
+        broadcast over the engines' weight-update group with the trainer's rank 0, joined at the first sync;
+        with fault tolerance through the object store instead, the buckets kept for engines started later
+        (the trainer may have moved past this version by the time one is)."""
         import ray
 
-        self.weights = (weights, version)
-        ray.get([e.update_weights.remote(weights, version) for e in self.engines])
+        if not self.fault_tolerant:
+            if not self.joined:
+                world_size = 1 + len(self.engines) * self.ranks_per_engine
+                ray.get(workers[0].join_update_group.remote(self.engines, world_size, self.ranks_per_engine))
+                self.joined = True
+            ray.get([w.broadcast_weights.remote(self.engines, version) for w in workers])
+            return
+        # At most two buckets wait in the object store for the engines beyond those kept.
+        streams = [w.weight_buckets.options(num_returns="streaming", _generator_backpressure_num_objects=2).remote()
+                   for w in workers]
+        kept = []
+        for ref in streams[0]:
+            ray.get([e.update_weights.remote(ref, version) for e in self.engines])
+            kept.append(ref)
+        for other in streams[1:]:  # they yield nothing: this waits for their part in gathering, errors raised
+            for _ in other:
+                pass
+        self.weights = (kept, version)
 
     def replace(self, slot: int, why: str) -> None:
         import ray
@@ -62,7 +87,9 @@ class EnginePool:
         ray.kill(self.engines[slot], no_restart=True)
         self.engines[slot] = self._start(slot)
         if self.weights is not None:
-            ray.get(self.engines[slot].update_weights.remote(*self.weights))
+            refs, version = self.weights
+            for ref in refs:
+                ray.get(self.engines[slot].update_weights.remote(ref, version))
         self.restarts += 1
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],

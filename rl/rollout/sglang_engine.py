@@ -5,7 +5,9 @@ by this class (a Ray actor on the engine's GPUs) through the server's HTTP API, 
 `sglang_server_concurrency`. Weights arrive in a weight-update session (`/begin_weight_update` …
 `/end_weight_update`, required by SGLang 0.5.23): buckets of at most `rollout.update_weight_buffer_size`
 bytes, each one `/update_weights_from_tensor` request carrying one payload per tensor-parallel rank (the
-bucket flattened on that rank's GPU and handed over by CUDA IPC, SGLang's `flattened_bucket` format).
+bucket flattened on that rank's GPU and handed over by CUDA IPC, SGLang's `flattened_bucket` format), or,
+for a decoupled engine, the trainer's broadcast of each bucket (`/init_weights_update_group` once, then one
+`/update_weights_from_distributed` per bucket, each in its own session: `rl/weight_sync.py`).
 `/abort_request`, `/flush_cache`, `/release_memory_occupation`, `/resume_memory_occupation` and
 `/health_generate` back the rest of `rl/rollout/engine.py`'s interface. SGLang itself is imported only here,
 and only to serialize weights. Every request and the launch command line are checked against SGLang's own
@@ -24,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from rl.ports import free_port
 from rl.rollout.engine import Generation, SamplingParams, in_order
+from rl.weight_sync import UPDATE_GROUP, buckets
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from rl.config import SglangConfig
+    from rl.weight_sync import BucketMeta
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 900.0
@@ -86,22 +90,6 @@ def generation_of(response: Mapping[str, Any], version: int) -> Generation:
     return Generation(output_ids=[int(p[1]) for p in pairs], log_probs=[float(p[0]) for p in pairs],
                       finish_reason=reason if reason in ("stop", "length", "abort") else "length",
                       weight_version=version)
-
-
-def buckets(named_tensors: Iterable[tuple[str, Tensor]], limit: int) -> Iterator[list[tuple[str, Tensor]]]:
-    """Consecutive tensors in groups of at most `limit` bytes, a larger tensor alone (slime's packing). Taken
-    lazily, so that weights gathered one by one are never all held at once."""
-    bucket: list[tuple[str, Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
-    if bucket:
-        yield bucket
 
 
 def rank_payloads(bucket: list[tuple[str, Tensor]], devices: list[str]) -> list[str]:
@@ -172,6 +160,26 @@ class SglangClient:
                     # a buffer shared by CUDA IPC is freed once collected after the server lets go of it:
                     # collected bucket by bucket, they do not add up (slime does the same)
                     torch.cuda.ipc_collect()
+        finally:
+            self._post("/end_weight_update")
+        self.version = version
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank: int, world_size: int,
+                                  backend: str) -> None:
+        """Join the weight-update group: this server's tensor-parallel rank r as group rank `rank + r`."""
+        self._post("/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank,
+            "world_size": world_size, "group_name": UPDATE_GROUP, "backend": backend})
+
+    def update_weights_from_distributed(self, meta: BucketMeta, version: int) -> None:
+        """The server receives the bucket from the trainer's broadcast itself, in a session of its own (the
+        trainer sends bucket by bucket, and 0.5.23 refuses an update outside a session)."""
+        self._post("/begin_weight_update")
+        try:
+            self._post("/update_weights_from_distributed", {
+                "names": list(meta.names), "dtypes": [str(d).removeprefix("torch.") for d in meta.dtypes],
+                "shapes": [list(s) for s in meta.shapes], "group_name": UPDATE_GROUP,
+                "weight_version": str(version)})
         finally:
             self._post("/end_weight_update")
         self.version = version

@@ -5,12 +5,15 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from rl.rollout.engine import Generation, SamplingParams, in_order
+
+if TYPE_CHECKING:
+    from rl.weight_sync import BucketMeta
 
 
 def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -48,6 +51,8 @@ class TorchEngine:
         self._generating = self._aborting = False
         self.needs_weights = False
         """True between release_memory and the update_weights that brings every parameter back."""
+        self.update_group: Any = None
+        """The weight-update group with the trainer's rank 0, once `init_weights_update_group` has joined it."""
         gc.freeze()  # as the driver does: full collections no longer walk what lives as long as the engine
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
@@ -151,6 +156,15 @@ class TorchEngine:
             raise ValueError(f"after release_memory every parameter must be sent; missing {missing[:3]}...")
         self.weight_version = version
         self.needs_weights = False
+
+    def init_weights_update_group(self, master_address: str, master_port: int, rank: int, world_size: int,
+                                  backend: str) -> None:
+        from rl.weight_sync import UpdateGroup
+
+        self.update_group = UpdateGroup(master_address, master_port, rank, world_size, backend)
+
+    def update_weights_from_distributed(self, meta: BucketMeta, version: int) -> None:
+        self.update_weights(self.update_group.receive(meta, self.device), version)
 
     def health(self) -> bool:
         return True

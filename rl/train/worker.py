@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from rl.batch import TrainSample
 from rl.ports import free_port
 from rl.rollout.engine import Generation, SamplingParams, engine_factory
 from rl.train.backend import TrainingBackend
+from rl.weight_sync import BucketMeta, UpdateGroup, buckets
 
 if TYPE_CHECKING:
     from rl.config import RLConfig
@@ -43,10 +44,14 @@ class TrainWorker:
                  init_from: str, total_steps: int, threads: int, host_engine: bool):
         torch.set_num_threads(threads)
         self.rank = rank
+        self.bucket_bytes = cfg.rollout.update_weight_buffer_size
+        self.update_group: UpdateGroup | None = None
+        """Rank 0 of a decoupled run without fault tolerance: the group its weights are broadcast over."""
         # Each rank's own stream (dropout), the same in every run of this config; a resume restores it.
         torch.manual_seed(cfg.run.seed + rank)
         random.seed(cfg.run.seed + rank)
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        self.backend_device = device
         if world_size > 1 or cfg.perf.train_backend == "megatron":
             # Megatron's parallel state is built on a process group even for one rank; a lone rank's needs no
             # rendezvous elsewhere.
@@ -106,13 +111,42 @@ class TrainWorker:
     def compute_values(self, samples: list[TrainSample]) -> list[list[float]]:
         return self.critic.compute_values(samples)
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The policy's weights from rank 0 (empty from the others); every rank is called, since sharded
-        weights are gathered collectively."""
-        if self.rank == 0:
-            return {name: t.clone() for name, t in self.backend.named_weights()}
-        self._join_gather()
-        return {}
+    def weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The policy's weights from rank 0 in buckets of at most `update_weight_buffer_size` bytes (a larger
+        tensor alone), for a Ray streaming call: each bucket is copied into the object store as it is yielded,
+        so rank 0 holds one bucket beyond the model. The other ranks yield nothing; every rank is called, since
+        sharded weights are gathered collectively."""
+        if self.rank != 0:
+            self._join_gather()
+            return
+        yield from buckets(self.backend.named_weights(), self.bucket_bytes)
+
+    def join_update_group(self, engines: list[Any], world_size: int, ranks_per_engine: int) -> None:
+        """Rank 0: open the weight-update group of `world_size` with `engines`, engine i from rank
+        1 + i·`ranks_per_engine` on; the rendezvous store lives here, at this node's address."""
+        import ray
+
+        address = ray.util.get_node_ip_address()
+        port = free_port(address)
+        backend = "nccl" if self.backend_device.startswith("cuda") else "gloo"
+        joining = [e.init_weights_update_group.remote(address, port, rank, world_size, backend)
+                   for rank, e in zip(range(1, world_size, ranks_per_engine), engines, strict=True)]
+        self.update_group = UpdateGroup(address, port, 0, world_size, backend)
+        ray.get(joining)
+
+    def broadcast_weights(self, engines: list[Any], version: int) -> None:
+        """Rank 0: each bucket's shapes to every engine by Ray, then its tensors over the weight-update group
+        (the engines receive them in the same order); the other ranks take part in gathering."""
+        import ray
+
+        if self.rank != 0:
+            self._join_gather()
+            return
+        assert self.update_group is not None, "join_update_group first"
+        for bucket in buckets(self.backend.named_weights(), self.bucket_bytes):
+            receiving = [e.update_weights_from_distributed.remote(BucketMeta.of(bucket), version) for e in engines]
+            self.update_group.send(bucket)
+            ray.get(receiving)
 
     def _join_gather(self) -> None:
         """Take part in gathering the policy's weights for the rank that needs them, keeping none: sharded

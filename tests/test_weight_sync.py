@@ -1,0 +1,118 @@
+"""Weight sync from the trainer to decoupled engines, bucket by bucket (`rl/weight_sync.py`): Ray actors of
+rlhpc's own `TrainWorker` and `TorchEngine`, the engine pool doing what the driver does each rollout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CONFIGS
+from rl.weight_sync import buckets
+from rlhpc.config import load_config
+
+LIMIT = 30_000
+"""Bytes per bucket: the tiny model's weights make several buckets, and some tensors exceed it alone."""
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import sys
+
+    import ray
+
+    # the functions this module runs inside the actors travel whole: the workers cannot import it
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
+def _bytes(bucket) -> int:
+    return sum(t.numel() * t.element_size() for _, t in bucket)
+
+
+def _moved(worker) -> dict[str, torch.Tensor]:
+    """Shift the trainer's policy away from the engines' (both start from the same folder); its new weights."""
+    import ray
+
+    def shift(w):
+        with torch.no_grad():
+            for k, p in enumerate(w.backend.model.parameters()):
+                p.add_(0.25 * (k + 1))
+        return {name: t.clone() for name, t in w.backend.named_weights()}
+
+    return ray.get(worker.__ray_call__.remote(shift))
+
+
+def _record_loads(engine) -> None:
+    """From now on the engine notes the bytes of each `update_weights` it makes itself (the broadcast path)."""
+    def record(e):
+        e.loads, load = [], e.update_weights
+
+        def update(named, version):
+            named = list(named)
+            e.loads.append(_bytes(named))
+            load(named, version)
+        e.update_weights = update
+
+    import ray
+
+    ray.get(engine.__ray_call__.remote(record))
+
+
+def _engine_state(engine) -> tuple[dict[str, torch.Tensor], list[int], int]:
+    import ray
+
+    return ray.get(engine.__ray_call__.remote(lambda e: (
+        {n: p.detach().clone() for n, p in e.model.named_parameters()}, getattr(e, "loads", []), e.weight_version)))
+
+
+@pytest.mark.parametrize("fault_tolerant", [False, True], ids=["broadcast", "object-store"])
+def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, tmp_path, tiny_model_dir,
+                                                                     fault_tolerant):
+    import ray
+
+    from rl.rollout.pool import EnginePool
+    from rl.rollout.torch_engine import TorchEngine
+    from rl.train.worker import TrainWorker
+
+    cfg = load_config(CONFIGS / "tiny_cpu.toml", [
+        f"ckpt.hf_checkpoint='{tiny_model_dir}'", f"run.output_dir='{tmp_path}'",
+        f"rollout.update_weight_buffer_size={LIMIT}", f"rollout.use_fault_tolerance={str(fault_tolerant).lower()}"])
+    worker = EnginePool.actor_class(TrainWorker).options(num_cpus=0).remote(
+        cfg, rank=0, world_size=1, master_addr="", master_port=0, init_from=str(tiny_model_dir), total_steps=1,
+        threads=1, host_engine=False)
+    engine_cls = EnginePool.actor_class(TorchEngine)
+    pool = EnginePool(lambda slot: engine_cls.options(num_cpus=0).remote(str(tiny_model_dir), threads=1), 2,
+                      cfg.rollout)
+    for engine in pool.engines:
+        _record_loads(engine)
+    trained = _moved(worker)
+
+    pool.sync_weights([worker], version=3)
+
+    expected_buckets = [_bytes(b) for b in buckets(trained.items(), LIMIT)]
+    assert len(expected_buckets) > 2 and any(size > LIMIT for size in expected_buckets)
+    for engine in pool.engines:
+        weights, loads, version = _engine_state(engine)
+        assert version == 3
+        assert weights.keys() == trained.keys()
+        for name in trained:
+            assert torch.equal(weights[name], trained[name]), name
+        if not fault_tolerant:  # each broadcast bucket loaded as it came, none above the limit but a lone tensor
+            assert loads == expected_buckets
+    if fault_tolerant:  # the buckets went through the object store one by one, and are kept for a replacement
+        kept, version = pool.weights
+        assert version == 3 and [_bytes(ray.get(ref)) for ref in kept] == expected_buckets
+        pool.replace(0, "was killed by the test")
+        weights, _, version = _engine_state(pool.engines[0])
+        assert version == 3 and all(torch.equal(weights[n], trained[n]) for n in trained)
+    else:
+        # the group is joined once: a second sync broadcasts again over it
+        pool.sync_weights([worker], version=4)
+        assert all(_engine_state(e)[2] == 4 for e in pool.engines)
+    pool.kill()
+    ray.kill(worker)
+
