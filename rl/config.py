@@ -130,8 +130,11 @@ class RolloutConfig(Section):
     rollout_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     rollout_top_k: int = -1
     rollout_stop: list[str] = []
+    """Strings that end a response (SGLang's `stop`): it keeps the tokens up to the one completing the string,
+    its text ends before the string."""
     rollout_stop_token_ids: list[int] = []
     rollout_skip_special_tokens: bool = False
+    """Leave special tokens out of a response's text (what reward functions read); its tokens keep them."""
     update_weight_buffer_size: PositiveInt = 512 * 1024**2
     """Bytes of weights per bucket from the trainer to the engines (slime's `--update-weight-buffer-size`); a
     larger tensor goes alone."""

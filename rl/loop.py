@@ -210,7 +210,7 @@ class Driver:
         r, e = self.cfg.rollout, self.cfg.eval
         max_new = r.rollout_max_response_len or 1024
         params = SamplingParams(max_new_tokens=max_new, temperature=r.rollout_temperature, top_p=r.rollout_top_p,
-                                top_k=r.rollout_top_k, stop_token_ids=self.stop_ids)
+                                top_k=r.rollout_top_k, stop_token_ids=self.stop_ids, stop=tuple(r.rollout_stop))
         if not evaluation:
             return params
         return SamplingParams(
@@ -218,7 +218,7 @@ class Driver:
             temperature=r.rollout_temperature if e.eval_temperature is None else e.eval_temperature,
             top_p=r.rollout_top_p if e.eval_top_p is None else e.eval_top_p,
             top_k=r.rollout_top_k if e.eval_top_k is None else e.eval_top_k,
-            stop_token_ids=self.stop_ids)
+            stop_token_ids=self.stop_ids, stop=tuple(r.rollout_stop))
 
     def advantages(self, train: list[TrainSample]) -> list[list[float]] | None:
         """Fill in each sample's per-token advantages for the configured estimator; return the policy's

@@ -33,7 +33,7 @@ class EngineClient:
         if self._sender is None:
             # After the requests already scheduled in this turn of the event loop have joined the queue.
             self._sender = asyncio.get_running_loop().create_task(self._send())
-        return await future
+        return stop_at_strings(await future, params.stop, self.tokenizer)
 
     async def _send(self) -> None:
         loop = asyncio.get_running_loop()
@@ -74,6 +74,23 @@ class EngineClient:
         while self._sender is not None:
             await asyncio.sleep(0.01)
         self.aborted = False
+
+
+def stop_at_strings(gen: Generation, stop: tuple[str, ...], tokenizer: Any) -> Generation:
+    """`gen` cut after its first token whose text completes one of the `stop` strings, finish reason "stop"
+    (as SGLang stops); `gen` itself when none occurs. The tokens after it were drawn from their own seeds'
+    randomness, so the ones kept are those a generation that stopped there would have drawn."""
+    ids = gen.output_ids
+    if not stop or not any(s in tokenizer.decode(ids) for s in stop):
+        return gen
+    low, high = 1, len(ids)  # the shortest prefix whose text holds a stop string (holding one stays true)
+    while low < high:
+        mid = (low + high) // 2
+        if any(s in tokenizer.decode(ids[:mid]) for s in stop):
+            high = mid
+        else:
+            low = mid + 1
+    return Generation(ids[:low], gen.log_probs[:low], "stop", gen.weight_version)
 
 
 def _resolve(ended: list[tuple[asyncio.Future[Generation], Generation]]) -> None:

@@ -31,6 +31,9 @@ class SamplingParams:
     """-1: off."""
     stop_token_ids: tuple[int, ...] = ()
     """Generation of a sample ends after any of these (the EOS token included by the caller)."""
+    stop: tuple[str, ...] = ()
+    """Generation of a sample ends after the token that completes any of these strings (SGLang's `stop`); the
+    engine client cuts there for an engine that does not stop at strings itself."""
 
 
 @dataclass

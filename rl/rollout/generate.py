@@ -30,5 +30,17 @@ async def generate(args: Any, sample: Sample, sampling_params: SamplingParams, e
     params = replace(sampling_params, max_new_tokens=left) if sample.response_length else sampling_params
     gen = await engine.generate(sample.tokens, params, sample.next_seed())
     sample.append_generation(gen)
-    sample.response = engine.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+    sample.response = response_text(engine.tokenizer, sample.response_ids, sampling_params,
+                                    skip_special_tokens=args.rollout_skip_special_tokens)
     return sample
+
+
+def response_text(tokenizer: Any, ids: list[int], params: SamplingParams, *, skip_special_tokens: bool) -> str:
+    """The text of a response as SGLang returns it: without the stop token or stop string that ended it (both
+    stay in the tokens), special tokens kept unless `skip_special_tokens` (slime's
+    `--rollout-skip-special-tokens`)."""
+    if ids and ids[-1] in params.stop_token_ids:
+        ids = ids[:-1]
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    ends = [i for s in params.stop if (i := text.find(s)) >= 0]
+    return text[:min(ends)] if ends else text
