@@ -125,6 +125,7 @@ class RolloutConfig(Section):
     # sampling
     engine: Literal["torch", "sglang"] = "torch"
     rollout_max_prompt_len: PositiveInt | None = None
+    """Prompts of more tokens are left out when the data is read (slime's `--rollout-max-prompt-len`)."""
     rollout_max_response_len: PositiveInt | None = None
     rollout_temperature: Annotated[float, Field(gt=0)] = 1.0
     rollout_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0

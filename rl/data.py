@@ -9,12 +9,14 @@ checked when the file is read; a bad one is an error naming the file and the lin
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -23,6 +25,8 @@ class DataError(ValueError):
 
 class ChatTokenizer(Protocol):
     def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> str: ...
+
+    def __call__(self, text: str, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,14 @@ class PromptDataset:
         tokenizer: ChatTokenizer | None = None,
         apply_chat_template: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        max_prompt_len: int | None = None,
     ):
+        """`max_prompt_len` (slime's `--rollout-max-prompt-len`): prompts of more tokens are left out."""
         self.path = Path(path)
-        if apply_chat_template and tokenizer is None:
-            raise ValueError("apply_chat_template needs a tokenizer")
+        if (apply_chat_template or max_prompt_len is not None) and tokenizer is None:
+            raise ValueError("apply_chat_template and max_prompt_len need a tokenizer")
+        self.too_long = 0
+        """Prompts left out for being longer than max_prompt_len."""
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
@@ -71,14 +79,20 @@ class PromptDataset:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            self.prompts.append(
-                _prompt(
-                    row, len(self.prompts), where, input_key, label_key, metadata_key,
-                    tokenizer if apply_chat_template else None, chat_template_kwargs or {},
-                )
-            )
+            prompt = _prompt(row, len(self.prompts), where, input_key, label_key, metadata_key,
+                             tokenizer if apply_chat_template else None, chat_template_kwargs or {})
+            # counted as the engines are given them: the rendered text, without special tokens added
+            if max_prompt_len is not None and tokenizer is not None and len(
+                    tokenizer(prompt.text, add_special_tokens=False)["input_ids"]) > max_prompt_len:
+                self.too_long += 1
+                continue
+            self.prompts.append(prompt)
         if not self.prompts:
-            raise DataError(f"{self.path}: no prompts in the file")
+            more = f" of at most {max_prompt_len} tokens (rollout_max_prompt_len)" if self.too_long else ""
+            raise DataError(f"{self.path}: no prompts{more} in the file")
+        if self.too_long:
+            log.warning("%s: %d prompts longer than rollout_max_prompt_len = %d tokens left out", self.path,
+                        self.too_long, max_prompt_len)
 
     def __len__(self) -> int:
         return len(self.prompts)

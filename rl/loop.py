@@ -91,7 +91,8 @@ class Driver:
         def prompts(path: Path, input_key: str, label_key: str | None) -> PromptDataset:
             return PromptDataset(path, input_key=input_key, label_key=label_key, metadata_key=r.metadata_key,
                                  tokenizer=self.tokenizer, apply_chat_template=r.apply_chat_template,
-                                 chat_template_kwargs=r.apply_chat_template_kwargs)
+                                 chat_template_kwargs=r.apply_chat_template_kwargs,
+                                 max_prompt_len=r.rollout_max_prompt_len)
 
         self.dataset = prompts(r.prompt_data, r.input_key, r.label_key)
         self.eval_sets = {

@@ -97,3 +97,22 @@ def test_cursor_refuses_a_state_from_other_data():
     cursor = PromptCursor(7, shuffle=True, seed=3)
     with pytest.raises(ValueError, match="prompt file or rollout_seed changed"):
         cursor.load_state_dict(PromptCursor(8, shuffle=True, seed=3).state_dict())
+
+
+class WordTokenizer:
+    """One token per word: lengths a reader can count."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+def test_prompts_longer_than_max_prompt_len_are_left_out(tmp_path, caplog):
+    """slime's --rollout-max-prompt-len: long prompts are filtered out when the data is read."""
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"input": " ".join(["w"] * n)}) + "\n" for n in (3, 5, 4, 6)))
+    data = PromptDataset(path, tokenizer=WordTokenizer(), max_prompt_len=4)
+    assert [p.text.count("w") for p in data.prompts] == [3, 4] and [p.index for p in data.prompts] == [0, 1]
+    assert data.too_long == 2 and "2 prompts longer than rollout_max_prompt_len = 4 tokens" in caplog.text
+    with pytest.raises(DataError, match="no prompts of at most 2 tokens"):
+        PromptDataset(path, tokenizer=WordTokenizer(), max_prompt_len=2)
+    assert len(PromptDataset(path)) == 4
