@@ -3,6 +3,8 @@ rlhpc's own `TrainWorker` and `TorchEngine`, the engine pool doing what the driv
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -116,3 +118,60 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
     pool.kill()
     ray.kill(worker)
 
+
+def _megatron_rank(rank: int, world: int, port: int, config: str, model: str, out: str) -> None:
+    import megatron_cpu
+
+    megatron_cpu.install()
+    import torch.distributed as dist
+
+    from rl.train.worker import TrainWorker
+    from test_megatron_backend import SETTINGS
+
+    cfg = load_config(config, [*SETTINGS, "perf.pipeline_model_parallel_size=2",
+                               f"rollout.update_weight_buffer_size={LIMIT}"])
+    worker = TrainWorker(cfg, rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
+                         init_from=model, total_steps=1, threads=1, host_engine=False)
+    gathered_objects: list = []
+    real = dist.all_gather_object
+
+    def recording(object_list, obj, group=None):
+        gathered_objects.append(obj)
+        return real(object_list, obj, group=group)
+
+    dist.all_gather_object = recording
+    sent = [[(n, t.clone()) for n, t in bucket] for bucket in worker.weight_buckets()]
+
+    def tensors_in(x) -> int:
+        if isinstance(x, torch.Tensor):
+            return 1
+        if isinstance(x, dict):
+            x = list(x.values())
+        return sum(tensors_in(v) for v in x) if isinstance(x, (list, tuple)) else 0
+
+    torch.save({"buckets": sent, "tensors_in_objects": tensors_in(gathered_objects)}, f"{out}.{rank}")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_megatron_pipeline_stages_send_rank_0_one_parameter_at_a_time(write_config, tiny_model_dir, tmp_path):
+    """Megatron-core run for real on the host over gloo (`tests/test_megatron_backend.py`), two pipeline stages:
+    rank 0 yields the whole model in bounded buckets, equal to the checkpoint it started from, and no
+    parameter travels inside an object (the stages' tensors go point to point)."""
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    from conftest import MINIMAL
+    from rl.ports import free_port
+
+    out = str(tmp_path / "out")
+    mp.spawn(_megatron_rank, args=(2, free_port("127.0.0.1"), str(write_config(MINIMAL)), str(tiny_model_dir), out),
+             nprocs=2)
+    head, other = (torch.load(f"{out}.{r}", weights_only=True) for r in range(2))
+    assert other["buckets"] == [] and head["tensors_in_objects"] == other["tensors_in_objects"] == 0
+    assert len(head["buckets"]) > 2
+    assert all(_bytes(b) <= LIMIT or len(b) == 1 for b in head["buckets"])
+    weights = dict(pair for bucket in head["buckets"] for pair in bucket)
+    expected = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name

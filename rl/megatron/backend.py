@@ -33,7 +33,7 @@ from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
 from rl.export import MEGATRON_DIR
 from rl.megatron.convert import HF_CONFIG, load_megatron_state, torch_dist_config, write_torch_dist_config
 from rl.megatron.hf_tensors import hf_tensors
-from rl.megatron.layout import megatron_sources, megatron_to_hf
+from rl.megatron.layout import hf_of_parameter, megatron_sources
 from rl.megatron.model import build_model, check_layer_spec, has_transformer_engine
 from rl.megatron.shards import renumber, shard, split_dim, unshard
 from rl.train.objective import policy_objective
@@ -276,26 +276,50 @@ class MegatronBackend:
     # --- weights out -----------------------------------------------------------------------------------
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """The whole policy by Hugging Face name on global rank 0 (nothing elsewhere): every rank takes part,
-        tensor-parallel shards all-gathered within each stage, then each stage's layers sent to rank 0."""
+        """The whole policy by Hugging Face name on global rank 0 (nothing elsewhere), a parameter at a time:
+        every rank takes part, tensor-parallel shards all-gathered within each stage, and the later pipeline
+        stages' parameters sent to rank 0 one by one, point to point, as it reaches them (only their names,
+        shapes and dtypes go ahead, as objects), so that no rank ever holds more than a parameter beyond its
+        own stage."""
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+        pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [0]
+        stages: list[Any] = [None] * pp_size
+        if pp_size > 1:
+            mine = [(renumber(n, self.layer_offset), p.dtype, self._whole_shape(p))
+                    for n, p in self.model.named_parameters()]
+            dist.all_gather_object(stages, mine, group=pp_group)
+        on_rank_0 = dist.get_rank() == 0
+        sender = pp_size > 1 and 0 in pp_ranks and not on_rank_0  # this stage's sender to rank 0
+        if not on_rank_0:
+            for _, whole in self._gathered():
+                if sender:
+                    dist.send(whole.contiguous(), dst=0)
+            return
+        for name, whole in self._gathered():
+            yield from hf_of_parameter(name, whole, self.hf_config, te=self.te)
+        for stage, src in zip(stages[1:], pp_ranks[1:]):
+            for name, dtype, shape in stage:
+                whole = torch.empty(shape, dtype=dtype, device=self.device)
+                dist.recv(whole, src=src)
+                yield from hf_of_parameter(name, whole, self.hf_config, te=self.te)
+
+    def _whole_shape(self, param: Tensor) -> tuple[int, ...]:
+        dim, shape = split_dim(param), list(param.shape)
+        if dim is not None:
+            shape[dim] *= self.tp_size
+        return tuple(shape)
+
+    def _gathered(self) -> Iterator[tuple[str, Tensor]]:
+        """This stage's parameters, each whole (tensor-parallel shards all-gathered) in turn, by global name."""
         tp_group = parallel_state.get_tensor_model_parallel_group()
-        stage: dict[str, Tensor] = {}
         for name, param in self.model.named_parameters():
             dim = split_dim(param)
             parts = [param.detach()]
             if dim is not None and self.tp_size > 1:
                 parts = [torch.empty_like(param) for _ in range(self.tp_size)]
                 dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
-            stage[renumber(name, self.layer_offset)] = unshard(parts, name, dim)
-        whole = stage
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            gathered: list[Any] = [None] * parallel_state.get_pipeline_model_parallel_world_size()
-            mine = {k: v.cpu() for k, v in stage.items()} if self.tp_rank == 0 and self.dp_rank == 0 else {}
-            dist.all_gather_object(gathered, mine, group=parallel_state.get_pipeline_model_parallel_group())
-            whole = {k: v.to(self.device) for part in gathered for k, v in part.items()}
-        if dist.get_rank() != 0:
-            return
-        yield from megatron_to_hf(whole, self.hf_config, te=self.te).items()
+            yield renumber(name, self.layer_offset), unshard(parts, name, dim)
 
     def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
         """The torch optimizers inside Megatron's (one per parameter kind when chained)."""

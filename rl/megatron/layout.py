@@ -139,21 +139,36 @@ def hf_to_megatron(hf: Mapping[str, Tensor], hf_config: Any, *, te: bool = False
 
 def megatron_to_hf(mc: Mapping[str, Tensor], hf_config: Any, *, te: bool = False) -> dict[str, Tensor]:
     """The inverse of `hf_to_megatron`; with tied embeddings `lm_head.weight` is the embedding."""
-    f, heads = family(hf_config), Heads.of(hf_config)
-    embed = mc["embedding.word_embeddings.weight"]
-    out = {"model.embed_tokens.weight": embed, "model.norm.weight": mc["decoder.final_layernorm.weight"],
-           "lm_head.weight": embed if hf_config.tie_word_embeddings else mc[OUTPUT]}
-    for i in range(hf_config.num_hidden_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for m, h in _renames(f, te).items():
-            out[dst + h] = mc[src + m]
-        for kind in ("weight", "bias") if f.qkv_bias else ("weight",):
-            q, k, v = split_qkv(mc[f"{src}self_attention.linear_qkv.{kind}"], heads)
-            out |= {f"{dst}self_attn.{p}_proj.{kind}": t for p, t in zip("qkv", (q, k, v))}
-        fc1 = mc[src + "mlp.linear_fc1.weight"]
+    return {k: v for name, t in mc.items() for k, v in hf_of_parameter(name, t, hf_config, te=te)}
+
+
+def hf_of_parameter(name: str, tensor: Tensor, hf_config: Any, *, te: bool = False) -> list[tuple[str, Tensor]]:
+    """The Hugging Face tensors one whole Megatron-core parameter holds (`megatron_to_hf` a parameter at a
+    time, so that weights can leave as they are gathered); with tied embeddings the embedding is also
+    `lm_head.weight` and the last pipeline stage's copy of it (`output_layer.weight`) gives nothing."""
+    f = family(hf_config)
+    if name == "embedding.word_embeddings.weight":
+        return [("model.embed_tokens.weight", tensor)] + (
+            [("lm_head.weight", tensor)] if hf_config.tie_word_embeddings else [])
+    if name == OUTPUT:
+        return [] if hf_config.tie_word_embeddings else [("lm_head.weight", tensor)]
+    if name == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", tensor)]
+    prefix, dot, rest = name.partition(".layers.")
+    layer, _, suffix = rest.partition(".")
+    if prefix != "decoder" or not dot or not layer.isdigit():
+        raise KeyError(f"{name}: not a parameter of the Megatron layout")
+    dst = f"model.layers.{layer}."
+    renamed = _renames(f, te).get(suffix)
+    if renamed is not None:
+        return [(dst + renamed, tensor)]
+    kind = suffix.removeprefix("self_attention.linear_qkv.")
+    if kind != suffix and (kind == "weight" or (kind == "bias" and f.qkv_bias)):
+        q, k, v = split_qkv(tensor, Heads.of(hf_config))
+        return [(f"{dst}self_attn.{p}_proj.{kind}", t) for p, t in zip("qkv", (q, k, v))]
+    if suffix == "mlp.linear_fc1.weight":
         if f.fused_gate_up:
-            out[dst + "mlp.gate_up_proj.weight"] = fc1
-        else:
-            gate, up = fc1.chunk(2)
-            out |= {dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up}
-    return out
+            return [(dst + "mlp.gate_up_proj.weight", tensor)]
+        gate, up = tensor.chunk(2)
+        return [(dst + "mlp.gate_proj.weight", gate), (dst + "mlp.up_proj.weight", up)]
+    raise KeyError(f"{name}: not a parameter of the Megatron layout")
