@@ -11,6 +11,7 @@ from rl.config import RolloutConfig
 from rl.rewards import compute_rewards, score
 from rl.rewards.math import last_boxed
 from rl.rewards.remote import RemoteRewardError
+from rl.rollout.engine import Generation
 from rl.sample import Sample
 
 THINK = "<think>Let me add the fractions carefully.</think>"
@@ -222,3 +223,68 @@ def test_reward_key_picks_the_entry_of_a_dict_reward(tmp_path):
             asyncio.run(compute_rewards(cfg, [Sample(prompt="2+2=", response="4", label="4")]))
     finally:
         server.close()
+
+
+class _Tokenizer:
+    """Characters as token ids: enough for the sampler and the default generate function."""
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [ord(c) for c in text]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(map(chr, ids))
+
+
+class _Pool:
+    """An engine that answers "7" to everything."""
+
+    def generate(self, prompts, params, seeds, abandon, deliver) -> None:
+        deliver([(i, Generation([ord("7")], [-1.0], "stop")) for i in range(len(prompts))])
+
+
+def second_is_nan(args, batch):
+    return [1.0, float("nan")]
+
+
+async def generate_with_inf_reward(args, sample, params, engine):
+    sample.response, sample.status, sample.reward = "7", "completed", float("-inf")
+    return sample
+
+
+async def remote_nan(url, payload, **kwargs):
+    return float("nan")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.custom_rm_path='test_rewards:second_is_nan'", "rollout.group_rm=true"],
+         "rollout 7, prompt 0, sample 1 of its group: test_rewards:second_is_nan gave the reward nan"),
+        (["rollout.custom_generate_function_path='test_rewards:generate_with_inf_reward'"],
+         "rollout 7, prompt 0, sample 0 of its group: test_rewards:generate_with_inf_reward gave the reward -inf"),
+        (["rollout.rm_type='remote_rm'", "rollout.rm_url='http://127.0.0.1:9/rm'"],
+         "rollout 7, prompt 0, sample 0 of its group: remote_rm at http://127.0.0.1:9/rm gave the reward nan"),
+    ],
+    ids=["custom", "generate-function", "remote"],
+)
+def test_a_non_finite_reward_is_refused_naming_the_sample_and_the_reward_function(monkeypatch, overrides, message):
+    """One NaN reward would turn its group's advantages, and then the weights, NaN: the rollout stops there."""
+    from conftest import CONFIGS
+
+    from rl.data import PromptDataset
+    from rl.errors import RunError
+    from rl.rollout.client import EngineClient
+    from rl.rollout.engine import SamplingParams
+    from rl.rollout.sampling import Sampler
+    from rlhpc.config import load_config
+
+    monkeypatch.setattr("rl.rewards.remote.remote_reward", remote_nan)
+    cfg = load_config(CONFIGS / "tiny_cpu.toml", ["ckpt.hf_checkpoint='/nowhere'", "rollout.rollout_shuffle=false",
+                                                  "rollout.rollout_batch_size=1", "rollout.n_samples_per_prompt=2",
+                                                  "rollout.num_steps_per_rollout=1",
+                                                  *overrides])
+    r = cfg.rollout
+    sampler = Sampler(cfg, _Tokenizer(), PromptDataset(r.prompt_data, input_key=r.input_key, label_key=r.label_key))
+    with pytest.raises(RunError) as e:
+        sampler.rollout(7, SamplingParams(max_new_tokens=1), EngineClient(_Pool(), _Tokenizer()))
+    assert str(e.value).startswith(message) and "not finite" in str(e.value)

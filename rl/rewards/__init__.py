@@ -88,6 +88,15 @@ async def compute_rewards(rollout: Any, samples: list[Any]) -> list[float]:
     return [score(s.metadata.get("rm_type") or rm_type, s.response, s.label, s.metadata) for s in samples]
 
 
+def reward_source(rollout: Any, sample: Any) -> str:
+    """What `compute_rewards` grades `sample` with, as the config names it (for error messages)."""
+    if rollout.custom_rm_path:
+        return rollout.custom_rm_path
+    if rollout.rm_type == "remote_rm":
+        return f"remote_rm at {rollout.rm_url}"
+    return f"rm_type {sample.metadata.get('rm_type') or rollout.rm_type!r}"
+
+
 def reward_value(reward: Any, source: str, reward_key: str | None) -> float:
     """The number a reward trains on: a bare number, or with `reward_key` (slime's `--reward-key`) that entry of
     the dict a reward model answers (e.g. {"accuracy": 1, "format": 0.5})."""

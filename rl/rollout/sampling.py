@@ -17,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import math
 from typing import Any
 
 from rl.config import RLConfig
 from rl.data import PromptCursor, PromptDataset
 from rl.errors import RunError
 from rl.hooks import load_function
-from rl.rewards import compute_rewards
+from rl.rewards import compute_rewards, reward_source
 from rl.rollout import filters, generate
 from rl.rollout.client import EngineClient
 from rl.rollout.engine import SamplingParams, sample_seed
@@ -83,9 +84,10 @@ class Sampler:
                 for j in range(n)])
         return groups
 
-    async def complete(self, group: Group, params: SamplingParams, engine: EngineClient) -> Group:
+    async def complete(self, group: Group, params: SamplingParams, engine: EngineClient, rollout_id: int) -> Group:
         """Generate the group's unfinished samples, then reward those the generate function left without a
-        reward, unless the generation was aborted (the group is not finished)."""
+        reward, unless the generation was aborted (the group is not finished). A reward that is not finite
+        is an error: one NaN would turn its group's advantages, then the weights, NaN."""
         todo = [i for i, s in enumerate(group) if s.status in ("pending", "aborted")]
         done = await asyncio.gather(*(self.generate_fn(self.r, group[i], params, engine) for i in todo))
         for i, sample in zip(todo, done):
@@ -94,13 +96,19 @@ class Sampler:
             unrewarded = [s for s in group if s.reward is None]
             for sample, reward in zip(unrewarded, await compute_rewards(self.r, unrewarded)):
                 sample.reward = reward
+            for j, s in enumerate(group):
+                if not math.isfinite(s.reward):
+                    source = (reward_source(self.r, s) if any(s is u for u in unrewarded)
+                              else self.r.custom_generate_function_path or generate.DEFAULT)
+                    raise RunError(f"rollout {rollout_id}, prompt {s.index}, sample {j} of its group: "
+                                   f"{source} gave the reward {s.reward}, which is not finite")
         return group
 
     def evaluate(self, dataset: PromptDataset, rollout_id: int, n: int, params: SamplingParams,
                  engine: EngineClient, salt: int) -> list[Sample]:
         """n rewarded samples of every prompt of an evaluation dataset."""
         groups = self.new_groups(dataset, list(range(len(dataset))), rollout_id, n, salt=salt)
-        return [s for group in asyncio.run(self._all(groups, params, engine)) for s in group]
+        return [s for group in asyncio.run(self._all(groups, params, engine, rollout_id)) for s in group]
 
     def rollout(self, rollout_id: int, params: SamplingParams, engine: EngineClient) -> tuple[list[Sample], int]:
         """The rollout's `rollout_batch_size` groups, flat and numbered, and how many groups the filter
@@ -108,7 +116,7 @@ class Sampler:
         r, n = self.r, self.r.n_samples_per_prompt
         if self.keep_group is None:
             fresh = self.new_groups(self.dataset, self.cursor.next_batch(r.rollout_batch_size), rollout_id, n)
-            groups, dropped = asyncio.run(self._all(fresh, params, engine)), 0
+            groups, dropped = asyncio.run(self._all(fresh, params, engine, rollout_id)), 0
         elif r.partial_rollout:
             groups, dropped = asyncio.run(self._as_they_finish(rollout_id, params, engine))
         else:
@@ -118,8 +126,9 @@ class Sampler:
                 s.group_index = g
         return [s for group in groups for s in group], dropped
 
-    async def _all(self, groups: list[Group], params: SamplingParams, engine: EngineClient) -> list[Group]:
-        return list(await asyncio.gather(*(self.complete(g, params, engine) for g in groups)))
+    async def _all(self, groups: list[Group], params: SamplingParams, engine: EngineClient,
+                   rollout_id: int) -> list[Group]:
+        return list(await asyncio.gather(*(self.complete(g, params, engine, rollout_id) for g in groups)))
 
     async def _in_rounds(self, rollout_id: int, params: SamplingParams,
                          engine: EngineClient) -> tuple[list[Group], int]:
@@ -129,7 +138,7 @@ class Sampler:
         for round_ in range(MAX_SAMPLING_ROUNDS):
             indices = self.cursor.next_batch(r.over_sampling_batch_size)
             fresh = self.new_groups(self.dataset, indices, rollout_id, n, first_index=round_ * len(indices) * n)
-            for group in await self._all(fresh, params, engine):
+            for group in await self._all(fresh, params, engine, rollout_id):
                 if len(kept) == r.rollout_batch_size:
                     break
                 if self.keep_group(r, group):
@@ -157,7 +166,7 @@ class Sampler:
                 groups += self.new_groups(self.dataset, indices, rollout_id, n, first_index=drawn)
                 drawn += len(indices) * n
                 for group in groups:
-                    pending[asyncio.create_task(self.complete(group, params, engine))] = submitted
+                    pending[asyncio.create_task(self.complete(group, params, engine, rollout_id))] = submitted
                     submitted += 1
             done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in sorted(done, key=pending.__getitem__):
