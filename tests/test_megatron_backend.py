@@ -21,6 +21,7 @@ bf16. Those run in `tests/test_megatron_gpu.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -61,8 +62,7 @@ def _weights(backend) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu", copy=True) for name, t in backend.named_weights()}
 
 
-def _rank(rank: int, world: int, port: int, cuda: bool, config: str, overrides: list[str], model: str, ckpt: str,
-          out: str, resume: bool) -> None:
+def _worker(rank: int, world: int, port: int, cuda: bool, config: str, overrides: list[str], model: str):
     if cuda:  # one GPU per rank, as Ray gives each training actor
         import os
 
@@ -74,8 +74,13 @@ def _rank(rank: int, world: int, port: int, cuda: bool, config: str, overrides: 
     from rl.train.worker import TrainWorker
 
     cfg = load_config(config, [*SETTINGS, *overrides])
-    worker = TrainWorker(cfg, rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
-                         init_from=model, total_steps=4, threads=1, host_engine=False)
+    return TrainWorker(cfg, rank=rank, world_size=world, master_addr="127.0.0.1", master_port=port,
+                       init_from=model, total_steps=4, threads=1, host_engine=False)
+
+
+def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, overrides: list[str], model: str,
+          ckpt: str, resume: bool) -> None:
+    worker = _worker(rank, world, port, cuda, config, overrides, model)
     backend = worker.backend
     samples = make_samples()
     result: dict = {}
@@ -95,12 +100,13 @@ def _rank(rank: int, world: int, port: int, cuda: bool, config: str, overrides: 
     torch.save(result, f"{out}.{rank}")
 
 
-def _run(world: int, *args) -> list[dict]:
+def _run(target, world: int, out: str, *args) -> list[dict]:
+    """`target(rank, world, port, cuda, out, *args)` in one fresh process per rank; what each saved to `out`.rank."""
     import torch.multiprocessing as mp
 
     port = free_port("127.0.0.1")
-    mp.spawn(_rank, args=(world, port, torch.cuda.is_available(), *args), nprocs=world)
-    return [torch.load(f"{args[-2]}.{r}", weights_only=True) for r in range(world)]
+    mp.spawn(target, args=(world, port, torch.cuda.is_available(), out, *args), nprocs=world)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(world)]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -116,9 +122,9 @@ def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_conf
     config = str(write_config(MINIMAL))
     root = tmp_path / "checkpoints"
     tmp = checkpoint.begin(root, 1)
-    first = _run(world, config, overrides, str(tiny_model_dir), str(tmp), str(tmp_path / "first"), False)
+    first = _run(_rank, world, str(tmp_path / "first"), config, overrides, str(tiny_model_dir), str(tmp), False)
     sealed = checkpoint.commit(root, tmp, 1)
-    resumed = _run(world, config, overrides, str(tiny_model_dir), str(sealed), str(tmp_path / "resumed"), True)
+    resumed = _run(_rank, world, str(tmp_path / "resumed"), config, overrides, str(tiny_model_dir), str(sealed), True)
 
     samples = make_samples()
     reference = TorchBackend(load_config(config, [s for s in SETTINGS if "megatron" not in s]),
@@ -151,6 +157,37 @@ def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_conf
     _assert_same({k: exported[k] for k in head["weights_at_save"]}, head["weights_at_save"], "exported weights")
     assert head["weights_after"] and any(not torch.equal(head["weights_after"][k], head["weights_at_save"][k])
                                          for k in head["weights_at_save"])
+
+
+def _nonfinite_rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, overrides: list[str],
+                    model: str) -> None:
+    backend = _worker(rank, world, port, cuda, config, overrides, model).backend
+    samples = make_samples()
+    poisoned = [dataclasses.replace(samples[0], advantages=[float("nan")] * samples[0].response_length),
+                *samples[1:]]
+    before = [p.detach().clone() for p in backend.model.parameters()]
+    skipped = backend.train_step(poisoned, **_sizes(samples))
+    result = {"skipped": skipped["skipped_steps"], "step": backend.step,
+              "unchanged": all(torch.equal(a, b) for a, b in zip(before, backend.model.parameters()))}
+    taken = backend.train_step(samples, **_sizes(samples))
+    result |= {"taken": taken["skipped_steps"], "grad_norm": taken["grad_norm"], "steps": backend.step,
+               "finite": all(bool(p.isfinite().all()) for p in backend.model.parameters())}
+    torch.save(result, f"{out}.{rank}")
+
+
+@pytest.mark.parametrize("layout", ["tp1", "pp2"])
+def test_megatron_skips_a_non_finite_step_on_every_rank(layout, write_config, tiny_model_dir, tmp_path):
+    """Without a loss scaler (fp32 here, bf16 on GPUs) Megatron's optimizer would apply a NaN gradient: the
+    backend skips the step on every rank (with pipeline stages only the last one sees the loss), counts it,
+    and keeps the schedule's position; the next finite step is taken."""
+    world, overrides = LAYOUTS[layout]
+    if torch.cuda.is_available() and torch.cuda.device_count() < world:
+        pytest.skip(f"{layout} needs {world} GPUs")
+    ranks = _run(_nonfinite_rank, world, str(tmp_path / "out"), str(write_config(MINIMAL)), overrides,
+                 str(tiny_model_dir))
+    for r in ranks:
+        assert r["skipped"] == 1.0 and r["step"] == 0 and r["unchanged"], r
+        assert r["taken"] == 0.0 and r["steps"] == 1 and r["finite"] and r["grad_norm"] > 0, r
 
 
 def _assert_same(a, b, what: str) -> None:

@@ -133,6 +133,25 @@ def test_train_step_moves_the_policy_and_reports(write_config, tiny_model_dir):
     assert backend.compute_log_probs(samples, ref=True) != lps
 
 
+def test_a_non_finite_step_is_skipped_and_counted_and_the_next_one_taken(write_config, tiny_model_dir):
+    """A NaN advantage makes the loss and the gradient NaN: the step changes no weight, no optimizer state and
+    not the schedule's position, and says so; the next, finite, step trains as usual."""
+    backend = backend_for(write_config, tiny_model_dir, "optimizer.lr=1e-3")
+    samples = make_samples()
+    tokens = sum(sum(s.loss_mask) for s in samples)
+    poisoned = [dataclasses.replace(samples[0], advantages=[float("nan")] * samples[0].response_length),
+                *samples[1:]]
+    before = [p.detach().clone() for p in backend.model.parameters()]
+    metrics = backend.train_step(poisoned, num_samples=len(samples), num_tokens=tokens)
+    assert metrics["skipped_steps"] == 1.0 and not torch.isfinite(torch.tensor(metrics["loss"]))
+    assert backend.step == 0 and not backend.optimizer.state
+    assert all(torch.equal(a, b) for a, b in zip(before, backend.model.parameters()))
+    metrics = backend.train_step(samples, num_samples=len(samples), num_tokens=tokens)
+    assert metrics["skipped_steps"] == 0.0 and backend.step == 1
+    assert all(torch.isfinite(p).all() for p in backend.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, backend.model.parameters()))
+
+
 def test_a_reloaded_backend_continues_training_bitwise_even_through_dropout(write_config, tiny_model_dir, tmp_path):
     """Model, optimizer, step and the rank's random state: the step after a reload draws the same dropout masks
     and lands on the same weights as the step that was never interrupted."""

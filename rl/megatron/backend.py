@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +39,7 @@ from rl.megatron.model import build_model, check_layer_spec, has_transformer_eng
 from rl.megatron.shards import renumber, shard, split_dim, unshard
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
-from rl.train.torch_backend import PADDING, move_optimizer_state, rank_micro_batches
+from rl.train.torch_backend import PADDING, finite_on_every_rank, move_optimizer_state, rank_micro_batches
 
 if TYPE_CHECKING:
     from rl.config import RLConfig
@@ -267,11 +268,21 @@ class MegatronBackend:
             return loss, metrics
 
         self._run(self.ddp, samples, objective, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        if not ok:
-            log.warning("optimizer step %d skipped (non-finite gradients)", self.step)
-        self.step += 1
-        return {**totals, "grad_norm": float(grad_norm or 0.0), "lr": lr}
+        # Megatron skips a step only where a loss scaler finds an overflow (fp16): without one (bf16, fp32) a
+        # NaN gradient would be applied. Any NaN or Inf makes a buffer's sum non-finite, and a sum allocates
+        # nothing the size of the model.
+        grads_finite = all(bool(b.grad_data.sum().isfinite())
+                           for b in self.ddp.buffers + self.ddp.expert_parallel_buffers)
+        ok = finite_on_every_rank(grads_finite and all(map(math.isfinite, totals.values())), self.device)
+        grad_norm = math.nan
+        if ok:
+            ok, norm, _ = self.optimizer.step()
+            grad_norm = float(norm or 0.0)
+        if ok:
+            self.step += 1
+        else:
+            log.warning("optimizer step %d skipped: non-finite loss or gradient norm", self.step)
+        return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped_steps": float(not ok)}
 
     # --- weights out -----------------------------------------------------------------------------------
 

@@ -45,7 +45,8 @@ class TrainingBackend(Protocol):
         """One optimizer step on this rank's share of a global batch of `num_samples` samples holding
         `num_tokens` loss tokens (the global denominators of the loss reductions), gradients accumulated
         over micro-batches and reduced over ranks. `old_log_probs` when the policy moved since the rollout.
-        Returns this rank's summed loss metrics with `grad_norm` and `lr`."""
+        Returns this rank's summed loss metrics with `grad_norm`, `lr` and `skipped_steps` (1 where a non-finite
+        loss or gradient norm on any rank left the weights, the optimizer and `step` as they were, else 0)."""
         ...
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:

@@ -10,6 +10,8 @@ ids), Megatron's THD layout; without one, as a right-padded batch.
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +31,8 @@ from rl.train.schedule import lr_at
 if TYPE_CHECKING:
     from rl.config import PerfConfig, RLConfig
 
+
+log = logging.getLogger(__name__)
 
 PADDING = TrainSample(tokens=[0, 0], response_length=1, loss_mask=[0], reward=0.0, rollout_log_probs=[0.0],
                       advantages=[0.0])
@@ -60,6 +64,16 @@ def rank_micro_batches(samples: list[TrainSample], perf: PerfConfig, device: tor
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         batches += [[] for _ in range(int(count) - len(batches))]
     return batches
+
+
+def finite_on_every_rank(finite: bool, device: torch.device) -> bool:
+    """Whether `finite` (this rank's loss and gradients are) holds on every rank of the default process group:
+    ranks take or skip an optimizer step together, or their weights would part."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return finite
+    flag = torch.tensor(float(finite), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, to: torch.device, home: torch.device) -> None:
@@ -190,10 +204,18 @@ class TorchBackend:
         metrics = self.accumulate_gradients(samples, num_samples=num_samples, num_tokens=num_tokens,
                                             old_log_probs=old_log_probs)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else float("inf"))
-        self.optimizer.step()
-        self.step += 1
-        return {**metrics, "grad_norm": float(_full(grad_norm)), "lr": lr}
+        grad_norm = float(_full(torch.nn.utils.clip_grad_norm_(params, o.clip_grad if o.clip_grad > 0 else
+                                                               float("inf"))))
+        # A non-finite step would make every weight NaN for good: it is skipped (the schedule stays), counted,
+        # and the driver stops the run after `optimizer.max_consecutive_nonfinite_steps` in a row.
+        taken = finite_on_every_rank(math.isfinite(grad_norm) and all(map(math.isfinite, metrics.values())),
+                                     self.device)
+        if taken:
+            self.optimizer.step()
+            self.step += 1
+        else:
+            log.warning("optimizer step %d skipped: non-finite loss or gradient norm", self.step)
+        return {**metrics, "grad_norm": grad_norm, "lr": lr, "skipped_steps": float(not taken)}
 
     def accumulate_gradients(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
                              old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
