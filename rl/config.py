@@ -302,6 +302,8 @@ class OptimizerConfig(Section):
 
 
 class SglangConfig(Section):
+    max_consecutive_nonfinite_steps: PositiveInt = 3
+    """Optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops."""
     rollout_num_gpus_per_engine: PositiveInt = 1
     """GPUs per engine (SGLang's tp_size)."""
     rollout_num_gpus: PositiveInt | None = None

@@ -81,6 +81,8 @@ class Driver:
         self.ahead: RolloutsAhead | None = None
         """Async training's generator of rollouts ahead of training."""
         self.save_s: float | None = None  # how long the last save took, to judge whether a stop leaves time for one
+        self.skipped_in_a_row = 0
+        """Optimizer steps skipped in a row for a non-finite loss or gradient norm (the policy's or the critic's)."""
         self.save_dir = cfg.save_dir(self.run_dir)
         self.load_dir = Path(cfg.ckpt.load) if cfg.ckpt.load else self.save_dir
         _writable(self.run_dir)
@@ -295,9 +297,24 @@ class Driver:
         by_rank = self._reported(calls)
         totals: dict[str, float] = {}
         for k in range(n):
-            for name, value in _across_ranks([steps_metrics[k] for steps_metrics in by_rank]).items():
-                totals[name] = totals.get(name, 0.0) + value / n
+            step = _across_ranks([steps_metrics[k] for steps_metrics in by_rank])
+            self.count_skipped(step)
+            for name, value in step.items():  # skipped steps are counted, the rest averaged over the steps
+                totals[name] = totals.get(name, 0.0) + (value if name.endswith("skipped_steps") else value / n)
         return totals
+
+    def count_skipped(self, step: dict[str, float]) -> None:
+        """Count a step the backends skipped for a non-finite loss or gradient norm; at
+        `max_consecutive_nonfinite_steps` in a row the run stops, before this rollout writes anything (a run
+        that only produces NaN would otherwise go on to its end; checkpoints wait out a run of skipped steps,
+        so the latest one is from before it)."""
+        skipped = step.get("skipped_steps") or step.get("critic_skipped_steps")
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        limit = self.cfg.optimizer.max_consecutive_nonfinite_steps
+        if self.skipped_in_a_row >= limit:
+            raise RunError(f"{limit} optimizer steps in a row had a non-finite loss or gradient norm and were skipped "
+                           f"(optimizer.max_consecutive_nonfinite_steps); the latest checkpoint is "
+                           f"{checkpoint.latest(self.save_dir) or 'none'}")
 
     def sync_weights(self, version: int) -> float:
         import ray
@@ -410,7 +427,8 @@ class Driver:
                 row = self.learn(batch, pending_eval)
                 pending_eval = {}
                 completed = rollout_id + 1
-                if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0):
+                if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0
+                                                     and not self.skipped_in_a_row):
                     row["checkpoint"] = str(self.save(completed))
                     saved = completed
                 log.write(row)
@@ -482,8 +500,9 @@ class Driver:
 
 def _across_ranks(results: list[dict[str, float]]) -> dict[str, float]:
     """One step's metrics from every rank's: loss terms are partial sums of the global mean on each rank;
-    gradient norms and learning rates (the policy's, and the critic's under `critic_`) are the same on all."""
-    same = ("grad_norm", "lr")
+    gradient norms, learning rates and skipped steps (the policy's, and the critic's under `critic_`) are the same
+    on all."""
+    same = ("grad_norm", "lr", "skipped_steps")
     return {k: results[0][k] if k.removeprefix("critic_") in same else sum(m[k] for m in results) for k in results[0]}
 
 

@@ -245,6 +245,36 @@ def test_ppo_trains_a_critic_whose_value_loss_falls(ray_local, tmp_path, tiny_mo
     assert (checkpoint.latest(tmp_path / "checkpoints") / "critic" / "model").is_dir()
 
 
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run_after_enough_in_a_row(ray_local, tmp_path,
+                                                                                      tiny_model_dir, monkeypatch):
+    """Steps of 8 samples, two a rollout; NaN advantages poison rollout 1's first step, then every step of
+    rollouts 2 and 3: the third skipped step in a row stops the run before rollout 3 writes anything, and the
+    checkpoint that waited out the skipped steps of rollout 2 was never written."""
+    from rl.loop import Driver
+
+    poisoned = {1: range(8), 2: range(16), 3: range(16)}  # rollout -> the samples given a NaN advantage
+    original = Driver.advantages
+    rollouts = iter(range(4))
+
+    def nan_advantages(self, train):
+        old = original(self, train)
+        for i in poisoned.get(next(rollouts), ()):
+            train[i].advantages = [float("nan")] * train[i].response_length
+        return old
+
+    monkeypatch.setattr(Driver, "advantages", nan_advantages)
+    with pytest.raises(RunError) as e:
+        run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=4", "ckpt.save_interval=1", "eval.eval_interval=10",
+                 "optimizer.max_consecutive_nonfinite_steps=3"))
+    assert "3 optimizer steps in a row had a non-finite loss" in str(e.value)
+    assert "optimizer.max_consecutive_nonfinite_steps" in str(e.value) and "iter_0000002" in str(e.value)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 2]
+    assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [1, 2]
+    folder, weights = final_weights(tmp_path, tiny_model_dir)
+    assert folder.name == "iter_0000002" and all(torch.isfinite(w).all() for w in weights.values())
+
+
 GROUPS_JUDGED: list[tuple[list[float], bool]] = []
 
 

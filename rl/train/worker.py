@@ -104,7 +104,8 @@ class TrainWorker:
                                               old_log_probs=old)
             if self.critic is not None:
                 critic = self.critic.train_step(batch, num_samples=num_samples, num_tokens=num_tokens)
-                metrics |= {f"critic_{k}" if k in ("grad_norm", "lr") else k: v for k, v in critic.items()}
+                metrics |= {f"critic_{k}" if k in ("grad_norm", "lr", "skipped_steps") else k: v
+                            for k, v in critic.items()}
             results.append(metrics)
         return results
 
