@@ -299,11 +299,11 @@ class OptimizerConfig(Section):
     adam_eps: Annotated[float, Field(gt=0)] = 1e-8
     clip_grad: Annotated[float, Field(ge=0)] = 1.0
     """Global gradient-norm clip; 0 disables it."""
+    max_consecutive_nonfinite_steps: PositiveInt = 3
+    """Optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops."""
 
 
 class SglangConfig(Section):
-    max_consecutive_nonfinite_steps: PositiveInt = 3
-    """Optimizer steps in a row skipped for a non-finite loss or gradient norm before the run stops."""
     rollout_num_gpus_per_engine: PositiveInt = 1
     """GPUs per engine (SGLang's tp_size)."""
     rollout_num_gpus: PositiveInt | None = None
