@@ -227,7 +227,10 @@ class PerfConfig(Section):
     actor_num_nodes: PositiveInt = 1
     actor_num_gpus_per_node: PositiveInt = 8
     colocate: bool = False
-    offload_optimizer_states: bool = False
+    offload_train: bool = True
+    """Colocated: while the engines generate, training memory waits on the host (slime's `--offload-train`,
+    on with `--colocate`): the optimizer's state; with Megatron also the weights, fp32 main parameters and
+    gradient buffers."""
     # parallelism
     tensor_model_parallel_size: PositiveInt = 1
     pipeline_model_parallel_size: PositiveInt = 1

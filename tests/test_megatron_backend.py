@@ -5,7 +5,8 @@ gloo (the suite), or on GPUs over NCCL where there are enough of them (`benchmar
 Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the tiny Qwen3's tied embeddings)
 runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
 loads that checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and
-take the same second step bitwise. `rlhpc export` of the sealed checkpoint gives the saved weights. Log-probs and the first step's loss terms are compared with the torch
+take the same second step bitwise (the first run pauses training memory, as a colocated rollout does, before it).
+`rlhpc export` of the sealed checkpoint gives the saved weights. Log-probs and the first step's loss terms are compared with the torch
 backend's on the same weights (float32).
 
 On the host: stand-ins, each for one megatron-core call that demands CUDA (`tests/megatron_cpu.py` says why each is
@@ -90,6 +91,11 @@ def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, o
         result["no_decay"] = sorted({g["weight_decay"] for g in backend.optimizer.param_groups
                                      if all(p.dim() == 1 for p in g["params"]) and g["params"]})
         worker.save(ckpt)
+        # A colocated rollout's pause: training memory leaves and comes back (gradient buffers freed and
+        # reallocated); the next step must be the resumed run's, which never paused.
+        backend.offload(weights=False)
+        backend.offload(weights=True)
+        backend.reload()
     else:
         worker.load(ckpt)
     result["step"] = backend.step

@@ -208,7 +208,7 @@ def test_a_colocated_engine_gives_its_memory_to_training_and_gets_the_new_weight
     from rl.rollout.engine import SamplingParams
     from rl.train.worker import TrainWorker
 
-    cfg = load_config(write_config(MINIMAL), ["perf.colocate=true", "perf.offload_optimizer_states=true",
+    cfg = load_config(write_config(MINIMAL), ["perf.colocate=true", "perf.offload_train=true",
                                                "optimizer.lr=1e-2"])
     worker = TrainWorker(cfg, rank=0, world_size=1, master_addr="", master_port=0, init_from=tiny_model_dir,
                          total_steps=10, threads=1, host_engine=True)
@@ -272,10 +272,10 @@ def test_optimizer_offload_moves_its_state_to_the_host_and_back(write_config, ti
     sizes = {"num_samples": len(samples), "num_tokens": sum(sum(s.loss_mask) for s in samples)}
     backend.train_step(samples, **sizes)
     on_gpu = torch.cuda.memory_allocated()
-    backend.offload_optimizer()
+    backend.offload(weights=True)
     assert torch.cuda.memory_allocated() < on_gpu
     assert all(v.device.type == "cpu" for s in backend.optimizer.state.values() for v in s.values())
-    backend.reload_optimizer()
+    backend.reload()
     assert all(v.device.type == "cuda" for s in backend.optimizer.state.values() for k, v in s.items() if k != "step")
     backend.train_step(samples, **sizes)
 

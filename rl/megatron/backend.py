@@ -39,7 +39,7 @@ from rl.megatron.model import build_model, check_layer_spec, has_transformer_eng
 from rl.megatron.shards import renumber, shard, split_dim, unshard
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
-from rl.train.torch_backend import PADDING, finite_on_every_rank, move_optimizer_state, rank_micro_batches
+from rl.train.torch_backend import PADDING, finite_on_every_rank, rank_micro_batches
 
 if TYPE_CHECKING:
     from rl.config import RLConfig
@@ -336,13 +336,40 @@ class MegatronBackend:
         """The torch optimizers inside Megatron's (one per parameter kind when chained)."""
         return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
 
-    def offload_optimizer(self) -> None:
-        for o in self._torch_optimizers():
-            move_optimizer_state(o, torch.device("cpu"), self.device)
+    def _buffers(self) -> list[Any]:
+        return self.ddp.buffers + self.ddp.expert_parallel_buffers
 
-    def reload_optimizer(self) -> None:
-        for o in self._torch_optimizers():
-            move_optimizer_state(o, self.device, self.device)
+    def offload(self, *, weights: bool) -> None:
+        """Training's memory, as slime's torch_memory_saver pause frees it, through megatron-core's own offload
+        calls: the optimizer's state and fp32 main parameters, the gradient buffers (storage freed, views kept),
+        and with `weights` the weights: views of DDP's parameter buffers with the distributed optimizer, else
+        parameters of their own."""
+        cuda = self.device.type == "cuda"
+        if cuda:  # Megatron's optimizer offload brings its tensors back with .cuda()
+            self.optimizer.offload_to_cpu()
+        self.ddp.offload_grad_buffers(synchronize=cuda, empty_cache=False)
+        if not weights:
+            pass
+        elif any(b.param_data is not None for b in self._buffers()):
+            for b in self._buffers():
+                b.offload_to_cpu(move_params=True, move_grads=False)
+        else:
+            for p in self.model.parameters():
+                p.data = p.data.to("cpu")
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    def reload(self) -> None:
+        if any(b.param_data is not None for b in self._buffers()):
+            for b in self._buffers():
+                b.reload_from_cpu(move_params=True, move_grads=False)
+        else:
+            for p in self.model.parameters():
+                p.data = p.data.to(self.device)
+        self.ddp.restore_grad_buffers(synchronize=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self.optimizer.restore_from_cpu()
 
     # --- checkpoints (torch_dist: loadable under another parallel layout) ------------------------------
 

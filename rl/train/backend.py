@@ -53,13 +53,13 @@ class TrainingBackend(Protocol):
         """The full policy weights by Hugging Face parameter name, for the rollout engines."""
         ...
 
-    def offload_optimizer(self) -> None:
-        """Move the optimizer's state to host memory (colocated runs with `offload_optimizer_states`: the
-        engines generate in that memory)."""
+    def offload(self, *, weights: bool) -> None:
+        """Move training memory to the host (colocated runs with `perf.offload_train`: the engines generate in
+        that memory); the weights too with `weights`, once they have been sent to the engines. Idempotent."""
         ...
 
-    def reload_optimizer(self) -> None:
-        """Bring the optimizer's state back to the device before training."""
+    def reload(self) -> None:
+        """Bring what `offload` moved back to the device before training."""
         ...
 
     def save(self, folder: Path) -> None:

@@ -271,10 +271,11 @@ class TorchBackend:
         for name, p in self.model.named_parameters():
             yield name, _full(p.detach())
 
-    def offload_optimizer(self) -> None:
+    def offload(self, *, weights: bool) -> None:
+        """The optimizer's state; the weights stay (the torch backend runs where one device holds all)."""
         move_optimizer_state(self.optimizer, torch.device("cpu"), self.device)
 
-    def reload_optimizer(self) -> None:
+    def reload(self) -> None:
         move_optimizer_state(self.optimizer, self.device, self.device)
 
     def save(self, folder: Path) -> None:

@@ -67,7 +67,7 @@ class TrainWorker:
 
             self.critic = TorchCritic(cfg, init_from=init_from, total_steps=total_steps, device=device)
         self.engine = None
-        self.offload_optimizer = cfg.perf.colocate and cfg.perf.offload_optimizer_states
+        self.offload = cfg.perf.colocate and cfg.perf.offload_train
         if host_engine:
             engine_cls, kwargs = engine_factory(cfg)
             self.engine = engine_cls(init_from, device=device, **kwargs)
@@ -166,23 +166,25 @@ class TrainWorker:
 
     def to_training(self) -> None:
         """Colocated: the hosted engine frees its memory for training (its weights come back with
-        `sync_engine`), and the optimizer's state returns from the host if it was offloaded."""
+        `sync_engine`), and training's memory returns from the host if it was offloaded."""
         if self.engine is not None:
             self.engine.release_memory()
-        if self.offload_optimizer:
-            self.backend.reload_optimizer()
+        if self.offload:
+            self.backend.reload()
 
     def sync_engine(self, version: int) -> float:
-        """Load the policy into the hosted engine, the memory the optimizer held first given back to it when
+        """Load the policy into the hosted engine, the memory training held first given back to it when
         offloading; ranks without an engine take part in gathering sharded weights."""
         start = time.perf_counter()
-        if self.offload_optimizer:
-            self.backend.offload_optimizer()
+        if self.offload:
+            self.backend.offload(weights=False)
         if self.engine is not None:
             self.engine.resume_memory()
             self.engine.update_weights(self.backend.named_weights(), version)
         else:
             self._join_gather()
+        if self.offload:  # sent: the weights can go too
+            self.backend.offload(weights=True)
         return time.perf_counter() - start
 
     # --- checkpoints ---
