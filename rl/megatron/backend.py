@@ -271,8 +271,7 @@ class MegatronBackend:
         # Megatron skips a step only where a loss scaler finds an overflow (fp16): without one (bf16, fp32) a
         # NaN gradient would be applied. Any NaN or Inf makes a buffer's sum non-finite, and a sum allocates
         # nothing the size of the model.
-        grads_finite = all(bool(b.grad_data.sum().isfinite())
-                           for b in self.ddp.buffers + self.ddp.expert_parallel_buffers)
+        grads_finite = all(bool(b.grad_data.sum().isfinite()) for b in self._buffers())
         ok = finite_on_every_rank(grads_finite and all(map(math.isfinite, totals.values())), self.device)
         grad_norm = math.nan
         if ok:
