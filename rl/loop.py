@@ -371,10 +371,9 @@ class Driver:
         generated ahead of it (async training)."""
         import ray
 
-        folder = checkpoint.latest(self.load_dir)
+        folder = checkpoint.latest(self.load_dir, load=lambda f: ray.get([w.load.remote(str(f)) for w in self.workers]))
         if folder is None:
             return 0, []
-        ray.get([w.load.remote(str(folder)) for w in self.workers])
         state = json.loads((folder / "state.json").read_text())
         self.sampler.load_state_dict(state)
         return int(state["rollout_id"]), [Generated.from_json(g) for g in state.get("pending", [])]

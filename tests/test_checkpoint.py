@@ -106,3 +106,24 @@ def test_keep_last_prunes_by_when_a_checkpoint_was_written(tmp_path: Path) -> No
     for iteration in (9, 6):  # 9 is written before 6: keep_last=2 keeps 6 and the 9 before it
         checkpoint.write(root, iteration, lambda f: (f / "w").write_text("z"), keep_last=2)
     assert checkpoint.complete_iterations(root) == [6, 9] and checkpoint.latest(root).name == "iter_0000006"
+
+
+def test_a_load_runs_while_the_files_are_checked_and_a_damaged_folder_gives_way(tmp_path):
+    """`latest(root, load=...)` loads each candidate while checking it: the newest that checks out is what was
+    loaded last; a load that fails on a folder that checks out is raised, not hidden by an older checkpoint."""
+    for i in (1, 2):
+        checkpoint.write(tmp_path, i, lambda d, i=i: (d / "weights.bin").write_bytes(bytes([i]) * 4096))
+    loaded = []
+    assert checkpoint.latest(tmp_path, load=lambda f: loaded.append(f.name)) == checkpoint.iteration_dir(tmp_path, 2)
+    assert loaded == ["iter_0000002"]
+
+    (checkpoint.iteration_dir(tmp_path, 2) / "weights.bin").write_bytes(b"\0" * 4096)  # damaged, same size
+    loaded.clear()
+    assert checkpoint.latest(tmp_path, load=lambda f: loaded.append(f.name)) == checkpoint.iteration_dir(tmp_path, 1)
+    assert loaded == ["iter_0000002", "iter_0000001"]
+
+    def broken(folder):
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        checkpoint.latest(tmp_path, load=broken)

@@ -1,0 +1,137 @@
+"""Checkpoint save and load of a real-size training state against the disk's own bandwidth, in one run.
+
+    .venv/bin/python benchmarks/checkpoint.py [--folder DIR] [--shape 0.6b]
+
+The state is what the torch backend holds for a Qwen3-shaped model (random weights built here from its config):
+fp32 weights and AdamW's two moments. It is saved as the loop saves it (`rl.checkpoint.write`: the backend's
+torch.distributed.checkpoint files, then the manifest, fsync, rename, `latest`) and loaded as a resumed run
+loads it (`rl.checkpoint.latest`, which checks the files against the manifest while the backend's `load` reads
+them). Beside it, on the
+same folder: a sequential write of the same tensors' bytes with fsync, and a read of them. Before each read the files'
+pages are dropped from the page cache (`posix_fadvise(DONTNEED)`), so reads come from the disk. Printed: GB/s
+of each, the ratios (goal ≥ 0.7), and where the time of a save and a load goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rl import checkpoint  # noqa: E402
+from rlhpc.config import load_config  # noqa: E402
+
+SHAPES = {
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+}
+BLOCK = 64 << 20
+
+
+def drop_cache(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+def disk(folder: Path, tensors: list[torch.Tensor]) -> dict[str, float]:
+    """The same bytes written plainly, one file, fsync at the end; then read back from the disk. The state's own
+    bytes, not a repeated block: storage that compresses or deduplicates would take a repeated block faster."""
+    path = folder / "disk-probe.bin"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for t in tensors:
+            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - start
+    drop_cache([path])
+    buffer = bytearray(BLOCK)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+    read_s = time.perf_counter() - start
+    size = path.stat().st_size
+    path.unlink()
+    return {"write_gb_s": size / write_s / 1e9, "read_gb_s": size / read_s / 1e9}
+
+
+def training_state(shape: str, work: Path):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from rl.tiny_model import build_tokenizer
+    from rl.train.torch_backend import TorchBackend
+
+    model_dir = work / "model"
+    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=4096)
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model_dir)
+    build_tokenizer().save_pretrained(model_dir)
+    cfg = load_config(ROOT / "configs" / "tiny_cpu.toml", [f"ckpt.hf_checkpoint='{model_dir}'",
+                                                           "grpo.use_kl_loss=false"])
+    backend = TorchBackend(cfg, init_from=model_dir, total_steps=10)
+    for p in backend.model.parameters():  # AdamW's moments exist after a first step
+        p.grad = torch.zeros_like(p)
+    backend.optimizer.step()
+    backend.optimizer.zero_grad(set_to_none=True)
+    return backend
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--folder", type=Path, default=None, help="where to write (default: a temporary folder)")
+    p.add_argument("--shape", choices=SHAPES, default="0.6b")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="rlhpc-ckpt-", dir=args.folder))
+    try:
+        backend = training_state(args.shape, work)
+        root = work / "checkpoints"
+        start = time.perf_counter()
+        tmp = checkpoint.begin(root, 1)
+        backend.save(tmp)
+        written = time.perf_counter()
+        folder = checkpoint.commit(root, tmp, 1)
+        sealed = time.perf_counter()
+        nbytes = sum(p.stat().st_size for p in files(folder))
+        drop_cache(files(folder))
+        start_load = time.perf_counter()
+        assert checkpoint.latest(root, load=backend.load) == folder
+        loaded = time.perf_counter()
+        state = [p for p in backend.model.parameters()] + [
+            v for st in backend.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        d = disk(work, state)
+        save_s, load_s = sealed - start, loaded - start_load
+        print(json.dumps({
+            "shape": args.shape, "parameters": sum(p.numel() for p in backend.model.parameters()),
+            "checkpoint_gb": nbytes / 1e9, "disk": d,
+            "save": {"seconds": save_s, "gb_s": nbytes / save_s / 1e9,
+                     "of_disk": nbytes / save_s / 1e9 / d["write_gb_s"], "write_s": written - start,
+                     "seal_s": sealed - written},
+            "load": {"seconds": load_s, "gb_s": nbytes / load_s / 1e9,
+                     "of_disk": nbytes / load_s / 1e9 / d["read_gb_s"]},
+        }, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
