@@ -494,3 +494,55 @@ def test_async_training_generates_ahead_within_the_staleness_bound_and_resumes_e
                      "rollout.update_weights_interval=2", "rollout.num_rollout=3", "eval.eval_interval=100"))["rows"]
     assert all(r["staleness"] <= 2 + 2 - 1 for r in wider)
     assert [r["time_sync_s"] > 0 for r in wider] == [False, True, False]  # weights every second rollout
+
+
+@pytest.mark.parametrize("std_normalize", [True, False], ids=["grpo", "dr-grpo-no-std"])
+def test_the_loop_trains_on_group_normalized_advantages_of_its_own_samples(ray_local, tmp_path, tiny_model_dir,
+                                                                          monkeypatch, std_normalize):
+    """What the driver hands to the workers, recorded at `Driver.train`: each sample's advantage on its loss
+    tokens is `group_normalize` of the rewards of its own prompt group, the group taken from the `group_index`
+    the rollout gave its samples (not from the loop's grouping), each group `n_samples_per_prompt` strong."""
+    from rl.advantages import group_normalize
+    from rl.loop import Driver
+
+    n = 4
+    generated, trained = [], []  # per rollout: the rollout's samples; what went to training
+    original_learn, original_train = Driver.learn, Driver.train
+
+    def learn(self, batch, pending_eval):
+        generated.append([(s.group_index, s.index, list(s.tokens), s.reward) for s in batch.samples])
+        return original_learn(self, batch, pending_eval)
+
+    def train(self, train, old=None):  # copied before the workers see them
+        trained.append([(list(s.tokens), s.response_length, list(s.loss_mask), s.reward, list(s.advantages))
+                        for s in train])
+        return original_train(self, train, old)
+
+    monkeypatch.setattr(Driver, "learn", learn)
+    monkeypatch.setattr(Driver, "train", train)
+    rows = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=2", f"rollout.n_samples_per_prompt={n}",
+                    "rollout.num_steps_per_rollout=1", "eval.eval_interval=100", "ckpt.save_interval=100",
+                    f"grpo.disable_grpo_std_normalization={str(not std_normalize).lower()}"))["rows"]
+    assert len(rows) == len(generated) == len(trained) == 2
+    compared = nonzero = 0
+    for samples, train in zip(generated, trained):
+        assert len(train) == len(samples) == 4 * n  # rollout_batch_size groups
+        groups: dict[int, list[int]] = {}
+        for i, ((group, _, tokens, reward), t) in enumerate(zip(samples, train)):
+            assert (t[0], t[3]) == (tokens, reward)  # the trained sample is the generated one
+            groups.setdefault(group, []).append(i)
+        assert len(groups) == 4 and all(len(members) == n for members in groups.values())
+        for members in groups.values():
+            # one prompt per group: same dataset index, same prompt tokens
+            assert len({samples[i][1] for i in members}) == 1
+            assert len({tuple(train[i][0][: len(train[i][0]) - train[i][1]]) for i in members}) == 1
+            expected = group_normalize(torch.tensor([train[i][3] for i in members], dtype=torch.float32), n,
+                                       std_normalize=std_normalize)
+            for i, want in zip(members, expected.tolist()):
+                _, length, mask, _, advantages = train[i]
+                assert len(advantages) == len(mask) == length and sum(mask) > 0
+                got = [a for a, m in zip(advantages, mask) if m]
+                assert got == pytest.approx([want] * len(got), rel=1e-6, abs=1e-6), (i, got, want)
+                compared += len(got)
+                nonzero += want != 0
+    assert compared > 0 and nonzero > 0  # some group had unequal rewards: a wrong sign or scale cannot pass
