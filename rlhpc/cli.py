@@ -3,10 +3,12 @@ so `rlhpc --help` stays instant."""
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,14 +20,87 @@ if TYPE_CHECKING:
     from rlhpc.config import Config
     from rlhpc.status import RunStatus
 
-app = typer.Typer(
+REFUSED = 2
+"""Exit code of a command that refused its input: a config, a path, a run's name, a folder, an option."""
+FAILED = 1
+"""Exit code of a command whose work failed: a job, a Slurm command, the local cluster, a drill."""
+
+
+class Refused(Exception):
+    """The input is refused; each argument is one error line."""
+
+
+class Failed(Exception):
+    """The work failed; each argument is one error line."""
+
+
+_EXPECTED = [
+    (REFUSED, "rlhpc.config", "ConfigError"), (REFUSED, "rlhpc.run_folder", "RunFolderError"),
+    (REFUSED, "rlhpc.render", "RenderError"), (REFUSED, "rl.data", "DataError"), (REFUSED, "rl.errors", "RunError"),
+    (REFUSED, "rlhpc.status", "NoSuchRun"),
+    (FAILED, "rlhpc.submit", "JobFailed"), (FAILED, "rlhpc.drill", "DrillError"),
+    (FAILED, "hpc.local_cluster", "ClusterError"),
+]
+"""Errors of rlhpc's own modules that commands let through, by where they are defined: an exception of one of
+these classes means its module is loaded, so none is imported here (the CLI starts without torch or Ray)."""
+
+
+def _exit_code(e: BaseException) -> int | None:
+    """The one place exit codes are decided. None: not an expected failure (a bug), whose traceback stays."""
+    if isinstance(e, Refused | OSError):  # OSError: a file named, or one a command writes
+        return REFUSED
+    if isinstance(e, Failed):
+        return FAILED
+    for code, module, name in _EXPECTED:
+        if module in sys.modules and isinstance(e, getattr(sys.modules[module], name)):
+            return code
+    return None
+
+
+def _lines(e: BaseException) -> list[str]:
+    if isinstance(e, Refused | Failed):
+        return [str(a) for a in e.args]
+    if hasattr(e, "lines"):  # ConfigError: one line per problem, each naming file, line and field
+        return list(e.lines())
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return [f"{e.filename}: {e.strerror}"]
+    return [str(e)]
+
+
+class _Typer(typer.Typer):
+    """Every command's expected failures end the same way: one error line each, the exit code `_exit_code`
+    decides, no traceback."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        register = super().command(*args, **kwargs)
+
+        def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(f)
+            def one_error_path(*a: Any, **kw: Any) -> Any:
+                try:
+                    return f(*a, **kw)
+                except Exception as e:
+                    code = _exit_code(e)
+                    if code is None:
+                        raise
+                    for line in _lines(e):
+                        _error(line)
+                    raise typer.Exit(code) from None
+
+            register(one_error_path)
+            return f
+
+        return decorator
+
+
+app = _Typer(
     name="rlhpc",
     help="Slurm-native GRPO post-training of LLMs (Megatron-core + SGLang, orchestrated by Ray).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Inspect a run's configuration.", no_args_is_help=True)
+config_app = _Typer(help="Inspect a run's configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 out = Console()
@@ -53,14 +128,9 @@ def _error(message: str) -> None:
 
 
 def _load(path: Path, overrides: list[str] | None) -> Config:
-    from rlhpc.config import ConfigError, load_config
+    from rlhpc.config import load_config
 
-    try:
-        return load_config(path, overrides or [])
-    except ConfigError as e:
-        for line in e.lines():
-            _error(line)
-        raise typer.Exit(2) from None
+    return load_config(path, overrides or [])
 
 
 @app.command()
@@ -80,10 +150,8 @@ def validate(
         from rlhpc.config import input_problems
 
         unreadable = input_problems(cfg)
-        for problem in unreadable:
-            _error(f"{config}: {problem.field}: {problem.message}")
         if missing or unreadable:
-            raise typer.Exit(2)
+            raise Refused(*(f"{config}: {problem.field}: {problem.message}" for problem in unreadable))
     r = cfg.rollout
     out.print(
         f"[green]ok[/] {config}: {r.rollout_batch_size} prompts × {r.n_samples_per_prompt} samples = "
@@ -115,26 +183,19 @@ def config_schema(
     try:
         output.write_text(text)
     except OSError as e:
-        _error(f"{output}: cannot write the schema: {e.strerror}")
-        raise typer.Exit(2) from None
+        raise Refused(f"{output}: cannot write the schema: {e.strerror}") from e
 
 
 @app.command()
 def run(config: ConfigArg, overrides: SetOpt = None, force: ForceOpt = False) -> None:
     """Run the GRPO loop on this machine (Ray started locally); resumes from the run's latest checkpoint."""
     cfg = _load(config, overrides)
-    from rl.data import DataError
-    from rl.loop import RunError
     from rl.loop import run as run_loop
-    from rlhpc.run_folder import RunFolderError, freeze
+    from rlhpc.run_folder import freeze
 
-    try:
-        run_dir = freeze(cfg, replace=force)
-        out.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
-        result = run_loop(cfg, run_dir)
-    except (RunError, DataError, RunFolderError, OSError) as e:
-        _error(str(e))
-        raise typer.Exit(2) from None
+    run_dir = freeze(cfg, replace=force)
+    out.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
+    result = run_loop(cfg, run_dir)
     rows = result["rows"]
     if rows:
         first = sum(r["reward_mean"] for r in rows[:5]) / len(rows[:5])
@@ -145,14 +206,9 @@ def run(config: ConfigArg, overrides: SetOpt = None, force: ForceOpt = False) ->
 def _one_run(run_: str) -> Path:
     from rlhpc.status import find_runs
 
-    try:
-        runs = find_runs(run_)
-    except LookupError as e:
-        _error(str(e))
-        raise typer.Exit(2) from None
+    runs = find_runs(run_)
     if len(runs) != 1:
-        _error(f"{run_}: several runs match ({', '.join(p.name for p in runs)}); name one")
-        raise typer.Exit(2)
+        raise Refused(f"{run_}: several runs match ({', '.join(p.name for p in runs)}); name one")
     return runs[0].absolute()
 
 
@@ -166,15 +222,11 @@ def export(
 
     run_dir = _one_run(run_)
     cfg = _load(run_dir / "config.toml", [])
-    try:
-        folder = export_hf(cfg.save_dir(run_dir), cfg.ckpt.hf_checkpoint, hf)
-    except FileNotFoundError as e:
-        _error(str(e))
-        raise typer.Exit(2) from None
+    folder = export_hf(cfg.save_dir(run_dir), cfg.ckpt.hf_checkpoint, hf)
     out.print(f"exported {folder} → {hf}", highlight=False, soft_wrap=True)
 
 
-convert_app = typer.Typer(help="Convert weights between Hugging Face folders and Megatron torch_dist checkpoints "
+convert_app = _Typer(help="Convert weights between Hugging Face folders and Megatron torch_dist checkpoints "
                           "(needs megatron-core, `pip install rlhpc[megatron]`; hf-to-megatron also CUDA).",
                           no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
@@ -212,8 +264,7 @@ def _convert(work: Callable[[], None], source: Path, dest: Path) -> None:
     try:
         work()
     except (ValueError, OSError) as e:  # OSError: a missing folder, or an output folder that exists
-        _error(f"{source}: {e}")
-        raise typer.Exit(2) from None
+        raise Refused(f"{source}: {e}") from e
     out.print(f"converted {source} → {dest}", highlight=False, soft_wrap=True)
 
 
@@ -229,11 +280,9 @@ def plot(
     try:
         png = plot_run(run_dir / "metrics.jsonl", output or run_dir / "curves.png")
     except ValueError as e:  # no rollouts yet
-        _error(str(e))
-        raise typer.Exit(2) from None
+        raise Refused(str(e)) from e
     except OSError as e:
-        _error(f"{e.filename or output}: cannot write the plot: {e.strerror or e}")
-        raise typer.Exit(2) from None
+        raise Refused(f"{e.filename or output}: cannot write the plot: {e.strerror or e}") from e
     out.print(f"wrote {png}", highlight=False, soft_wrap=True)
 
 
@@ -294,40 +343,27 @@ def _submit_and_report(cfg: Config, *, local: bool, wait: bool, replace: bool, c
 
     # A job that cannot find its model or data fails only after its wait in the queue.
     missing = cfg.missing_paths() if check_paths else []
-    for field, path in missing:
-        _error(f"{field}: {path} does not exist on this machine (--paths-on-nodes if it exists on the compute "
-               "nodes only)")
     if missing:
-        raise typer.Exit(2)
+        raise Refused(*(f"{field}: {path} does not exist on this machine (--paths-on-nodes if it exists on the "
+                        "compute nodes only)" for field, path in missing))
 
     if not local and not submission.slurm_reachable():
         local = True
         out.print("no Slurm reachable here (sbatch/sinfo): running through submitit's local executor instead")
     if local and cfg.slurm.nodes > 1:
-        _error(f"slurm.nodes = {cfg.slurm.nodes}: the local executor runs one node; submit to Slurm, or try "
-               "`rlhpc cluster up` for a local multi-node cluster")
-        raise typer.Exit(2)
+        raise Refused(f"slurm.nodes = {cfg.slurm.nodes}: the local executor runs one node; submit to Slurm, or "
+                      "try `rlhpc cluster up` for a local multi-node cluster")
     working = cfg.slurm.working_s
     if not local and working is not None and working < SHORT_ATTEMPT_S:
         err.print(f"[bold yellow]warning[/] each attempt has {working} s before the stop signal (slurm.time "
                   f"{cfg.slurm.time} less slurm.signal_grace_s {cfg.slurm.signal_grace_s}), start-up included: "
                   f"an attempt that completes no rollout still counts against slurm.max_requeues "
                   f"({cfg.slurm.max_requeues})", highlight=False, soft_wrap=True)
-    from rlhpc.run_folder import RunFolderError
-
-    try:
-        done = submission.submit(cfg, local=local, replace=replace)
-    except RunFolderError as e:
-        _error(str(e))
-        raise typer.Exit(2) from None
+    done = submission.submit(cfg, local=local, replace=replace)
     out.print(f"submitted job {done.job_id} ({done.executor}); run folder: {done.run_dir}", highlight=False,
               soft_wrap=True)
     if wait:
-        try:
-            result = submission.wait(done)
-        except submission.JobFailed as e:
-            _error(str(e))
-            raise typer.Exit(1) from None
+        result = submission.wait(done)
         out.print(f"job {done.job_id} finished: {result['rollouts']} rollouts, last reward "
                   f"{result['last_reward']:.3f}", highlight=False)
 
@@ -342,23 +378,17 @@ def render(
 ) -> None:
     """Render a plain sbatch script that does what `rlhpc submit` does (and freeze the run's config)."""
     cfg = _load_for_slurm(config, overrides, _slurm_flags(nodes=nodes), nodes)
-    from rlhpc.render import RenderError
     from rlhpc.render import render as render_script
-    from rlhpc.run_folder import RunFolderError, write_private
+    from rlhpc.run_folder import write_private
 
     if output is not None and not output.parent.is_dir():  # before the run folder is made
-        _error(f"{output}: no folder {output.parent}")
-        raise typer.Exit(2)
+        raise Refused(f"{output}: no folder {output.parent}")
     try:
         script = render_script(cfg, output, replace=force)
         if output is not None:
             write_private(output, script)
-    except (RenderError, RunFolderError) as e:
-        _error(str(e))
-        raise typer.Exit(2) from None
     except OSError as e:
-        _error(f"{e.filename or output}: {e.strerror}")
-        raise typer.Exit(2) from None
+        raise Refused(f"{e.filename or output}: {e.strerror}") from e
     if output is None:
         out.print(script, highlight=False, markup=False, soft_wrap=True, end="")
     else:
@@ -399,11 +429,7 @@ def status(
 
     from rlhpc.status import collect, find_runs
 
-    try:
-        runs = find_runs(run_)
-    except LookupError as e:
-        _error(str(e))
-        raise typer.Exit(2) from None
+    runs = find_runs(run_)
     if as_json:
         out.print_json(json.dumps([r.as_dict() for r in collect(runs)]))
         return
@@ -429,8 +455,7 @@ def _last_job(run_dir: Path) -> dict:
 
     subs = submissions(run_dir)
     if not subs:
-        _error(f"{run_dir}: the run was never submitted (no submissions.jsonl)")
-        raise typer.Exit(2)
+        raise Refused(f"{run_dir}: the run was never submitted (no submissions.jsonl)")
     return subs[-1]
 
 
@@ -449,8 +474,7 @@ def logs(
     job = _last_job(run_dir)
     files = [str(p) for p in task_logs(run_dir, job["job_id"], node)]
     if not any(Path(f).exists() for f in files) and not follow:
-        _error(f"no logs yet for job {job['job_id']} node {node} (looked for {files[0]} and .err)")
-        raise typer.Exit(1)
+        raise Failed(f"no logs yet for job {job['job_id']} node {node} (looked for {files[0]} and .err)")
     os.execvp("tail", ["tail", "-n", "+1", *(["-F"] if follow else []), *[f for f in files if follow or
                                                                         Path(f).exists()]])
 
@@ -468,16 +492,14 @@ def cancel(run_: RunArg) -> None:
         mark_cancelled(run_dir)  # first: a requeue racing with the cancel finds the mark and stops
         try:
             scancel(job_id)
-        except OSError as e:
-            _error(str(e))
-            raise typer.Exit(1) from None
+        except OSError as e:  # scancel failed or did not answer
+            raise Failed(str(e)) from e
         running = True
     else:
         # submitit's local job id is its process id; -1 or 0 would signal every process the user can reach
         if not job_id.isdigit() or int(job_id) <= 1:
-            _error(f"{run_dir / 'submissions.jsonl'}: job id {job_id!r} is not the process id of a local job; "
-                   "nothing was signalled")
-            raise typer.Exit(2)
+            raise Refused(f"{run_dir / 'submissions.jsonl'}: job id {job_id!r} is not the process id of a local "
+                          "job; nothing was signalled")
         mark_cancelled(run_dir)
         running = _stop_local_job(int(job_id), job.get("started"))
     if running:
@@ -499,9 +521,8 @@ def _stop_local_job(pid: int, started: str | None) -> bool:
     if now is None:
         return False
     if started is None:
-        _error(f"cannot tell whether process {pid} is still this run's job (its start time was not recorded); "
-               "nothing was signalled: stop it yourself if it is")
-        raise typer.Exit(1)
+        raise Failed(f"cannot tell whether process {pid} is still this run's job (its start time was not "
+                     "recorded); nothing was signalled: stop it yourself if it is")
     if now != started:
         return False  # another program holds the id now
     try:
@@ -509,8 +530,7 @@ def _stop_local_job(pid: int, started: str | None) -> bool:
     except ProcessLookupError:
         return False
     except OSError as e:
-        _error(f"signalling job {pid}: {e.strerror}")
-        raise typer.Exit(1) from None
+        raise Failed(f"signalling job {pid}: {e.strerror}") from e
     return True
 
 
@@ -535,9 +555,8 @@ def resume(
     job = _last_job(run_dir)
     live = [j for j in queue([job["job_id"]]) if j.state not in TERMINAL] if job["executor"] == "slurm" else []
     if live:
-        _error(f"job {job['job_id']} of run {run_dir.name} is still {live[0].state}; it resumes by itself "
-               f"(`rlhpc cancel {run_dir.name}` first to start over)")
-        raise typer.Exit(2)
+        raise Refused(f"job {job['job_id']} of run {run_dir.name} is still {live[0].state}; it resumes by itself "
+                      f"(`rlhpc cancel {run_dir.name}` first to start over)")
     (run_dir / CANCELLED).unlink(missing_ok=True)  # resuming is the user taking the run back up
     flags = _slurm_flags(nodes=nodes, partition=partition, time=time)
     # the run's own config, changed by --set: it replaces the frozen one
@@ -566,11 +585,9 @@ def drill(
     kinds = [k for k, on in (("preempt", preempt), ("timeout", timeout), ("requeue", requeue),
                              ("node-loss", node_loss)) if on]
     if len(kinds) != 1:
-        _error("name one drill: --preempt, --timeout, --requeue or --node-loss")
-        raise typer.Exit(2)
+        raise Refused("name one drill: --preempt, --timeout, --requeue or --node-loss")
     if at is not None and at not in PHASES:
-        _error(f"--at {at}: not a phase ({', '.join(PHASES)})")
-        raise typer.Exit(2)
+        raise Refused(f"--at {at}: not a phase ({', '.join(PHASES)})")
     run_dir = _one_run(run_)
     cfg = _load(run_dir / "config.toml", [])
     try:
@@ -581,12 +598,11 @@ def drill(
             start = drills.wait_resumed(run_dir, done.job_id, done.attempt, timeout_s=900)
             out.print(f"resumed from checkpoint {start['resumed_from']}, {start['redone']} rollouts redone",
                       highlight=False)
-    except (drills.DrillError, OSError) as e:  # OSError: a Slurm command that failed or did not answer
-        _error(str(e))
-        raise typer.Exit(1) from None
+    except OSError as e:  # a Slurm command that failed or did not answer
+        raise Failed(str(e)) from e
 
 
-cluster_app = typer.Typer(help="A real local Slurm cluster on this machine (tests, CI, trying rlhpc).",
+cluster_app = _Typer(help="A real local Slurm cluster on this machine (tests, CI, trying rlhpc).",
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", help="Where the cluster keeps its config, state and logs.")]
@@ -603,15 +619,11 @@ def cluster_up(
     """Start munged, slurmctld and one slurmd per node, each node in its own network namespace."""
     import os
 
-    from hpc.local_cluster import ClusterError, LocalCluster, Spec
+    from hpc.local_cluster import LocalCluster, Spec
 
     c = LocalCluster(state_dir)
     spec = Spec(nodes=nodes, cpus_per_node=cpus_per_node or os.cpu_count() or 1, accounting=accounting)
-    try:
-        started = c.up(spec)
-    except ClusterError as e:
-        _error(str(e))
-        raise typer.Exit(1) from None
+    started = c.up(spec)
     word = "up" if started else "already up"
     out.print(f"local cluster {word}: {nodes} nodes, {spec.cpus_per_node} CPUs each, partitions batch (default) "
               f"and urgent (preempts batch)", highlight=False)
@@ -621,18 +633,13 @@ def cluster_up(
 @cluster_app.command("down")
 def cluster_down(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
     """Stop every daemon and job process of the local cluster and remove its namespaces and bridge."""
-    from hpc.local_cluster import ClusterError, LocalCluster, check_prerequisites
+    from hpc.local_cluster import LocalCluster, check_prerequisites
 
     c = LocalCluster(state_dir)
-    try:
-        check_prerequisites()
-        c.down()
-    except ClusterError as e:
-        _error(str(e))
-        raise typer.Exit(1) from None
+    check_prerequisites()
+    c.down()
     if left := c.leftovers():
-        _error("still there after down: " + "; ".join(left))
-        raise typer.Exit(1)
+        raise Failed("still there after down: " + "; ".join(left))
     out.print("local cluster down")
 
 
@@ -645,7 +652,7 @@ def cluster_status(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
     spec = c.spec()
     if spec is None or not c.controller_alive():
         out.print("local cluster down" + (" (daemons missing: run `rlhpc cluster up`)" if spec else ""))
-        raise typer.Exit(1)
+        raise typer.Exit(FAILED)
     out.print(f"local cluster up: SLURM_CONF={c.conf}", highlight=False, soft_wrap=True)
     failed = {n.name for n in c.failed_nodes(spec)}
     for node, state in c.node_states().items():
@@ -661,14 +668,10 @@ def cluster_fail(
 ) -> None:
     """Fail a node as a power cut would: its slurmd and every process on it killed at once. `rlhpc cluster up`
     brings it back."""
-    from hpc.local_cluster import ClusterError, LocalCluster, check_prerequisites
+    from hpc.local_cluster import LocalCluster, check_prerequisites
 
-    try:
-        check_prerequisites()
-        killed = LocalCluster(state_dir).fail_node(node)
-    except ClusterError as e:
-        _error(str(e))
-        raise typer.Exit(1) from None
+    check_prerequisites()
+    killed = LocalCluster(state_dir).fail_node(node)
     out.print(f"{node} failed: {len(killed)} processes killed (slurmd, job steps, Ray)", highlight=False)
 
 
@@ -694,10 +697,10 @@ def doctor(
     out.print(table)
     failed = any(c.level == "fail" for c in checks)
     if nodes is None:
-        raise typer.Exit(1 if failed else 0)
+        raise typer.Exit(FAILED if failed else 0)
 
     from hpc.config import SlurmConfig
-    from rlhpc.submit import JobFailed, Submitted, slurm_executor, wait
+    from rlhpc.submit import Submitted, slurm_executor, wait
 
     from pydantic import ValidationError
 
@@ -705,19 +708,13 @@ def doctor(
     try:
         slurm = SlurmConfig(nodes=nodes, partition=partition, time=time_limit, requeue=False, max_requeues=0)
     except ValidationError as e:
-        for problem in e.errors():
-            _error(f"slurm.{'.'.join(map(str, problem['loc']))}: {problem['msg']}")
-        raise typer.Exit(2) from None
+        raise Refused(*(f"slurm.{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in e.errors())) from e
     ex = slurm_executor(slurm, folder.absolute(), "rlhpc-doctor")
     job = ex.submit(allreduce_probe)
     out.print(f"submitted job {job.job_id} on {nodes} nodes: all-reduce bandwidth and clock skew ...")
-    try:
-        probe = wait(Submitted(folder, str(job.job_id), "slurm", job))
-    except JobFailed as e:
-        _error(str(e))
-        raise typer.Exit(1) from None
+    probe = wait(Submitted(folder, str(job.job_id), "slurm", job))
     for size, gbps in probe["busbw_GBps"].items():
         out.print(f"  all-reduce {int(size) >> 20:>4} MiB ({probe['backend']}, {len(probe['nodes'])} nodes): "
                   f"bus bandwidth {gbps:.2f} GB/s", highlight=False)
     out.print(f"  clock skew across nodes: {probe['clock_skew_s'] * 1e3:.1f} ms", highlight=False)
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(FAILED if failed else 0)

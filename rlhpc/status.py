@@ -45,6 +45,10 @@ class RunStatus:
         return asdict(self)
 
 
+class NoSuchRun(LookupError):
+    """No run folder answers to the name, path or job id given."""
+
+
 def find_runs(target: str | None, root: Path = Path("runs")) -> list[Path]:
     """Run folders: `target` as a folder, a run name under `root`, or a job id recorded by a run; all of
     `root` when no target."""
@@ -57,7 +61,7 @@ def find_runs(target: str | None, root: Path = Path("runs")) -> list[Path]:
     by_job = [p for p in candidates if any(s["job_id"] == target for s in submissions(p))]
     if by_job:
         return by_job
-    raise LookupError(f"{target}: no run folder by that name or path, and no run in {root}/ submitted that job")
+    raise NoSuchRun(f"{target}: no run folder by that name or path, and no run in {root}/ submitted that job")
 
 
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:

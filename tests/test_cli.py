@@ -176,3 +176,27 @@ def test_validate_strict_loads_every_hook_and_reads_every_prompt_file(write_conf
     assert "rollout.dynamic_sampling_filter_path" in result.output and "no function 'no_such_function'" in result.output
     assert f"eval.eval_prompt_data.aime: {tmp_path / 'eval.jsonl'}:2: not valid JSON" in result.output
     assert f"eval.eval_prompt_data.empty: {tmp_path / 'empty.jsonl'}: no prompts" in result.output
+
+
+def test_one_error_path_decides_every_exit_code_and_leaves_bugs_visible(tmp_path, monkeypatch):
+    """Expected failures, wherever a command meets them, end in one error line each and the exit code of their
+    kind (input refused: 2, work failed: 1); anything else is a bug and keeps its traceback."""
+    from rlhpc import cli
+
+    monkeypatch.chdir(tmp_path)
+    refused = runner.invoke(app, ["status", "no-such-run"])
+    assert refused.exit_code == cli.REFUSED == 2 and "no-such-run: no run folder" in refused.output
+    assert "Traceback" not in refused.output
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("rlhpc.status.find_runs", bug)
+    crashed = runner.invoke(app, ["status", "x"])
+    assert isinstance(crashed.exception, KeyError)  # not turned into an error line
+
+    from rlhpc.submit import JobFailed
+
+    assert cli._exit_code(JobFailed("job 7 failed")) == cli._exit_code(cli.Failed("x")) == cli.FAILED == 1
+    assert cli._exit_code(OSError(2, "No such file or directory", "x.toml")) == cli.REFUSED
+    assert cli._exit_code(ValueError("a bug")) is None
