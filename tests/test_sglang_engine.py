@@ -6,6 +6,7 @@ SGLang's full install and a GPU: that test is `gpu`."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tomllib
@@ -192,6 +193,10 @@ def test_a_real_sglang_server_generates_with_log_probs_and_takes_new_weights(tin
     assert all(len(g.output_ids) == len(g.log_probs) > 0 for g in first)
     assert engine.generate([[1, 2, 3]] * 4, params, seeds=[0, 1, 2, 3]) == first  # deterministic inference
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    uniform = -math.log(model.config.vocab_size)
+    assert not all(abs(lp - uniform) < 1e-3 for g in first for lp in g.log_probs)
     engine.resume_memory()  # a colocated run's first sync: nothing released yet
     engine.update_weights({k: v * 0 for k, v in model.state_dict().items()}, version=1)
-    assert engine.generate([[1, 2, 3]], params, seeds=[0])[0].weight_version == 1
+    after = engine.generate([[1, 2, 3]], params, seeds=[0])[0]
+    # All-zero weights give all-zero logits: every token is drawn from the uniform distribution.
+    assert after.weight_version == 1 and all(abs(lp - uniform) < 1e-3 for lp in after.log_probs)
