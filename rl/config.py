@@ -322,6 +322,7 @@ class SglangConfig(Section):
     reproducible, so neither a resumed run nor an engine's reissued requests draw the same samples again."""
     sglang_context_length: PositiveInt | None = None
     sglang_router_strategy: Literal["cache_aware", "round_robin", "random", "power_of_two"] | None = None
+    """slime's `--sglang-router-strategy`: refused until rlhpc runs sglang-router (its pool spreads requests)."""
     sglang_server_args: dict[str, Any] = {}
     """Any other SGLang server argument, forwarded as `--key value` (slime's `--sglang-*` forwarding)."""
 
@@ -506,6 +507,23 @@ class RLConfig(BaseModel):
                 r.rm_type == "remote_rm" and not r.rm_url,
                 ("rollout.rm_url", "rollout.rm_type"),
                 "rm_type = 'remote_rm' needs rm_url",
+            ),
+            (
+                self.sglang.sglang_router_strategy is not None,
+                ("sglang.sglang_router_strategy",),
+                "no sglang-router yet: rlhpc's engine pool spreads the requests over the engines itself (leave it "
+                "unset)",
+            ),
+            (
+                r.engine == "sglang" and self.sglang.rollout_num_gpus_per_engine > p.actor_num_gpus_per_node,
+                ("sglang.rollout_num_gpus_per_engine", "perf.actor_num_gpus_per_node"),
+                f"an engine of {self.sglang.rollout_num_gpus_per_engine} GPUs would span nodes of "
+                f"{p.actor_num_gpus_per_node}: multi-node SGLang engines (--nnodes) are not supported yet",
+            ),
+            (
+                p.train_backend == "megatron" and g.advantage_estimator == "ppo",
+                ("grpo.advantage_estimator", "perf.train_backend"),
+                "advantage_estimator = 'ppo': the critic is trained by the torch backend only",
             ),
             (
                 _engines_split_unevenly(r, self.sglang, p),

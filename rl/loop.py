@@ -47,11 +47,6 @@ def _check_inputs(cfg: RLConfig) -> None:
     if not problems and not (cfg.ckpt.hf_checkpoint / "config.json").exists():
         problems.append(f"ckpt.hf_checkpoint: {cfg.ckpt.hf_checkpoint} is not a Hugging Face model folder "
                         "(no config.json)")
-    if cfg.sglang.sglang_router_strategy is not None:
-        problems.append("sglang.sglang_router_strategy: no sglang-router yet; rlhpc's engine pool spreads the "
-                        "requests over the engines itself (leave it unset)")
-    if cfg.perf.train_backend == "megatron" and cfg.grpo.advantage_estimator == "ppo":
-        problems.append("grpo.advantage_estimator = 'ppo': the critic is trained by the torch backend only")
     if problems:
         raise RunError("; ".join(problems))
 
