@@ -41,7 +41,7 @@ def _io_threads() -> int:
 
 def save_model_state(state: dict[str, Any], folder: Path) -> None:
     """Write a training state with torch.distributed.checkpoint into folder/model (every rank calls this).
-    Several writer threads, each its own file: one thread serializes and writes in turn and reached ~40 % of the
+    Several writer threads, each its own file: one thread serializes and writes in turn and reached ~50 % of the
     disk's bandwidth (benchmarks/checkpoint.py); the files also let the manifest hash them in parallel."""
     import torch.distributed.checkpoint as dcp
 

@@ -6,8 +6,8 @@ Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the 
 runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
 loads that checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and
 take the same second step bitwise (the first run pauses training memory, as a colocated rollout does, before it).
-`rlhpc export` of the sealed checkpoint gives the saved weights. Log-probs and the first step's loss terms are compared with the torch
-backend's on the same weights (float32).
+`rlhpc export` of the sealed checkpoint gives the saved weights. Log-probs and the first step's loss terms are
+compared with the torch backend's on the same weights (float32).
 
 On the host: stand-ins, each for one megatron-core call that demands CUDA (`tests/megatron_cpu.py` says why each is
 harmless): `tensor_parallel.model_parallel_cuda_manual_seed`, `CudaRNGStatesTracker.fork`,
@@ -56,7 +56,8 @@ def _optimizer_state(backend) -> list[dict]:
     """A copy: the optimizer's own state dict holds its live tensors, which the next step changes."""
     import copy
 
-    return [copy.deepcopy(o.state_dict()["state"]) for o in backend._torch_optimizers()]
+    chained = getattr(backend.optimizer, "chained_optimizers", [backend.optimizer])
+    return [copy.deepcopy(o.optimizer.state_dict()["state"]) for o in chained]
 
 
 def _weights(backend) -> dict[str, torch.Tensor]:

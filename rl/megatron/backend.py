@@ -331,41 +331,35 @@ class MegatronBackend:
                 dist.all_gather(parts, param.detach().contiguous(), group=tp_group)
             yield renumber(name, self.layer_offset), unshard(parts, name, dim)
 
-    def _torch_optimizers(self) -> list[torch.optim.Optimizer]:
-        """The torch optimizers inside Megatron's (one per parameter kind when chained)."""
-        return [o.optimizer for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
-
     def _buffers(self) -> list[Any]:
         return self.ddp.buffers + self.ddp.expert_parallel_buffers
+
+    def _move_weights(self, *, home: bool) -> None:
+        """The weights to the host, or back `home` to the device: views of DDP's parameter buffers (the
+        distributed optimizer's layout) move with their buffers, which keeps the views; else each parameter."""
+        if any(b.param_data is not None for b in self._buffers()):
+            for b in self._buffers():
+                (b.reload_from_cpu if home else b.offload_to_cpu)(move_params=True, move_grads=False)
+        else:
+            for p in self.model.parameters():
+                p.data = p.data.to(self.device if home else "cpu")
 
     def offload(self, *, weights: bool) -> None:
         """Training's memory, as slime's torch_memory_saver pause frees it, through megatron-core's own offload
         calls: the optimizer's state and fp32 main parameters, the gradient buffers (storage freed, views kept),
-        and with `weights` the weights: views of DDP's parameter buffers with the distributed optimizer, else
-        parameters of their own."""
+        and with `weights` the weights."""
         cuda = self.device.type == "cuda"
         if cuda:  # Megatron's optimizer offload brings its tensors back with .cuda()
             self.optimizer.offload_to_cpu()
         self.ddp.offload_grad_buffers(synchronize=cuda, empty_cache=False)
-        if not weights:
-            pass
-        elif any(b.param_data is not None for b in self._buffers()):
-            for b in self._buffers():
-                b.offload_to_cpu(move_params=True, move_grads=False)
-        else:
-            for p in self.model.parameters():
-                p.data = p.data.to("cpu")
+        if weights:
+            self._move_weights(home=False)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
 
     def reload(self) -> None:
-        if any(b.param_data is not None for b in self._buffers()):
-            for b in self._buffers():
-                b.reload_from_cpu(move_params=True, move_grads=False)
-        else:
-            for p in self.model.parameters():
-                p.data = p.data.to(self.device)
+        self._move_weights(home=True)
         self.ddp.restore_grad_buffers(synchronize=self.device.type == "cuda")
         if self.device.type == "cuda":
             self.optimizer.restore_from_cpu()

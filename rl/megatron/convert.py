@@ -3,8 +3,8 @@
 
 One process builds the model on the host (tensor and pipeline parallel size 1; writing needs a GPU, see
 `one_process`) and writes or reads it through `megatron.core.dist_checkpointing`. A Megatron run's own
-checkpoints (`iter_NNNNNNN/megatron`) carry the same metadata and convert the same way. torch_dist stores every tensor whole with its global shape, so the
-checkpoint loads under any parallel layout: each rank reads its own slices.
+checkpoints (`iter_NNNNNNN/megatron`) carry the same metadata and convert the same way. torch_dist stores every
+tensor whole with its global shape, so the checkpoint loads under any parallel layout: each rank reads its own slices.
 """
 
 from __future__ import annotations
