@@ -49,6 +49,18 @@ def _resolve_hook_file(value: str, info: ValidationInfo) -> str:
     return f"{_resolve_path(Path(file), info)}:{function}" if file.endswith(".py") else value
 
 
+PROMPT_SUFFIXES = (".jsonl", ".parquet")
+
+
+def _prompt_file(value: Path) -> Path:
+    if value.suffix not in PROMPT_SUFFIXES:
+        raise ValueError(f"{str(value)!r} is neither .jsonl nor .parquet (slime's prompt data formats)")
+    return value
+
+
+PromptPath = Annotated[ConfigPath, AfterValidator(_prompt_file)]
+"""A prompt or evaluation data file, JSONL or Parquet (`rl.data`), told apart by its suffix."""
+
 HookPath = Annotated[str, Field(pattern=r"^([A-Za-z_][\w.]*[:.]|[^:]+\.py:)[A-Za-z_]\w*$"),
                      AfterValidator(_resolve_hook_file)]
 """A Python function named as `package.module:function` (or slime's dotted `package.module.function`), or
@@ -100,7 +112,7 @@ class CkptConfig(Section):
 
 class RolloutConfig(Section):
     # data
-    prompt_data: ConfigPath
+    prompt_data: PromptPath
     input_key: str = "input"
     label_key: str | None = None
     metadata_key: str = "metadata"
@@ -199,7 +211,7 @@ class EvalConfig(Section):
     """Evaluation inherits the rollout's sampling parameters; each field set here overrides one."""
 
     eval_interval: PositiveInt | None = None
-    eval_prompt_data: dict[str, ConfigPath] = {}
+    eval_prompt_data: dict[str, PromptPath] = {}
     """Named datasets: `{ aime = "/data/aime-2024.jsonl" }` (slime's `name path` pairs are accepted too)."""
     eval_input_key: str | None = None
     eval_label_key: str | None = None

@@ -1,9 +1,11 @@
-"""Prompt data: a JSONL file of prompts and labels, and a cursor over it that a checkpoint can save.
+"""Prompt data: a JSONL or Parquet file of prompts and labels, and a cursor over it that a checkpoint can save.
 
-Each line is a JSON object with the prompt under `input_key`, the label under `label_key` and optional
-metadata under `metadata_key`. With `apply_chat_template` the prompt is a list of OpenAI-format messages
-(a bare string is taken as one user message) rendered by the tokenizer's chat template. Every line is
-checked when the file is read; a bad one is an error naming the file and the line.
+Each JSONL line, or each Parquet row (slime's two formats, told apart by the suffix `.parquet`), is an object
+with the prompt under `input_key`, the label under `label_key` and optional metadata under `metadata_key`.
+With `apply_chat_template` the prompt is a list of OpenAI-format messages (a bare string is taken as one user
+message) rendered by the tokenizer's chat template. Every row is checked when the file is read; a bad one is
+an error naming the file and the line (`file:3`, 1-based, as editors count) or the row (`file:row 2`, 0-based,
+as pyarrow and pandas count).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
+PARQUET = ".parquet"
+"""The suffix of a Parquet prompt file; any other is read as JSONL."""
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +46,7 @@ class Prompt:
 
 
 class PromptDataset:
-    """All prompts of one JSONL file, read and checked up front."""
+    """All prompts of one JSONL or Parquet file, read and checked up front."""
 
     def __init__(
         self,
@@ -62,23 +66,11 @@ class PromptDataset:
             raise ValueError("apply_chat_template and max_prompt_len need a tokenizer")
         self.too_long = 0
         """Prompts left out for being longer than max_prompt_len."""
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise DataError(f"{self.path}: prompt data file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{self.path}: cannot read the prompt data: {e}") from None
+        if not self.path.exists():
+            raise DataError(f"{self.path}: prompt data file not found")
         self.prompts: list[Prompt] = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{self.path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        rows = _parquet_rows(self.path) if self.path.suffix == PARQUET else _jsonl_rows(self.path)
+        for where, row in rows:
             prompt = _prompt(row, len(self.prompts), where, input_key, label_key, metadata_key,
                              tokenizer if apply_chat_template else None, chat_template_kwargs or {})
             # counted as the engines are given them: the rendered text, without special tokens added
@@ -99,6 +91,42 @@ class PromptDataset:
 
     def __getitem__(self, i: int) -> Prompt:
         return self.prompts[i]
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(file:line, object) of each non-blank line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read the prompt data: {e}") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(file:row N, row as a dict) of each row, batch by batch: pyarrow's Python values, so that a list of
+    structs is a list of dicts (chat messages) and a struct a dict (metadata), as in JSON."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'rlhpc[parquet]')") from None
+    try:
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches():
+            for values in batch.to_pylist():
+                yield f"{path}:row {row}", values
+                row += 1
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (not Parquet, cut short) is a ValueError
+        raise DataError(f"{path}: cannot read the prompt data as Parquet: {e}") from None
 
 
 def _prompt(

@@ -116,3 +116,78 @@ def test_prompts_longer_than_max_prompt_len_are_left_out(tmp_path, caplog):
     with pytest.raises(DataError, match="no prompts of at most 2 tokens"):
         PromptDataset(path, tokenizer=WordTokenizer(), max_prompt_len=2)
     assert len(PromptDataset(path)) == 4
+
+
+# Parquet (slime's other format): the same rows as JSONL give the same prompts, so the same shuffles and
+# resumable positions (PromptCursor sees only the dataset's size).
+
+def write_parquet(tmp_path, rows, name="d.parquet"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / name
+    # columns from every row's keys (from_pylist takes the first row's); a row without one holds null there
+    table = pa.Table.from_struct_array(pa.array(rows))
+    pq.write_table(table, path, row_group_size=2)  # several row groups: rows are counted across them
+    return path
+
+
+def test_parquet_rows_are_the_prompts_their_jsonl_lines_would_be(tmp_path):
+    rows = [{"prompt": f"{i}+{i}=", "label": str(2 * i), "metadata": {"level": i}} for i in range(5)]
+    parquet = PromptDataset(write_parquet(tmp_path, rows), input_key="prompt", label_key="label")
+    jsonl = PromptDataset(write_lines(tmp_path, [json.dumps(r) for r in rows]), input_key="prompt",
+                          label_key="label")
+    assert parquet.prompts == jsonl.prompts and parquet[4].metadata == {"level": 4}
+
+
+def test_parquet_chat_messages_render_with_the_chat_template(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(line) for line in (ROOT / "data/math/sample.jsonl").read_text().splitlines() if line]
+    options = dict(input_key="prompt", label_key="label", tokenizer=tokenizer, apply_chat_template=True)
+    parquet = PromptDataset(write_parquet(tmp_path, rows), **options)
+    assert parquet.prompts == PromptDataset(ROOT / "data/math/sample.jsonl", **options).prompts
+    assert parquet[0].text.startswith("<|im_start|>user\nWhat is the sum")
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"prompt": "   ", "label": "1"}, "empty prompt"),
+    ({"label": "1"}, "'prompt' must be a string"),  # a column's null
+    ({"prompt": "x", "label": "1", "metadata": "level 1"}, "'metadata' must be a JSON object"),
+])
+def test_a_bad_parquet_row_names_file_and_row(tmp_path, row, message):
+    good = {"prompt": "ok", "label": "1"}
+    path = write_parquet(tmp_path, [good, good, good, row])
+    with pytest.raises(DataError) as e:
+        PromptDataset(path, input_key="prompt", label_key="label")
+    assert str(e.value).startswith(f"{path}:row 3: ") and message in str(e.value)
+
+
+def test_a_parquet_file_without_the_prompt_column_says_which_columns_it_has(tmp_path):
+    path = write_parquet(tmp_path, [{"question": "x", "label": "1"}])
+    with pytest.raises(DataError, match=r"d.parquet:row 0: missing the prompt key 'prompt' \(keys: question, label\)"):
+        PromptDataset(path, input_key="prompt", label_key="label")
+
+
+def test_a_file_that_is_not_parquet_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_text('{"prompt": "a jsonl line under the wrong suffix"}\n')
+    with pytest.raises(DataError, match=f"{path}: cannot read the prompt data as Parquet"):
+        PromptDataset(path, input_key="prompt")
+    with pytest.raises(DataError, match="not found"):
+        PromptDataset(tmp_path / "none.parquet")
+
+
+def test_config_takes_jsonl_and_parquet_prompt_files_and_refuses_other_suffixes(write_config, tmp_path):
+    from conftest import MINIMAL
+    from rlhpc.config import ConfigError, load_config
+
+    write_parquet(tmp_path, [{"input": "1+1=", "label": "2"}], name="train.parquet")
+    evals = '[eval]\neval_prompt_data = { aime = "train.parquet" }\n'
+    cfg = load_config(write_config(MINIMAL.replace("train.jsonl", "train.parquet") + evals))
+    assert cfg.rollout.prompt_data.suffix == cfg.eval.eval_prompt_data["aime"].suffix == ".parquet"
+    for override in ("rollout.prompt_data='train.json'", "eval.eval_prompt_data={aime = 'aime.csv'}"):
+        with pytest.raises(ConfigError, match=r"neither \.jsonl nor \.parquet") as e:
+            load_config(write_config(MINIMAL), [override])
+        assert override.partition("=")[0] in str(e.value)
