@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -40,6 +40,84 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class ContainerConfig(Section):
+    """`[slurm.container]`: run every node's task inside a container image."""
+
+    runtime: Literal["pyxis", "apptainer"]
+    """`pyxis` (srun's --container-* options, enroot) or `apptainer` (`apptainer exec` around the command)."""
+    image: str
+    """pyxis: `slimerl/slime:latest` or a .sqsh file; apptainer: a .sif, a sandbox folder or `docker://...`."""
+    mounts: list[str] = []
+    """Host paths to mount, `SRC[:DST[:FLAGS]]` (data, model); the run folder is always mounted at its path."""
+    workdir: str | None = None
+    """Working directory of the task inside the container; the run folder when unset."""
+    python: str | None = None
+    """Python in the container with rlhpc installed (`python3`); unset: the host's path, which must be mounted."""
+    mount_home: bool = False
+    """Mount the user's home directory (off: its ~/.local packages would shadow the image's)."""
+    options: list[str] = []
+    """More options as on the command line: srun's for pyxis, `apptainer exec`'s for apptainer."""
+
+    @field_validator("image", "workdir", "python")
+    @classmethod
+    def _word(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        no_control_characters(v)
+        if not v.strip() or v.startswith("-"):
+            raise ValueError(f"{v!r} is empty or starts with '-' (it would be read as an option)")
+        return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("/"):
+            raise ValueError(f"{v!r} is not an absolute path (inside the container there is no directory it could "
+                             "be relative to)")
+        return v
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            no_control_characters(spec)
+            parts = spec.split(":")
+            if "," in spec:
+                raise ValueError(f"{spec!r}: a comma separates mounts in both runtimes' syntax; give one mount per "
+                                 "entry, with no comma in its paths")
+            if len(parts) > 3 or not all(p.startswith("/") for p in parts[:2]):
+                raise ValueError(f"{spec!r} is not SRC[:DST[:FLAGS]] with absolute SRC and DST paths")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: list[str]) -> list[str]:
+        for option in v:
+            no_control_characters(option)
+            if not option.startswith("-"):
+                raise ValueError(f"{option!r} is not an option (options start with '-'; the image is `image`)")
+        return v
+
+    def step(self, run_dir: str, env_names: list[str], gpus: bool) -> tuple[list[str], list[str]]:
+        """The container in the job's step: (srun options, words before the task's command). `env_names` are
+        the variables the batch script exports, which must reach the task with the host's value even where
+        the image sets them too; `gpus`: the job asks for GPUs."""
+        workdir = self.workdir or run_dir
+        if self.runtime == "pyxis":
+            # pyxis passes the host environment, but the image's values win unless named in --container-env.
+            return [f"--container-image={self.image}",
+                    f"--container-mounts={','.join([run_dir, *self.mounts])}",
+                    f"--container-workdir={workdir}",
+                    "--container-mount-home" if self.mount_home else "--no-container-mount-home",
+                    *([f"--container-env={','.join(env_names)}"] if env_names else []),
+                    *self.options], []
+        # apptainer passes the host environment too (no --cleanenv), the image's values winning over it: the
+        # batch script exports APPTAINERENV_<NAME> for each of `env_names`, which wins over both.
+        return [], ["apptainer", "exec", *(["--nv"] if gpus else []),
+                    *(f"--bind={m}" for m in [run_dir, *self.mounts]), f"--pwd={workdir}",
+                    *([] if self.mount_home else ["--no-home"]), *self.options, self.image]
+
+
 class SlurmConfig(Section):
     partition: str | None = None
     account: str | None = None
@@ -67,6 +145,8 @@ class SlurmConfig(Section):
     """Other sbatch options, as `{ reservation = "rl" }`."""
     env: dict[str, str] = {}
     """Environment of every process of the job (NCCL_*, GLOO_*, ...); wins over what rlhpc computes."""
+    container: ContainerConfig | None = None
+    """Run each node's task inside a container image (pyxis or Apptainer); on the host when unset."""
 
     @field_validator("partition", "account", "qos", "time", "mem", "constraint", "nodelist", "job_name")
     @classmethod

@@ -83,11 +83,31 @@ def batch_script(s: SlurmConfig, run_dir: Path, name: str, command: str, *, env:
                                    keep_trailing_newline=True, trim_blocks=True, autoescape=False)
     templates.filters["shquote"] = lambda v: shlex.quote(str(v))
     logs = jobs_dir(run_dir) / "%j"
+    srun_options, wrapped, container_env = container_step(s, run_dir, command, sorted(exported))
     return templates.get_template(TEMPLATE).render(
         header=header, sbatch_lines=sbatch_lines(s, run_dir, name), setup=s.setup, env=sorted(exported.items()),
-        run_dir=str(run_dir), python=sys.executable, command=command, signal=s.signal, grace_s=s.signal_grace_s,
-        fallback_s=fallback_s(s.signal_grace_s),
+        run_dir=str(run_dir), python=sys.executable, command=wrapped, signal=s.signal, grace_s=s.signal_grace_s,
+        fallback_s=fallback_s(s.signal_grace_s), container=s.container, container_srun=srun_options,
+        container_gpus=s.gpus_per_node > 0, container_env=container_env,
         task_output=str(logs / "%j_%t_log.out"), task_error=str(logs / "%j_%t_log.err"))
+
+
+def container_step(s: SlurmConfig, run_dir: Path, command: str, env_names: list[str]) -> tuple[str, str, list[str]]:
+    """`[slurm.container]` in the step, as shell words: (srun's options, the command with its wrapper, the
+    variables to hand to Apptainer as APPTAINERENV_<NAME>). No container: ("", `command`, [])."""
+    c = s.container
+    if c is None:
+        return "", command, []
+    if c.python is not None:  # the entry's interpreter: the host's, as submitit and `render` write it
+        host = shlex.quote(sys.executable)
+        if not command.startswith(host + " "):
+            raise RenderError(f"slurm.container.python: the command does not start with {host}: {command}")
+        command = shlex.quote(c.python) + command[len(host):]
+    options, wrapper = c.step(str(run_dir), env_names, gpus=s.gpus_per_node > 0)
+    words = " ".join(shlex.quote(_checked("slurm.container", w)) for w in wrapper)
+    exported = env_names if c.runtime == "apptainer" else []
+    return (" ".join(shlex.quote(_checked("slurm.container", o)) for o in options),
+            f"{words} {command}" if words else command, exported)
 
 
 def render(cfg: Config, script_path: Path | None = None, *, replace: bool = False) -> str:
