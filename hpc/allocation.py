@@ -3,6 +3,7 @@ on this machine alone."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -59,6 +60,24 @@ def current(environ: Mapping[str, str] = os.environ) -> Allocation:
         else _physical_memory(),
         restart_count=int(environ.get("SLURM_RESTART_COUNT") or 0),
     )
+
+
+def end_time(job_id: str, environ: Mapping[str, str] = os.environ) -> float | None:
+    """When Slurm will end this attempt of the job (epoch seconds): `SLURM_JOB_END_TIME` where Slurm sets it
+    (23.02 on), else its start and time limit as squeue reports them (a requeued job's count from its new
+    start). None outside Slurm, without a time limit, or when squeue does not answer."""
+    from hpc.slurm import queue
+
+    with contextlib.suppress(KeyError, ValueError):
+        return float(environ["SLURM_JOB_END_TIME"])
+    if "SLURM_JOB_ID" not in environ:
+        return None
+    try:
+        jobs = queue([job_id])
+    except OSError:
+        return None
+    return next((j.start_time + j.time_limit_s for j in jobs
+                 if j.job_id == job_id and j.start_time is not None and j.time_limit_s is not None), None)
 
 
 def _visible_gpus(environ: Mapping[str, str]) -> int:

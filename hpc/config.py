@@ -136,8 +136,9 @@ class SlurmConfig(Section):
     requeue: bool = True
     signal: str = "USR2"
     """Signal sent before the time limit and on preemption; USR1 is often taken by NCCL."""
-    signal_grace_s: Annotated[int, Field(gt=0, validate_default=True)] = 120
-    """Seconds between the signal and the kill: time to checkpoint and requeue."""
+    signal_grace_s: Annotated[int, Field(ge=0, validate_default=True)] = 120
+    """Seconds between the signal and the kill: time to checkpoint and requeue. 0 asks for no signal: the run
+    then stops by its own plan, from the job's end time and its measured save (a preemption kills it unwarned)."""
     max_requeues: Annotated[int, Field(ge=0)] = 10
     setup: list[str] = []
     """Shell lines run on every node before rlhpc starts (module load, source an environment)."""

@@ -39,14 +39,62 @@ def _io_threads() -> int:
     return max(2, min(8, os.cpu_count() or 1))
 
 
-def save_model_state(state: dict[str, Any], folder: Path) -> None:
-    """Write a training state with torch.distributed.checkpoint into folder/model (every rank calls this).
-    Several writer threads, each its own file: one thread serializes and writes in turn and reached ~50 % of the
-    disk's bandwidth (benchmarks/checkpoint.py); the files also let the manifest hash them in parallel."""
+def save_model_state(state: dict[str, Any], folder: Path, writer: BackgroundWriter | None = None) -> None:
+    """Write a training state with torch.distributed.checkpoint into folder/model (every rank calls this); with
+    `writer`, in the background. Several writer threads, each its own file: one thread serializes and writes in
+    turn and reached ~50 % of the disk's bandwidth (benchmarks/checkpoint.py); the files also let the manifest
+    hash them in parallel."""
     import torch.distributed.checkpoint as dcp
 
+    storage = dcp.FileSystemWriter(Path(folder) / "model", thread_count=_io_threads())
+    if writer is not None:
+        writer.save(state, storage)
+        return
     with _single_process_is_fine():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(Path(folder) / "model", thread_count=_io_threads()))
+        dcp.save(state, storage_writer=storage)
+
+
+class BackgroundWriter:
+    """One rank's asynchronous saves (`ckpt.async_save`) with torch.distributed.checkpoint's `async_save`: the
+    state is copied into host buffers, kept from one save to the next, by one thread, then written by another,
+    while training goes on. Training may change its tensors again once `staged()` returns (before its next step:
+    a rollout's generation usually covers the copy). The writes' collectives run over `group`, a process group of
+    their own, so that they never interleave with training's on the same group."""
+
+    def __init__(self, group: Any = None):
+        import torch
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        if not torch.distributed.is_initialized():
+            # as `_single_process_is_fine`, for the writing thread, which a `catch_warnings` here would not cover
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        cuda = torch.cuda.is_available()
+        # Pinned buffers and non-blocking copies only make sense from a GPU; shared memory is for the
+        # process-based writer, not used here.
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=True, use_non_blocking_copy=cuda))
+        self._group = group
+        self._saves: list[Any] = []
+
+    def save(self, state: dict[str, Any], storage: Any) -> None:
+        """Start saving `state` into `storage`; a save still writing is waited for first."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        self._saves.append(dcp.async_save(state, storage_writer=storage, async_stager=self._stager,
+                                          process_group=self._group, no_dist=not dist.is_initialized()))
+
+    def staged(self) -> None:
+        """Return once every save's copy of the state is taken (raising what the copy raised)."""
+        for save in self._saves:
+            save.staging_completion.result()
+
+    def wait(self) -> None:
+        """Return once every save is written (raising what the write raised)."""
+        saves, self._saves = self._saves, []
+        for save in saves:
+            save.upload_completion.result()
 
 
 def load_model_state(state: dict[str, Any], folder: Path) -> None:
@@ -151,22 +199,57 @@ def write(root: Path, iteration: int, fill: Callable[[Path], None], keep_last: i
     any failure (a full disk, a worker that died) the temporary folder is removed and CheckpointError raised;
     the previous checkpoint stays whole and latest."""
     tmp = begin(root, iteration)
+    return _sealed(root, tmp, iteration, lambda: fill(tmp), keep_last)
+
+
+class InBackground:
+    """A checkpoint written while the run goes on (`ckpt.async_save`): `start(folder)` begins every rank's
+    writing into the temporary folder and returns; a thread then waits for `written()` (every rank done) and
+    seals the folder as `write` does. Until it is sealed, `latest` does not see it."""
+
+    def __init__(self, root: Path, iteration: int, start: Callable[[Path], None], written: Callable[[], None],
+                 keep_last: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.folder = iteration_dir(root, iteration)
+        tmp = begin(root, iteration)
+        try:
+            start(tmp)
+        except BaseException as e:
+            raise _failure(root, tmp, iteration, e) from e
+        pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._sealed = pool.submit(_sealed, root, tmp, iteration, written, keep_last)
+        pool.shutdown(wait=False)
+
+    def result(self) -> Path:
+        """The sealed folder, once it is; CheckpointError as `write` raises it."""
+        return self._sealed.result()
+
+
+def _sealed(root: Path, tmp: Path, iteration: int, fill: Callable[[], None], keep_last: int | None) -> Path:
+    """`fill()`, then `commit`; on failure the temporary folder is removed and CheckpointError raised."""
     try:
-        fill(tmp)
+        fill()
         return commit(root, tmp, iteration, keep_last)
     except BaseException as e:  # torch's CheckpointException is a BaseException
-        # Writers report a full disk in their own words (torch: "unexpected pos ..."): look at the disk itself.
-        free = shutil.disk_usage(root).free
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        stands = sealed_latest(root)
-        if free < FULL_DISK_BYTES:
-            cause = f"no space left on device ({free} bytes free)"
-        else:
-            cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-        raise CheckpointError(f"saving checkpoint {iteration} into {root} failed: {cause}; the latest checkpoint "
-                              f"is still {stands.name if stands else 'none'}") from e
+        raise _failure(root, tmp, iteration, e) from e
+
+
+def _failure(root: Path, tmp: Path, iteration: int, e: BaseException) -> BaseException:
+    """What a failed save raises, once its temporary folder is removed: CheckpointError naming the cause and the
+    checkpoint that stays the latest (an interruption stays itself)."""
+    # Writers report a full disk in their own words (torch: "unexpected pos ..."): look at the disk itself.
+    free = shutil.disk_usage(root).free
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        return e
+    stands = sealed_latest(root)
+    if free < FULL_DISK_BYTES:
+        cause = f"no space left on device ({free} bytes free)"
+    else:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+    return CheckpointError(f"saving checkpoint {iteration} into {root} failed: {cause}; the latest checkpoint is "
+                           f"still {stands.name if stands else 'none'}")
 
 
 def begin(root: Path, iteration: int) -> Path:

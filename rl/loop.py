@@ -33,6 +33,7 @@ from rl.rollout.client import EngineClient
 from rl.rollout.engine import SamplingParams, engine_factory
 from rl.rollout.pool import EnginePool
 from rl.rollout.sampling import Sampler
+from rl.timings import SAVE_MARGIN, Timings
 
 logger = logging.getLogger(__name__)
 WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -40,6 +41,8 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_
 
 
 PLACEMENT_TIMEOUT_S = 120
+STEPS_PLANNED_ON = 4
+"""How many of the latest rollouts the stop before the job's end plans with (the longest of them)."""
 
 
 def _check_inputs(cfg: RLConfig) -> None:
@@ -75,7 +78,13 @@ class Driver:
         """Ray placement groups of the actors."""
         self.ahead: RolloutsAhead | None = None
         """Async training's generator of rollouts ahead of training."""
-        self.save_s: float | None = None  # how long the last save took, to judge whether a stop leaves time for one
+        self.timings = Timings.read(run_dir)
+        """How long a save and a rollout take: whether a stop leaves time for a save, when to stop before the
+        job's end. Kept in the run folder, so that an attempt knows them before measuring its own."""
+        self.recent_steps: list[float] = []
+        """Seconds of this attempt's last rollouts (the newest `STEPS_PLANNED_ON`)."""
+        self.saving: checkpoint.InBackground | None = None
+        """The checkpoint being written in the background (`ckpt.async_save`)."""
         self.skipped_in_a_row = 0
         """Optimizer steps skipped in a row for a non-finite loss or gradient norm (the policy's or the critic's)."""
         self.save_dir = cfg.save_dir(self.run_dir)
@@ -114,7 +123,7 @@ class Driver:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from rl.train.worker import TrainWorker
+        from rl.train.worker import CHECKPOINT, TrainWorker
 
         if not ray.is_initialized():
             ray.init(address=self.ray_address, include_dashboard=False, configure_logging=False,
@@ -161,7 +170,8 @@ class Driver:
         # (and finding one costs a worker process's start).
         master, port = ray.get(ray.remote(_address_and_free_port).options(
             **{**in_bundle(0), "num_cpus": 0, "num_gpus": 0}).remote()) if world > 1 else ("", 0)
-        worker_cls = EnginePool.actor_class(TrainWorker)  # a colocated one generates: it answers abort
+        # a colocated one generates: it answers abort; `saved` waits for a background save while it trains
+        worker_cls = EnginePool.actor_class(TrainWorker, CHECKPOINT)
         self.workers = [
             worker_cls.options(**in_bundle(rank)).remote(
                 self.cfg, rank=rank, world_size=world, master_addr=master, master_port=port,
@@ -331,35 +341,77 @@ class Driver:
         return out
 
     def save(self, completed: int) -> Path:
+        """Checkpoint `completed` rollouts; with `ckpt.async_save` only begin it (`finish_saving` waits for it),
+        once the one before is sealed."""
         import ray
 
         self.heartbeat.beat(completed, "save")
+        self.finish_saving()
         start = time.monotonic()
-
         sampler_state, pending = self.ahead.settle() if self.ahead else (self.sampler.state_dict(), [])
+        state = {"rollout_id": completed, **sampler_state, "pending": [g.to_json() for g in pending],
+                 "seed": self.cfg.run.seed}
 
-        def fill(tmp: Path) -> None:
+        def begin(tmp: Path) -> None:
             ray.get([w.save.remote(str(tmp)) for w in self.workers])
-            state = {"rollout_id": completed, **sampler_state, "pending": [g.to_json() for g in pending],
-                     "seed": self.cfg.run.seed}
             (tmp / "state.json").write_text(json.dumps(state))
 
+        def written() -> None:
+            from rl.train.worker import CHECKPOINT
+
+            ray.get([w.saved.options(concurrency_group=CHECKPOINT).remote() for w in self.workers])
+            self.timings.save_s = time.monotonic() - start
+
         try:
-            folder = checkpoint.write(self.save_dir, completed, fill, self.cfg.ckpt.keep_last)
+            if self.cfg.ckpt.async_save:
+                self.saving = checkpoint.InBackground(self.save_dir, completed, begin, written, self.cfg.ckpt.keep_last)
+                return self.saving.folder
+            folder = checkpoint.write(self.save_dir, completed, begin, self.cfg.ckpt.keep_last)
         except checkpoint.CheckpointError as e:
             raise RunError(str(e)) from None
-        self.save_s = time.monotonic() - start
+        self.timings.save_s = time.monotonic() - start
+        self.timings.write(self.run_dir)
         return folder
+
+    def finish_saving(self) -> None:
+        """Wait for the checkpoint being written in the background, if any, to be sealed."""
+        if self.saving is None:
+            return
+        saving, self.saving = self.saving, None
+        try:
+            saving.result()
+        except checkpoint.CheckpointError as e:
+            raise RunError(str(e)) from None
+        self.timings.write(self.run_dir)
 
     def save_before_stopping(self, completed: int) -> None:
         """The checkpoint of a stop, unless the time left is too short for one (then the last complete one
         stands, and the rollouts since are redone)."""
-        left = self.stop.time_left()
-        if left is not None and self.save_s is not None and left < 2 * self.save_s:
+        self.finish_saving()
+        left, save_s = self.stop.time_left(), self.timings.save_s
+        if left is not None and save_s is not None and left < SAVE_MARGIN * save_s:
             logger.warning("stopping at rollout %d without a checkpoint: %.0fs left, a save takes %.0fs", completed,
-                           left, self.save_s)
+                           left, save_s)
             return
         self.save(completed)
+        self.finish_saving()
+
+    def out_of_time(self, rollout_id: int) -> bool:
+        """Whether the job's end (known from Slurm) leaves no room for another rollout and a save after it:
+        then the run stops here, as at a signal but without one, saving while there is time."""
+        left = self.stop.time_left()
+        if left is None or self.timings.room_for(left):
+            return False
+        logger.info("stopping before rollout %d: %.0fs left, a rollout takes up to %.0fs and a save %.0fs",
+                    rollout_id, left, self.timings.step_s, self.timings.save_s or 0)
+        self.stop.set(reason="deadline")
+        return True
+
+    def measured_step(self, seconds: float) -> None:
+        """Plan with the longest of the recent rollouts: their length varies with the responses'."""
+        self.recent_steps = [*self.recent_steps, seconds][-STEPS_PLANNED_ON:]
+        self.timings.step_s = max(self.recent_steps)
+        self.timings.write(self.run_dir)
 
     def resume(self) -> tuple[int, list[Generated]]:
         """Load the newest complete checkpoint, if any; returns the first rollout to run and the rollouts
@@ -403,8 +455,9 @@ class Driver:
             for rollout_id in range(start, self.num_rollout):
                 # Safe points: before a rollout, and inside its generation (abandoned; nothing has changed yet).
                 position = self.sampler.state_dict() if self.ahead is None else None
+                step_start = time.monotonic()
                 try:
-                    if self.stop.is_set():
+                    if self.stop.is_set() or self.out_of_time(rollout_id):
                         raise Interrupted
                     self.heartbeat.beat(rollout_id, "rollout")
                     batch = self.ahead.take(rollout_id) if self.ahead else self.generated(rollout_id, self.stop.is_set)
@@ -415,11 +468,13 @@ class Driver:
                         self.sampler.load_state_dict(position)
                     if saved != rollout_id:
                         self.save_before_stopping(rollout_id)
+                    self.finish_saving()
                     stopped_at = rollout_id
                     self.heartbeat.beat(rollout_id, "stopped")
                     break
                 row = self.learn(batch, pending_eval)
                 pending_eval = {}
+                self.measured_step(time.monotonic() - step_start)
                 completed = rollout_id + 1
                 if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0
                                                      and not self.skipped_in_a_row):
@@ -428,12 +483,13 @@ class Driver:
                 log.write(row)
                 progress.update(row)
             else:
+                self.finish_saving()
                 self.heartbeat.beat(self.num_rollout, "done")
             progress.close()
             log.close()
             rows = log.rows()
             return {"run_dir": str(self.run_dir), "rollouts": len(rows), "rows": rows, "workers": self.placement,
-                    "stopped_at": stopped_at}
+                    "stopped_at": stopped_at, "stop_reason": self.stop.reason if stopped_at is not None else None}
         finally:
             if self.ahead:
                 self.ahead.close()

@@ -17,6 +17,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from hpc.config import SlurmConfig
     from rlhpc.config import Config
     from rlhpc.status import RunStatus
 
@@ -338,6 +339,19 @@ def submit(
     _submit_and_report(cfg, local=local, wait=wait, replace=force, check_paths=not paths_on_nodes)
 
 
+def _grace_short_of_save(slurm: SlurmConfig, run_dir: Path) -> str | None:
+    """What is wrong when the stop signal's grace is shorter than the run's last measured save; None if it
+    is not (or nothing was measured, or no signal is asked)."""
+    from rl.timings import FILE, Timings
+
+    save_s = Timings.read(run_dir).save_s
+    if not slurm.signal_grace_s or save_s is None or save_s <= slurm.signal_grace_s:
+        return None
+    return (f"slurm.signal_grace_s ({slurm.signal_grace_s} s) is shorter than this run's last checkpoint save "
+            f"({save_s:.0f} s, {run_dir / FILE}): after a preemption's signal no checkpoint fits, and the rollouts "
+            "since the last one are redone (the stop before the time limit plans with the measured save)")
+
+
 def _submit_and_report(cfg: Config, *, local: bool, wait: bool, replace: bool, check_paths: bool) -> None:
     from rlhpc import submit as submission
 
@@ -359,6 +373,8 @@ def _submit_and_report(cfg: Config, *, local: bool, wait: bool, replace: bool, c
                   f"{cfg.slurm.time} less slurm.signal_grace_s {cfg.slurm.signal_grace_s}), start-up included: "
                   f"an attempt that completes no rollout still counts against slurm.max_requeues "
                   f"({cfg.slurm.max_requeues})", highlight=False, soft_wrap=True)
+    if not local and (short := _grace_short_of_save(cfg.slurm, cfg.run_dir())):
+        err.print(f"[bold yellow]warning[/] {short}", highlight=False, soft_wrap=True)
     done = submission.submit(cfg, local=local, replace=replace)
     out.print(f"submitted job {done.job_id} ({done.executor}); run folder: {done.run_dir}", highlight=False,
               soft_wrap=True)
@@ -681,13 +697,23 @@ def doctor(
                                                "all-reduce bandwidth and clock skew between them.")] = None,
     partition: PartitionOpt = None,
     time_limit: Annotated[str, typer.Option("--time", help="Time limit of that job.")] = "10",
+    run: Annotated[Path | None, typer.Option("--run", help="Also check this run folder: its last measured "
+                                             "checkpoint save against its slurm.signal_grace_s.")] = None,
 ) -> None:
     """Check what breaks runs at sites: Slurm settings, Ray, CUDA, network, limits."""
     from rich.table import Table
 
-    from hpc.doctor import allreduce_probe, login_node_checks
+    from hpc.doctor import Check, allreduce_probe, login_node_checks
 
     checks = login_node_checks()
+    if run is not None:
+        from rlhpc.config import load_config
+        from rlhpc.run_folder import FROZEN
+
+        slurm = load_config(run / FROZEN).slurm
+        short = _grace_short_of_save(slurm, run)
+        checks.append(Check("save vs signal grace", "warn" if short else "ok", f"{slurm.signal_grace_s} s",
+                            short or "a checkpoint fits in the grace the stop signal gives (or none was measured)"))
     table = Table(box=None, header_style="bold")
     for col in ("check", "found", "meaning"):
         table.add_column(col)

@@ -37,6 +37,8 @@ TEARDOWN_S = 15
 NODE_DEATH_NOTICE_S = 30
 """At most how long Ray's GCS takes to declare a vanished node dead (health checks 3 s apart, 5 misses, by
 default): the delay a driver's failure gets, in a multi-node job, before it is taken for a code error."""
+PLANNED_STOP = "stopped before the time limit"
+"""Why an attempt that stopped by its own plan (`rl.timings`) ended, as `rlhpc status` shows it."""
 STACKS_WRITE_S = 3
 """How long the processes asked for their stacks get to write them before the job ends."""
 
@@ -88,11 +90,14 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     # scancel, a node failure or the end of the step sends SIGTERM before SIGKILL (submitit ignores it):
     # unwind, so that Ray is stopped on this node instead of outliving the job.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # Knowing the job's end, the loop stops by itself while a checkpoint still fits, signal or not.
+    end = allocation.end_time(alloc.job_id) if in_slurm and alloc.node_rank == 0 else None
+    stop = StopRequest(end=None if end is None else end - TEARDOWN_S)
     # It replaces submitit's handler for the stop signal, which would requeue at once, without a checkpoint.
-    stop = StopRequest()
     stop_signal = getattr(signal, f"SIG{cfg.slurm.signal}")
     grace = max(0, cfg.slurm.signal_grace_s - TEARDOWN_S)
-    signal.signal(stop_signal, (lambda signum, frame: stop.set(grace)) if alloc.node_rank == 0 else signal.SIG_IGN)
+    signal.signal(stop_signal, (lambda signum, frame: stop.set(grace, reason=cfg.slurm.signal))
+                  if alloc.node_rank == 0 else signal.SIG_IGN)
     stacks_dir = attempt / "stacks"
     stacks.register(stacks_dir)
 
@@ -149,7 +154,9 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     finally:
         watchdog.stop()
     if result["stopped_at"] is not None:
-        interrupted({"signal": cfg.slurm.signal, "stopped_at": result["stopped_at"]})
+        planned = result["stop_reason"] == "deadline"
+        interrupted({"signal": None if planned else cfg.slurm.signal, "stopped_at": result["stopped_at"],
+                     **({"reason": PLANNED_STOP} if planned else {})})
     return summary
 
 

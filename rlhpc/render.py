@@ -41,14 +41,15 @@ def fallback_s(grace_s: int) -> int:
 
 def sbatch_options(s: SlurmConfig, run_dir: Path, name: str) -> dict[str, Any]:
     """The `#SBATCH` options of a run: one task per node, requeue, the stop signal to the batch shell
-    `signal_grace_s` before the time limit, append-mode logs; `additional_parameters` win. None: not set."""
+    `signal_grace_s` before the time limit (none when 0), append-mode logs; `additional_parameters` win. None:
+    not set."""
     options: dict[str, Any] = {
         "job_name": name, "nodes": s.nodes, "ntasks_per_node": 1,
         "time": s.time_minutes,  # None: the partition's default
         "partition": s.partition, "account": s.account, "qos": s.qos, "cpus_per_task": s.cpus_per_task,
         "mem": s.mem, "constraint": s.constraint, "nodelist": s.nodelist, "gpus_per_node": s.gpus_per_node or None,
         "exclusive": s.exclusive or None, "requeue": s.requeue or None,
-        "signal": f"B:{s.signal}@{s.signal_grace_s}",
+        "signal": f"B:{s.signal}@{s.signal_grace_s}" if s.signal_grace_s else None,
         "output": f"{jobs_dir(run_dir)}/slurm-%j.out", "open_mode": "append",
     }
     return {**options, **s.additional_parameters}

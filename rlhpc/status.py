@@ -92,7 +92,7 @@ def _interruptions(run_dir: Path, subs: list[dict[str, Any]]) -> list[str]:
         if why is None:
             text = "ended without a signal (scontrol requeue, a node failure or a resubmission)"
         elif why.get("stopped_at") is not None:
-            text = f"{why.get('signal')} at rollout {why['stopped_at']}"
+            text = f"{why.get('signal') or why.get('reason', 'stopped')} at rollout {why['stopped_at']}"
         elif why.get("signal"):
             text = f"{why['signal']}: {why.get('reason', 'no checkpoint')}"
         else:

@@ -127,3 +127,38 @@ def test_a_load_runs_while_the_files_are_checked_and_a_damaged_folder_gives_way(
 
     with pytest.raises(RuntimeError, match="worker died"):
         checkpoint.latest(tmp_path, load=broken)
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_begun(tmp_path):
+    """`ckpt.async_save`: training changes its tensors once the copy is taken; the checkpoint holds the state of
+    when the save began, and becomes the latest only once sealed."""
+    import threading
+
+    state = {"w": torch.arange(4096, dtype=torch.float32), "step": 3}
+    writer, release = checkpoint.BackgroundWriter(), threading.Event()
+
+    def written():
+        release.wait(30)
+        writer.wait()
+
+    saving = checkpoint.InBackground(tmp_path, 1, lambda tmp: checkpoint.save_model_state(state, tmp, writer), written)
+    writer.staged()
+    state["w"] += 1  # the next optimizer step
+    assert checkpoint.latest(tmp_path) is None  # written, perhaps, but not sealed
+    release.set()
+    assert saving.result() == checkpoint.latest(tmp_path) == checkpoint.iteration_dir(tmp_path, 1)
+    loaded = {"w": torch.zeros(4096), "step": 0}
+    checkpoint.load_model_state(loaded, saving.result())
+    assert torch.equal(loaded["w"], torch.arange(4096, dtype=torch.float32)) and loaded["step"] == 3
+
+
+def test_a_background_save_that_fails_leaves_the_previous_checkpoint_latest(tmp_path):
+    checkpoint.write(tmp_path, 1, lambda tmp: (tmp / "f").write_text("1"))
+
+    def lost_worker():
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+    saving = checkpoint.InBackground(tmp_path, 2, lambda tmp: (tmp / "f").write_text("2"), lost_worker)
+    with pytest.raises(checkpoint.CheckpointError, match="actor died.*the latest checkpoint is still iter_0000001"):
+        saving.result()
+    assert checkpoint.latest(tmp_path).name == "iter_0000001" and not list(tmp_path.glob(".iter_*"))

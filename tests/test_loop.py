@@ -20,6 +20,7 @@ from rl.export import load_policy
 from rl.interrupt import StopRequest
 from rl.loop import RunError, run
 from rl.rollout.filters import check_reward_nonzero_std
+from rl.timings import SAVE_MARGIN, Timings
 from rlhpc.config import load_config
 
 REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean")
@@ -120,21 +121,52 @@ class StopWhile(StopRequest):
         return super().is_set()
 
 
-@pytest.mark.parametrize(("at", "phases", "time_left_s", "stopped_at", "checkpoints", "redone"), [
+@pytest.mark.parametrize(("at", "phases", "time_left_s", "stopped_at", "checkpoints", "redone", "settings"), [
     # generation abandoned, the state before rollout 3 saved
-    (3, {"rollout"}, None, 3, [2, 3], 0),
+    (3, {"rollout"}, None, 3, [2, 3], 0, []),
     # during training: rollout 2 finishes, but no time is left to save, so checkpoint 2 stands
-    (2, {"train", "sync", "eval"}, 0.0, 3, [2], 1),
-], ids=["during-generation", "during-training-no-time-to-save"])
+    (2, {"train", "sync", "eval"}, 0.0, 3, [2], 1, []),
+    # checkpoints written in the background: the stop's own is sealed before the run returns
+    (3, {"rollout"}, None, 3, [2, 3], 0, ["ckpt.async_save=true"]),
+], ids=["during-generation", "during-training-no-time-to-save", "async-save"])
 def test_a_stopped_run_resumes_exactly(straight, tmp_path, tiny_model_dir, at, phases, time_left_s, stopped_at,
-                                       checkpoints, redone):
-    result = run(tiny(tmp_path, tiny_model_dir), stop=StopWhile(tmp_path, at, phases, time_left_s))
+                                       checkpoints, redone, settings):
+    result = run(tiny(tmp_path, tiny_model_dir, *settings), stop=StopWhile(tmp_path, at, phases, time_left_s))
     assert result["stopped_at"] == stopped_at
     assert checkpoint.complete_iterations(tmp_path / "checkpoints") == checkpoints
     assert heartbeat.read(tmp_path)["phase"] == "stopped"
     record = tmp_path / "start.json"
-    resumed = run(tiny(tmp_path, tiny_model_dir), start_record=record)
+    resumed = run(tiny(tmp_path, tiny_model_dir, *settings), start_record=record)
     assert resumed["stopped_at"] is None and json.loads(record.read_text())["redone"] == redone
+    assert_same_run(tmp_path, straight[0], tiny_model_dir)
+
+
+class EndComing(StopRequest):
+    """The job's end, as Slurm would give it, close once three rollouts are done: closer than another rollout and
+    a save after it (both as the run measured them, in its timings.json), far enough for the save alone."""
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = run_dir
+
+    def time_left(self):
+        metrics = self.run_dir / "metrics.jsonl"
+        if not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+            return 1e6
+        t = Timings.read(self.run_dir)
+        return SAVE_MARGIN * t.save_s + t.step_s / 2
+
+
+def test_the_run_stops_by_itself_before_the_jobs_end_and_resumes_exactly(straight, tmp_path, tiny_model_dir):
+    """No signal: the loop sees that rollout 3 and a save would not fit before the end, saves and stops there;
+    the next attempt redoes nothing and the run ends as the uninterrupted one."""
+    stop = EndComing(tmp_path)
+    result = run(tiny(tmp_path, tiny_model_dir), stop=stop)
+    assert result["stopped_at"] == 3 and result["stop_reason"] == "deadline"
+    assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [2, 3]
+    record = tmp_path / "start.json"
+    run(tiny(tmp_path, tiny_model_dir), start_record=record)
+    assert json.loads(record.read_text())["redone"] == 0
     assert_same_run(tmp_path, straight[0], tiny_model_dir)
 
 
@@ -148,8 +180,9 @@ def one_worker_weights(ray_local, tmp_path_factory, tiny_model_dir):
 @pytest.mark.parametrize(
     "placement",
     [["perf.colocate=true"], ["perf.actor_num_gpus_per_node=2", "rollout.balance_data=true"],
-     ["perf.actor_num_gpus_per_node=2", "perf.torch_data_parallel='fsdp2'", "perf.colocate=true"]],
-    ids=["colocated-engine", "two-ddp-workers-balanced", "two-fsdp2-workers-colocated"],
+     ["perf.actor_num_gpus_per_node=2", "perf.torch_data_parallel='fsdp2'", "perf.colocate=true",
+      "ckpt.async_save=true"]],
+    ids=["colocated-engine", "two-ddp-workers-balanced", "two-fsdp2-workers-colocated-async-save"],
 )
 def test_other_placements_train_the_same_policy(ray_local, tmp_path, tiny_model_dir, one_worker_weights, placement):
     rows, expected = one_worker_weights

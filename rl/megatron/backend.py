@@ -42,6 +42,7 @@ from rl.train.schedule import lr_at
 from rl.train.torch_backend import PADDING, finite_on_every_rank, rank_micro_batches
 
 if TYPE_CHECKING:
+    from rl.checkpoint import BackgroundWriter
     from rl.config import RLConfig
 
 log = logging.getLogger(__name__)
@@ -374,7 +375,8 @@ class MegatronBackend:
         return {"model": model_state,
                 "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, writer: BackgroundWriter | None = None) -> None:
+        assert writer is None, "ckpt.async_save with Megatron is refused by the config"
         out = Path(folder) / MEGATRON_DIR
         if dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)

@@ -43,11 +43,12 @@ class EnginePool:
         """Whether the engines and the trainer's rank 0 have formed their weight-update group."""
 
     @staticmethod
-    def actor_class(engine: type) -> Any:
-        """The engine as a Ray actor class whose health checks are answered while it generates."""
+    def actor_class(engine: type, *groups: str) -> Any:
+        """The engine as a Ray actor class whose health checks are answered while it generates; `groups`: other
+        concurrency groups of one thread each, for calls answered while it is busy."""
         import ray
 
-        return ray.remote(concurrency_groups={HEALTH: 1})(engine)
+        return ray.remote(concurrency_groups={HEALTH: 1, **dict.fromkeys(groups, 1)})(engine)
 
     def _start(self, slot: int) -> Any:
         assert self._make is not None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from rl.batch import TrainSample
+    from rl.checkpoint import BackgroundWriter
 
 
 @runtime_checkable
@@ -62,8 +63,9 @@ class TrainingBackend(Protocol):
         """Bring what `offload` moved back to the device before training."""
         ...
 
-    def save(self, folder: Path) -> None:
-        """Write model, optimizer and step into `folder` (every rank calls this, collectively)."""
+    def save(self, folder: Path, writer: BackgroundWriter | None = None) -> None:
+        """Write model, optimizer and step into `folder` (every rank calls this, collectively); with `writer`
+        (`ckpt.async_save`), only start the writing, which goes on in the background."""
         ...
 
     def load(self, folder: Path) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from rl.batch import TrainSample, lay_out, micro_batches, pad_rows
-from rl.checkpoint import load_model_state, save_model_state
+from rl.checkpoint import BackgroundWriter, load_model_state, save_model_state
 from rl.losses import entropy_from_logits
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
@@ -278,9 +278,9 @@ class TorchBackend:
     def reload(self) -> None:
         move_optimizer_state(self.optimizer, self.device, self.device)
 
-    def save(self, folder: Path) -> None:
+    def save(self, folder: Path, writer: BackgroundWriter | None = None) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        save_model_state({"model": model_state, "optim": optim_state, "step": self.step}, Path(folder))
+        save_model_state({"model": model_state, "optim": optim_state, "step": self.step}, Path(folder), writer)
 
     def load(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from rl.config import RLConfig
 
 log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint"
+"""The actor's concurrency group in which `saved` waits for a background save while the actor trains."""
 
 
 def training_backend(cfg: RLConfig) -> type:
@@ -66,6 +68,13 @@ class TrainWorker:
             from rl.train.critic import TorchCritic
 
             self.critic = TorchCritic(cfg, init_from=init_from, total_steps=total_steps, device=device)
+        self.writers: list[checkpoint.BackgroundWriter] = []
+        """With `ckpt.async_save`: the policy's (and the critic's) background writer."""
+        if cfg.ckpt.async_save:
+            # A group of their own for the writes' collectives (gloo: DCP plans on the host), created by every
+            # rank at once, as new_group must be.
+            group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+            self.writers = [checkpoint.BackgroundWriter(group) for _ in range(1 if self.critic is None else 2)]
         self.engine = None
         self.offload = cfg.perf.colocate and cfg.perf.offload_train
         if host_engine:
@@ -93,6 +102,7 @@ class TrainWorker:
         `old_log_probs` None means the policy's as this call begins: the first step's own forward gives them,
         the later steps' samples are scored before any update. One call per rollout, as slime's
         `train(rollout_id, data)`: no round trip per step, and every sample sent once."""
+        self._staged()
         later = [k for k in range(1, len(steps)) if old_log_probs[k] is None]
         if later:
             scored = iter(self.backend.compute_log_probs([s for k in later for s in steps[k]]))
@@ -167,6 +177,7 @@ class TrainWorker:
     def to_training(self) -> None:
         """Colocated: the hosted engine frees its memory for training (its weights come back with
         `sync_engine`), and training's memory returns from the host if it was offloaded."""
+        self._staged()
         if self.engine is not None:
             self.engine.release_memory()
         if self.offload:
@@ -176,6 +187,7 @@ class TrainWorker:
         """Load the policy into the hosted engine, the memory training held first given back to it when
         offloading; ranks without an engine take part in gathering sharded weights."""
         start = time.perf_counter()
+        self._staged()
         if self.offload:
             self.backend.offload(weights=False)
         if self.engine is not None:
@@ -190,12 +202,27 @@ class TrainWorker:
     # --- checkpoints ---
 
     def save(self, folder: str) -> None:
-        self.backend.save(Path(folder))
+        """Write this rank's part of a checkpoint into `folder`; with `ckpt.async_save` only begin it (then
+        `saved` says when it is written)."""
+        writers = iter(self.writers)
+        self.backend.save(Path(folder), next(writers, None))
         if self.critic is not None:
-            self.critic.save(Path(folder) / "critic")
+            self.critic.save(Path(folder) / "critic", next(writers, None))
         checkpoint.save_rng(Path(folder), self.rank)
 
+    def saved(self) -> None:
+        """Return once the save in progress is written. Called in the CHECKPOINT concurrency group, so that
+        the actor trains meanwhile."""
+        for writer in self.writers:
+            writer.wait()
+
+    def _staged(self) -> None:
+        """Before training's state changes: the save in progress has copied it."""
+        for writer in self.writers:
+            writer.staged()
+
     def load(self, folder: str) -> None:
+        self._staged()
         self.backend.load(Path(folder))
         if self.critic is not None:
             self.critic.load(Path(folder) / "critic")
