@@ -26,6 +26,8 @@ def test_sbatch_options_follow_the_slurm_section(tmp_path: Path) -> None:
     assert o["signal"] == "B:USR1@300" and o["requeue"] is False and o["reservation"] == "rl"
     assert o["open_mode"] == "append" and o["output"] == f"{tmp_path}/jobs/slurm-%j.out"
     assert fallback_s(300) == 290 and fallback_s(10) == 5
+    # no grace, no signal: the run stops by its own plan before the time limit
+    assert sbatch_options(SlurmConfig(time="60", signal_grace_s=0), tmp_path, "x")["signal"] is None
 
 
 def test_no_time_limit_means_the_partitions_default(tmp_path: Path) -> None:
