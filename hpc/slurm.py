@@ -1,5 +1,5 @@
 """Slurm's view of jobs and the actions on them: `squeue` (JSON, else plain format), `sacct` when accounting
-is on, `scancel`, `scontrol requeue`.
+is on, `scancel`, `scontrol requeue` (with the nodes the job must avoid).
 
 Sites run every Slurm from 20.11 to 25.x, so the JSON is read across its schema versions: `job_state` is a
 string up to data parser v0.0.39 and a list after; numbers are plain before v0.0.39 and `{set, infinite,
@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -210,11 +211,39 @@ def cancel(job_id: str, env: dict[str, str] | None = None) -> None:
         raise OSError(f"scancel {job_id} failed: {p.stderr.strip()}")
 
 
-def requeue(job_id: str, env: dict[str, str] | None = None) -> None:
-    """Put a job back in the queue (a running one is ended first); it keeps its id and counts a restart."""
-    p = slurm_command("scontrol", "requeue", job_id, env=env)
-    if p.returncode != 0:
-        raise OSError(f"scontrol requeue {job_id} failed: {p.stderr.strip()}")
+def requeue_commands(job_id: str, exclude: str = "") -> list[list[str]]:
+    """The scontrol calls of a requeue that keeps the job off the nodes of `exclude` (a Slurm hostlist; "" for
+    none). ExcNodeList can be changed only on a pending job (ESLURM_JOB_NOT_PENDING otherwise), and a requeued
+    job is one at once: squeue says COMPLETING while its nodes clean up, but its base state is PENDING, and it
+    stays pending for Slurm's requeue delay (BeginTime), so the update follows the requeue. Slurm keeps the
+    list for every later requeue of the job; the update replaces it, so `exclude` is the whole list."""
+    commands = [["scontrol", "requeue", job_id]]
+    if exclude:
+        commands.append(["scontrol", "update", f"JobId={job_id}", f"ExcNodeList={exclude}"])
+    return commands
+
+
+def requeue(job_id: str, env: dict[str, str] | None = None, exclude: str = "") -> None:
+    """Put a job back in the queue (a running one is ended first), off the nodes of `exclude`; it keeps its id
+    and counts a restart. Called from inside the job, the requeue ends the caller: Slurm sends SIGTERM to every
+    process of the job, the update's scontrol included, within milliseconds. The calling thread holds SIGTERM
+    back meanwhile, and the commands it starts inherit that mask, so the update is not cut short (its SIGKILL
+    comes KillWait later); the caller's own handler sees the signal in another thread (see rlhpc.job)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        for args in requeue_commands(job_id, exclude):
+            p = slurm_command(*args, env=env)
+            if p.returncode != 0:
+                raise OSError(f"{' '.join(args[:2])} {job_id} failed: {p.stderr.strip()}")
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def exclusion(configured: str | int | bool | None, nodes: list[str]) -> str:
+    """A job's ExcNodeList: what its sbatch options exclude (`configured`, the value of sbatch's `exclude` if
+    any: a hostlist, whose ranges are kept as written, "node[1-3],gpu7") and `nodes`, each item once."""
+    items = re.split(r",(?![^\[]*\])", str(configured)) if configured is not None else []  # commas outside []
+    return ",".join(dict.fromkeys([*items, *nodes]))
 
 
 def kill_wait_s(env: dict[str, str] | None = None) -> int:
