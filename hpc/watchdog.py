@@ -27,6 +27,7 @@ class Watchdog(threading.Thread):
         self.lost_hosts, self.node_timeout_s, self.poll_s = lost_hosts, node_timeout_s, poll_s
         self._halt = threading.Event()
         self._since = time.time()
+        self.blamed: list[str] = []  # the hosts the verdict names (none for a hang), set before on_trigger
 
     def stop(self) -> None:
         """Stop watching; returns once no check is under way."""
@@ -51,6 +52,7 @@ class Watchdog(threading.Thread):
             for host in set(missing_since) - lost:
                 del missing_since[host]
             if gone := sorted(h for h, t in missing_since.items() if now - t > self.node_timeout_s):
+                self.blamed = gone
                 return f"node {', '.join(gone)} lost: gone from the job's Ray cluster for more than " \
                        f"{self.node_timeout_s:.0f}s (run.node_timeout_s)"
         return None

@@ -8,6 +8,16 @@ on preemption; the shell passes it to the tasks (templates/sbatch/). Rank 0's lo
 point, checkpoints if the grace allows, and once Ray is down requeues the job, which resumes from its latest
 complete checkpoint. If the tasks do not end in time (a step stuck in a collective), the shell requeues the
 job itself with `python -m rlhpc.job --requeue RUN_DIR`.
+
+A failed node is left behind: when an attempt ends for a node gone from the job's Ray cluster (the driver's
+error or the watchdog's verdict, on rank 0, names it), rank 0 records the node in the run folder and requeues
+the job with the run's excluded nodes as its ExcNodeList, up to `slurm.max_excluded_nodes`; later submissions
+(`rlhpc resume`) exclude them too. A task whose own Ray stopped blames no node: a worker's Ray stops as well
+when the head's node is lost, which it cannot tell from its own failure. When the lost node is rank 0's (the
+batch host), nothing of the job is left to record it: Slurm ends the job as NODE_FAIL once its SlurmdTimeout
+has passed and requeues it (`--requeue`), holding the node DOWN, so the job does not land there again until
+the node registers anew (ReturnToService) or an administrator resumes it. The hang watchdog blames no node
+either: the heartbeat says that the run stopped, not whose ranks did.
 """
 
 from __future__ import annotations
@@ -19,18 +29,21 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from hpc import allocation, stacks
+from hpc.config import SlurmConfig
 from hpc.ray_cluster import RayNodeLost, lost_hosts, ray_cluster
+from hpc.slurm import exclusion
 from hpc.slurm import requeue as requeue_job
 from hpc.wait import until
 from hpc.watchdog import Watchdog
 from rl import heartbeat
-from rlhpc.run_folder import (FAILED, INTERRUPTED, RESULT, START, attempt_dir, is_cancelled, jobs_dir,
-                              record_submission)
+from rlhpc.run_folder import (FAILED, INTERRUPTED, RESULT, START, attempt_dir, exclude_nodes, is_cancelled,
+                              jobs_dir, record_submission)
 
 TEARDOWN_S = 15
 """Of the grace, what stopping Ray and requeueing need after the loop has stopped."""
@@ -43,23 +56,51 @@ STACKS_WRITE_S = 3
 """How long the processes asked for their stacks get to write them before the job ends."""
 
 log = logging.getLogger("rlhpc.job")
+_requeueing = threading.Event()
+"""Set while this process requeues its job: SIGTERM then only marks the job's end (see `_requeue`)."""
+_ended = threading.Event()
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    if _requeueing.is_set():
+        _ended.set()
+        return
     raise SystemExit(128 + signum)
 
 
-def requeue_if_allowed(folder: Path, attempt: Path, job_id: str, restart_count: int, max_requeues: int,
-                       record: dict[str, Any], *, in_slurm: bool = True) -> bool:
+def _requeue(job_id: str, exclude: str) -> None:
+    """`scontrol requeue` and the ExcNodeList update after it. The requeue's SIGTERM comes between the two and,
+    as SystemExit, would cut the update short: the handler only notes it until both are done (the commands
+    hold the signal back themselves, `hpc.slurm.requeue`), and then it is sent again to end the job."""
+    _requeueing.set()
+    try:
+        requeue_job(job_id, exclude=exclude)
+    finally:
+        _requeueing.clear()
+        if _ended.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def requeue_if_allowed(folder: Path, attempt: Path, job_id: str, restart_count: int, slurm: SlurmConfig,
+                       record: dict[str, Any], *, failed_nodes: list[str] | None = None, in_slurm: bool = True) -> bool:
     """Record the interruption in the attempt's folder and requeue the job unless it runs outside Slurm, the
-    run was cancelled or it has used its `max_requeues`. Requeueing ends this job at once: it is the last
-    thing a job does."""
-    requeue = in_slurm and not is_cancelled(folder) and restart_count < max_requeues
+    run was cancelled or it has used its `max_requeues`. The nodes the attempt ended for (`failed_nodes`) are
+    left behind by the rest of the run, requeued or resumed (see the module's doc). Requeueing ends this job at
+    once: it is the last thing a job does."""
+    requeue = in_slurm and not is_cancelled(folder) and restart_count < slurm.max_requeues
+    failed = failed_nodes if in_slurm and failed_nodes else []
+    excluded = exclude_nodes(folder, failed, record.get("reason") or "", job_id, restart_count,
+                             slurm.max_excluded_nodes)
+    if kept := [n for n in failed if n not in excluded]:
+        log.warning("node %s not left behind: the run excludes %d already (slurm.max_excluded_nodes)",
+                    ", ".join(kept), len(excluded))
     attempt.mkdir(parents=True, exist_ok=True)
-    (attempt / INTERRUPTED).write_text(json.dumps({**record, "time": time.time(), "requeued": requeue}))
+    (attempt / INTERRUPTED).write_text(json.dumps({**record, "time": time.time(), "requeued": requeue,
+                                                   "failed_nodes": failed}))
     if requeue:
+        exclude = exclusion(slurm.additional_parameters.get("exclude"), excluded) if excluded else ""
         try:
-            requeue_job(job_id)
+            _requeue(job_id, exclude)
         except OSError as e:  # another task of the job got there first
             log.warning("%s", e)
     elif in_slurm:
@@ -101,18 +142,18 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
     stacks_dir = attempt / "stacks"
     stacks.register(stacks_dir)
 
-    def interrupted(record: dict[str, Any]) -> bool:
-        return requeue_if_allowed(folder, attempt, alloc.job_id, alloc.restart_count, cfg.slurm.max_requeues,
-                                  record, in_slurm=in_slurm)
+    def interrupted(record: dict[str, Any], failed_nodes: list[str] | None = None) -> bool:
+        return requeue_if_allowed(folder, attempt, alloc.job_id, alloc.restart_count, cfg.slurm, record,
+                                  failed_nodes=failed_nodes, in_slurm=in_slurm)
 
     def end_job(reason: str) -> None:
         """The watchdog's verdict: stacks of this node's processes into the attempt's folder; rank 0 then
-        ends the job, requeued where Slurm runs it."""
+        ends the job, requeued where Slurm runs it, off the nodes the verdict blames."""
         stacks.dump(stacks_dir)
         time.sleep(STACKS_WRITE_S)
         if alloc.node_rank != 0:
             return
-        if not interrupted({"signal": None, "stopped_at": None, "reason": reason}):
+        if not interrupted({"signal": None, "stopped_at": None, "reason": reason}, watchdog.blamed):
             os.kill(os.getpid(), signal.SIGTERM)  # nothing to requeue: end this job the way scancel would
 
     watchdog = Watchdog(folder / heartbeat.FILE, cfg.run.hang_timeout_s, end_job,
@@ -130,7 +171,7 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
             except Exception as e:
                 if in_slurm and (lost := _lost_with(alloc, min(cfg.run.node_timeout_s, NODE_DEATH_NOTICE_S))):
                     interrupted({"signal": None, "stopped_at": None,
-                                 "reason": f"node {', '.join(lost)} lost ({type(e).__name__})"})
+                                 "reason": f"node {', '.join(lost)} lost ({type(e).__name__})"}, lost)
                     return None
                 raise
             finally:
@@ -177,7 +218,7 @@ def requeue_stuck(run_dir: str, reason: str) -> bool:
     folder = Path(run_dir)
     cfg = load_config(folder / "config.toml")
     job_id, restart = os.environ["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    return requeue_if_allowed(folder, attempt_dir(folder, job_id, restart), job_id, restart, cfg.slurm.max_requeues,
+    return requeue_if_allowed(folder, attempt_dir(folder, job_id, restart), job_id, restart, cfg.slurm,
                               {"signal": cfg.slurm.signal, "stopped_at": None, "reason": reason})
 
 

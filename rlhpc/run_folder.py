@@ -13,6 +13,8 @@
         result.json       rank 0's summary when the loop returned
         failed.json       the error that ended rank 0's job otherwise
     cancelled            present once `rlhpc cancel` stopped the run: nothing requeues or resumes it
+    excluded_nodes.jsonl the nodes the run leaves behind (`slurm.max_excluded_nodes`), one line each: node,
+                         why, job, attempt, time; each requeue and each later submission excludes them
     metrics.jsonl, checkpoints/  written by the loop
 """
 
@@ -41,6 +43,7 @@ START = "start.json"
 INTERRUPTED = "interrupted.json"
 RESULT = "result.json"
 FAILED = "failed.json"
+EXCLUDED = "excluded_nodes.jsonl"
 
 
 class RunFolderError(ValueError):
@@ -164,3 +167,30 @@ def mark_cancelled(run_dir: Path) -> None:
 
 def is_cancelled(run_dir: Path) -> bool:
     return (run_dir / CANCELLED).exists()
+
+
+def excluded_nodes(run_dir: Path) -> list[dict[str, Any]]:
+    """The nodes the run leaves behind, oldest first, each once (two tasks may both have recorded one)."""
+    found: dict[str, dict[str, Any]] = {}
+    for entry in read_jsonl(run_dir / EXCLUDED):
+        if isinstance(entry.get("node"), str):
+            found.setdefault(entry["node"], entry)
+    return list(found.values())
+
+
+def newly_excluded(excluded: list[str], failed: list[str], cap: int) -> list[str]:
+    """Of the `failed` nodes, those to leave behind too: the ones not yet `excluded`, while the run excludes
+    fewer than `cap` (a run that excluded every node would wait for ever)."""
+    new = [n for n in dict.fromkeys(failed) if n not in excluded]
+    return new[:max(0, cap - len(excluded))]
+
+
+def exclude_nodes(run_dir: Path, failed: list[str], reason: str, job_id: str, attempt: int, cap: int) -> list[str]:
+    """Record the failed nodes the run leaves behind from now on (see `newly_excluded`); returns every node it
+    excludes."""
+    excluded = [e["node"] for e in excluded_nodes(run_dir)]
+    if new := newly_excluded(excluded, failed, cap):
+        with (run_dir / EXCLUDED).open("a") as f:
+            f.writelines(json.dumps({"node": node, "reason": reason, "job_id": job_id, "attempt": attempt,
+                                     "time": time.time()}) + "\n" for node in new)
+    return excluded + new
