@@ -418,7 +418,7 @@ def _status_table(rows: list[RunStatus]) -> Table:
 
     table = Table(box=None, header_style="bold")
     for col in ["run", "job", "state", "nodes", "elapsed", "left", "requeues", "rollout", "reward", "checkpoint",
-                "ETA"]:
+                "ETA", "left behind"]:
         table.add_column(col, justify="right" if col in {"nodes", "requeues", "reward"} else "left")
     colors = {"RUNNING": "green", "COMPLETED": "cyan", "PENDING": "yellow", "FAILED": "red", "CANCELLED": "red",
               "TIMEOUT": "red", "NODE_FAIL": "red", "PREEMPTED": "yellow"}
@@ -429,7 +429,8 @@ def _status_table(rows: list[RunStatus]) -> Table:
             str(r.requeues) + (f" ({escape(r.interruptions[-1])})" if r.interruptions else ""),
             f"{r.rollout}/{r.num_rollout}" if r.num_rollout else str(r.rollout),
             f"{r.last_reward:.3f}" if r.last_reward is not None else "-",
-            f"{r.checkpoint} ({duration(r.checkpoint_age_s)} ago)" if r.checkpoint else "-", duration(r.eta_s))
+            f"{r.checkpoint} ({duration(r.checkpoint_age_s)} ago)" if r.checkpoint else "-", duration(r.eta_s),
+            escape("; ".join(f"{node}: {why}" for node, why in r.excluded.items())) or "-")
     return table
 
 

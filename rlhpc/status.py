@@ -17,7 +17,7 @@ from typing import Any
 from hpc.slurm import JobInfo, accounting, queue
 from rl import checkpoint
 from rl.metrics import read_jsonl
-from rlhpc.run_folder import FAILED, FROZEN, INTERRUPTED, RESULT, START, jobs_dir, submissions
+from rlhpc.run_folder import FAILED, FROZEN, INTERRUPTED, RESULT, START, excluded_nodes, jobs_dir, submissions
 
 
 @dataclass
@@ -34,6 +34,8 @@ class RunStatus:
     requeues: int
     interruptions: list[str]
     """Each interruption, oldest first: "USR2 at rollout 3, 0 redone"."""
+    excluded: dict[str, str]
+    """The nodes the run leaves behind, each with why: {"node2": "node node2 lost (ActorDiedError)"}."""
     rollout: int
     num_rollout: int | None
     last_reward: float | None
@@ -151,7 +153,7 @@ def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = Non
     return RunStatus(
         run=run_dir.name, run_dir=str(run_dir), job_id=job_id, executor=last["executor"] if last else None,
         state=state, reason=reason, nodes=nodes, elapsed_s=elapsed, time_left_s=left, requeues=requeues,
-        interruptions=interruptions,
+        interruptions=interruptions, excluded={e["node"]: str(e.get("reason", "")) for e in excluded_nodes(run_dir)},
         rollout=done, num_rollout=total, last_reward=rows[-1].get("reward_mean") if rows else None,
         checkpoint=ckpt.name if ckpt else None,
         checkpoint_age_s=now - ckpt.stat().st_mtime if ckpt else None,

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from hpc.slurm import JobInfo
-from rlhpc.cli import app
-from rlhpc.run_folder import record_submission
+from rlhpc.cli import _status_table, app
+from rlhpc.run_folder import exclude_nodes, record_submission
 from rlhpc.status import collect, duration, find_runs, run_status
 
 runner = CliRunner()
@@ -68,6 +69,17 @@ def test_finished_jobs_are_read_from_the_run_folder(tmp_path: Path) -> None:
     assert got["done"].state == "COMPLETED" and got["done"].eta_s is None
     assert got["failed"].state == "FAILED"
     assert got["left"].state == "ENDED"
+
+
+def test_the_nodes_a_run_left_behind_are_shown_with_why(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "a", "41", outcome="result")
+    exclude_nodes(run, ["node2"], "node node2 lost (ActorDiedError)", "41", 0, cap=2)
+    assert run_status(run, {}).excluded == {"node2": "node node2 lost (ActorDiedError)"}
+    assert run_status(make_run(tmp_path, "b", "42"), {}).excluded == {}
+    console = Console(width=300, record=True)
+    console.print(_status_table([run_status(run, {})]))
+    shown = console.export_text()
+    assert "left behind" in shown and "node2: node node2 lost (ActorDiedError)" in shown
 
 
 def test_find_runs_by_name_folder_or_job_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
