@@ -1,6 +1,7 @@
 """Nothing lost, exactly: the tiny run interrupted on the real local cluster (during a rollout or training; by
 `scontrol requeue`, the time-limit signal, a preempting job, the time limit itself, a hang) ends with bitwise
-the final weights and the reward columns of the same run uninterrupted; a failed node and a hang requeue the job.
+the final weights and the reward columns of the same run uninterrupted; a failed node and a hang requeue the job,
+the failed node left behind.
 
 `make test` runs a reduced matrix (REDUCED) and a whole node's failure; `make chaos` (RLHPC_CHAOS=full) all of
 it, the real time limit, and the `drill --node-loss` of a node's Ray alone.
@@ -36,6 +37,7 @@ REDUCED = [("preempt", "rollout")]
 MATRIX = list(itertools.product(("requeue", "timeout", "preempt"), ("rollout", "train", "save"))) if FULL else REDUCED
 SLOW_REWARD = Path(__file__).parent / "slow_reward.py"
 REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean", "truncated_frac")
+SPARE = ["--nodes", "3", *SHAPE[2:]]
 
 
 def settings(model_dir: Path, run_dir: Path, num_rollout: int, samples: int) -> list[str]:
@@ -144,19 +146,37 @@ def finish_after_requeue(env: dict[str, str], run_dir: Path, job: str) -> dict:
 @pytest.mark.skipif(not FULL, reason="the failed-node test below loses Ray with the rest of the node: `make chaos`")
 def test_a_node_whose_ray_dies_requeues_the_job_and_the_run_resumes(cluster, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    job = submit(cluster.env, tiny_model_dir, run_dir, "--nodes", "2")
+    # two nodes and no spare: a job that left node2 behind would wait for ever
+    job = submit(cluster.env, tiny_model_dir, run_dir, "--nodes", "2", "--set", "slurm.max_excluded_nodes=0")
     drilled = rlhpc("drill", str(run_dir), "--node-loss", "--at", "train", env=cluster.env, timeout=600)
     assert drilled.returncode == 0 and "Ray killed on node2" in drilled.stdout, drilled.stdout + drilled.stderr
     row = finish_after_requeue(cluster.env, run_dir, job)
     assert row["interruptions"][0].startswith("Ray on node2 stopped while the run was going"), row["interruptions"]
 
 
-def test_a_failed_node_requeues_the_job_and_the_run_resumes_once_it_is_back(cluster, tiny_model_dir, tmp_path):
+def restart_cluster(shape: list[str]) -> None:
+    assert rlhpc("cluster", "down", "--state-dir", str(STATE)).returncode == 0
+    up = rlhpc("cluster", "up", *shape)
+    assert up.returncode == 0, up.stderr
+
+
+@pytest.fixture
+def spare_node(cluster):
+    """The cluster with a third node, spare for a 2-node job (restarting it takes about 4 s, twice)."""
+    restart_cluster(SPARE)
+    try:
+        yield cluster
+    finally:
+        restart_cluster(SHAPE)
+
+
+def test_a_failed_node_is_left_behind_and_the_run_ends_bitwise_as_uninterrupted(uninterrupted, spare_node,
+                                                                                 tiny_model_dir, tmp_path):
     """A power cut on node2 (slurmd, the step, Ray killed at once): rank 0 sees the node gone from Ray and
-    requeues the job, which Slurm holds in COMPLETING until the node answers again; once repaired, the job
-    runs again on both nodes."""
-    run_dir = tmp_path / "run"
-    job = submit(cluster.env, tiny_model_dir, run_dir, "--nodes", "2")
+    requeues the job off node2, which Slurm holds in COMPLETING until the node answers again; once repaired,
+    the job runs again, on node1 and the spare node3, and ends as the run uninterrupted."""
+    run_dir, env = tmp_path / "run", spare_node.env
+    job = submit(env, tiny_model_dir, run_dir, "--nodes", "2")
     wait_for_phase(run_dir, "train", 0, 300)
     try:
         failed = rlhpc("cluster", "fail", "node2", "--state-dir", str(STATE))
@@ -165,12 +185,14 @@ def test_a_failed_node_requeues_the_job_and_the_run_resumes_once_it_is_back(clus
         wait_for(interrupted.exists, 120, "the job to end for the lost node")
         assert json.loads(interrupted.read_text())["reason"].startswith("node node2 lost")
     finally:
-        up = rlhpc("cluster", "up", *SHAPE)
+        up = rlhpc("cluster", "up", *SPARE)
         assert up.returncode == 0 and "already up" in up.stdout, up.stderr
-    row = finish_after_requeue(cluster.env, run_dir, job)
+    row = finish_after_requeue(env, run_dir, job)
     assert row["interruptions"][0].startswith("node node2 lost"), row["interruptions"]
+    assert list(row["excluded"]) == ["node2"] and row["excluded"]["node2"].startswith("node node2 lost"), row
     assert json.loads((run_dir / "jobs" / job / "attempt-1" / "cluster.json").read_text())["nodes"].keys() == {
-        "node1", "node2"}
+        "node1", "node3"}
+    assert_same(outcome(run_dir, tiny_model_dir), uninterrupted)
 
 
 def test_a_hung_run_writes_every_stack_requeues_and_ends_bitwise_as_uninterrupted(cluster, tiny_model_dir, tmp_path,
