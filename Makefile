@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The Slurm tests run a real local cluster (`rlhpc cluster up --accounting`): as root, install Debian's
-# packages for it.
+# packages for it (and bubblewrap, which tests/test_container.py runs a container with on it).
 system-deps: install
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmdbd >/dev/null; then \
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    ! { command -v slurmdbd && command -v bwrap; } >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    $$($(PY) -c 'from hpc import local_accounting as a, local_cluster as c; print(c.PACKAGES, a.PACKAGES)') \
+	    $$($(PY) -c 'from hpc import local_accounting as a, local_cluster as c; \
+	                 print(c.PACKAGES, a.PACKAGES, c.TEST_PACKAGES)') \
 	    >/dev/null; \
 	fi
 

@@ -48,7 +48,7 @@ class ContainerConfig(Section):
     image: str
     """pyxis: `slimerl/slime:latest` or a .sqsh file; apptainer: a .sif, a sandbox folder or `docker://...`."""
     mounts: list[str] = []
-    """Host paths to mount, `SRC[:DST[:FLAGS]]` (data, model); the run folder is always mounted at its path."""
+    """Host paths to mount, `SRC[:DST[:FLAGS]]` (data, model); the run folder is always mounted, at its path."""
     workdir: str | None = None
     """Working directory of the task inside the container; the run folder when unset."""
     python: str | None = None
@@ -103,10 +103,11 @@ class ContainerConfig(Section):
         the variables the batch script exports, which must reach the task with the host's value even where
         the image sets them too; `gpus`: the job asks for GPUs."""
         workdir = self.workdir or run_dir
+        # mounted in order: the run folder last, so that a mount of a folder above it cannot hide it
         if self.runtime == "pyxis":
             # pyxis passes the host environment, but the image's values win unless named in --container-env.
             return [f"--container-image={self.image}",
-                    f"--container-mounts={','.join([run_dir, *self.mounts])}",
+                    f"--container-mounts={','.join([*self.mounts, run_dir])}",
                     f"--container-workdir={workdir}",
                     "--container-mount-home" if self.mount_home else "--no-container-mount-home",
                     *([f"--container-env={','.join(env_names)}"] if env_names else []),
@@ -114,7 +115,7 @@ class ContainerConfig(Section):
         # apptainer passes the host environment too (no --cleanenv), the image's values winning over it: the
         # batch script exports APPTAINERENV_<NAME> for each of `env_names`, which wins over both.
         return [], ["apptainer", "exec", *(["--nv"] if gpus else []),
-                    *(f"--bind={m}" for m in [run_dir, *self.mounts]), f"--pwd={workdir}",
+                    *(f"--bind={m}" for m in [*self.mounts, run_dir]), f"--pwd={workdir}",
                     *([] if self.mount_home else ["--no-home"]), *self.options, self.image]
 
 

@@ -27,6 +27,8 @@ import jinja2
 
 DEFAULT_STATE_DIR = Path("/tmp/rlhpc-cluster")
 PACKAGES = "slurmctld slurmd slurm-client munge iproute2 util-linux"
+TEST_PACKAGES = "bubblewrap"
+"""What the tests add on the cluster: bubblewrap, under tests/test_container.py's stand-in for Apptainer."""
 COMMANDS = ("munged", "slurmctld", "slurmd", "sinfo", "scontrol", "ip", "nsenter")
 BRIDGE = "rlhpcbr0"
 PREFIX = "rlhpc-"

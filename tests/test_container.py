@@ -4,12 +4,29 @@ pyxis (srun's --container-* options) or Apptainer (`apptainer exec` around the t
 The rendered scripts are checked argument by argument: the srun line as shlex reads it, and the words bash
 itself hands to srun when it runs the script (a stand-in srun records them with its environment).
 
-No real container runtime runs here: see `test_a_real_container_runtime_is_not_installable_here` for what was
-tried and why none can.
+Neither runtime can be installed on this project's machines, so no run here goes through the real one. What
+was tried: `apt-cache policy apptainer singularity-container enroot` on Debian 12 finds no candidate (Apptainer
+and enroot are not in Debian 12's archive; singularity-container left Debian after 11), PyPI ships neither
+binary, and building them is out of reach: Apptainer is a Go program whose modules come from the Go proxy, which
+these machines do not reach; pyxis is a SPANK plugin compiled against Slurm's headers that runs images through
+enroot, itself absent. What the real runtimes do with the words written here is taken from their own sources
+and documentation (pyxis `args.c`: --container-env keeps the host's value over the image's, mounts are
+`SRC:DST[:FLAGS]` separated by commas; Apptainer: APPTAINERENV_<NAME> wins over the host's and the image's
+values, --bind, --pwd, --no-home, --nv). `test_apptainer_test_fails_once_the_runtime_can_be_installed` turns
+red the day one of them becomes installable, so that a real run replaces the stand-in.
+
+What does run: `test_a_rendered_apptainer_script_runs_on_the_local_cluster` sends the rendered Apptainer script
+to the local Slurm cluster, with a stand-in `apptainer` (below) that gives the words rlhpc writes their
+Apptainer meaning in bubblewrap (Debian's `bubblewrap`, installed by `make system-deps`): a new mount namespace
+whose root is an image folder, --contain's private /tmp and /dev, binds, APPTAINERENV_. The 2-node run then
+shows that rlhpc's entry, Ray and Slurm's client work inside a container that holds only the image and the
+mounts rlhpc writes (the run folder) or the config lists, and that the batch script's environment reaches the
+processes inside.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -65,7 +82,7 @@ def test_pyxis_is_srun_options_before_the_entry(write_config, tmp_path):
     assert srun_words(script) == [
         *STEP, *logs(run_dir),
         "--container-image=slimerl/slime:latest",
-        f"--container-mounts={run_dir},/data,/models:/models:ro",  # the run folder at its own path, always
+        f"--container-mounts=/data,/models:/models:ro,{run_dir}",  # the run folder at its own path, always
         f"--container-workdir={run_dir}",
         "--no-container-mount-home",
         "--container-env=NCCL_DEBUG,NCCL_IB_HCA",  # the host's values win over the image's
@@ -77,7 +94,7 @@ def test_apptainer_wraps_the_entry(write_config, tmp_path):
     run_dir, script = rendered(write_config, tmp_path, "[slurm]\ngpus_per_node = 8\n" + NCCL_ENV + APPTAINER)
     assert srun_words(script) == [
         *STEP, *logs(run_dir),
-        "apptainer", "exec", "--nv", f"--bind={run_dir}", "--bind=/data", "--bind=/models:/models:ro",
+        "apptainer", "exec", "--nv", "--bind=/data", "--bind=/models:/models:ro", f"--bind={run_dir}",
         "--pwd=/data", "--no-home", "--writable-tmpfs", "/images/slime.sif",
         "python3", "-u", "-m", "rlhpc.job", str(run_dir)]  # the image's interpreter
     assert "--container-" not in script
@@ -165,20 +182,112 @@ def test_bad_values_name_their_field(write_config, table, field, words):
     assert field in str(e.value) and words in str(e.value)
 
 
-def test_a_real_container_runtime_is_not_installable_here():
-    """No run of the rendered script through a real runtime: none of the two can be installed from the package
-    registries this project's machines reach (Debian 12's archive, PyPI), checked with
-    `apt-cache policy apptainer singularity-container enroot` (no candidate: Apptainer and enroot are not in
-    Debian 12; Debian dropped singularity-container after 11) and PyPI (no package ships either binary).
-    pyxis is a SPANK plugin built against Slurm's headers and needs enroot; Apptainer is a Go program built
-    from sources with modules from the Go proxy, which these machines do not reach. What the real runtimes
-    do with the words is taken from their own documentation and sources (pyxis `args.c`: --container-env
-    keeps the host's value over the image's; Apptainer: APPTAINERENV_<NAME> wins over host and image)."""
+def test_apptainer_test_fails_once_the_runtime_can_be_installed():
+    """The stand-in below stays only while neither runtime can be installed (see the module's docstring)."""
     if shutil.which("apt-cache") is None:
         pytest.skip("not Debian")
     policy = subprocess.run(["apt-cache", "policy", "apptainer", "singularity-container", "enroot"],
                             capture_output=True, text=True)
     candidates = [line.split(":", 1)[1].strip() for line in policy.stdout.splitlines() if "Candidate:" in line]
-    if any(c != "(none)" for c in candidates) or shutil.which("apptainer") or shutil.which("enroot"):
-        pytest.fail("a container runtime is installable here now: run the rendered script through it on the "
-                    f"local cluster instead of this note ({policy.stdout.strip()})")
+    assert all(c == "(none)" for c in candidates) and not shutil.which("apptainer") and not shutil.which("enroot"), (
+        "a container runtime can be installed here now: run the rendered script through it on the local cluster "
+        f"instead of the stand-in\n{policy.stdout}")
+
+
+APPTAINER_STANDIN = r"""#!/bin/bash
+# Stand-in for `apptainer exec` in bubblewrap: the options rlhpc writes (and --contain), with Apptainer's meaning.
+set -eu
+[ "${1-}" = exec ] || { echo "apptainer stand-in: only exec" >&2; exit 2; }
+shift
+home=1 contain=0 pwd=$PWD binds=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nv) ;;  # no GPU here; Apptainer warns and goes on without one
+    --no-home) home=0 ;;
+    -c|--contain) contain=1 ;;
+    --bind=*) binds+=("${1#--bind=}") ;;
+    --pwd=*) pwd=${1#--pwd=} ;;
+    -*) echo "apptainer stand-in: unknown option $1" >&2; exit 2 ;;
+    *) break ;;
+  esac
+  shift
+done
+image=$1
+shift
+echo "apptainer stand-in: exec in $image: $*" >&2
+args=(--die-with-parent --proc /proc --bind /sys /sys)
+for entry in "$image"/*; do  # a sandbox folder: its entries are the container's root
+  target=$(readlink "$entry" || true)
+  if [ -n "$target" ] && [ "${target#/}" = "$target" ]; then args+=(--symlink "$target" "/${entry##*/}")
+  else args+=(--ro-bind "$entry" "/${entry##*/}"); fi
+done
+if [ $contain = 1 ]; then args+=(--dev /dev --tmpfs /dev/shm --tmpfs /tmp --tmpfs /var/tmp)
+else
+  args+=(--dev-bind /dev /dev --bind /tmp /tmp --bind /var/tmp /var/tmp)
+  [ $home = 0 ] || args+=(--bind "$HOME" "$HOME")
+fi
+for spec in "${binds[@]}"; do
+  IFS=: read -r src dst flags <<< "$spec"
+  args+=("$([ "${flags-}" = ro ] && echo --ro-bind || echo --bind)" "$src" "${dst:-$src}")
+done
+for name in $(compgen -e); do  # APPTAINERENV_<NAME> sets NAME inside, over the host's value
+  case "$name" in APPTAINERENV_*) args+=(--unsetenv "$name" --setenv "${name#APPTAINERENV_}" "${!name}") ;; esac
+done
+exec bwrap "${args[@]}" --chdir "$pwd" -- "$@"
+"""
+
+PROBE = """\
+import json, os
+if b"rlhpc.job" in open("/proc/self/cmdline", "rb").read():  # the entry of a node's task, in the container
+    names = ("NCCL_IB_HCA", "RLHPC_PROBE_DIR", "SLURM_NODEID", "SUBMITIT_EXECUTOR")
+    seen = {"env": {n: os.environ.get(n) for n in names}, "cwd": os.getcwd(),
+            "host_only": os.path.exists(os.environ["RLHPC_PROBE_DIR"] + "/../host-only")}
+    with open(os.path.join(os.getcwd(), "probe-" + os.environ["SLURM_NODEID"] + ".json"), "w") as f:
+        json.dump(seen, f)
+"""
+
+
+@pytest.mark.slurm
+def test_a_rendered_apptainer_script_runs_on_the_local_cluster(cluster, tiny_model_dir, tmp_path):
+    from conftest import CONFIGS, ROOT, STATE, rlhpc, wait_gone
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap (make system-deps installs it)")
+    bin_dir, image, probe, run_dir = tmp_path / "bin", tmp_path / "image", tmp_path / "probe", tmp_path / "run"
+    for folder in (bin_dir, image, probe):
+        folder.mkdir()
+    (bin_dir / "apptainer").write_text(APPTAINER_STANDIN)
+    (bin_dir / "apptainer").chmod(0o755)
+    for name in ("usr", "etc"):  # an image made of the host's own system, nothing else of it
+        (image / name).symlink_to(f"/{name}")
+    for name in ("bin", "lib", "lib64", "sbin"):
+        (image / name).symlink_to(f"usr/{name}")
+    (probe / "sitecustomize.py").write_text(PROBE)
+    (tmp_path / "host-only").write_text("seen only on the host")
+    base = Path(sys.base_prefix)  # the venv's interpreter, which `python` unset runs from the host's path
+    mounts = [f"{ROOT}:{ROOT}:ro", f"{base}:{base}:ro", f"{tiny_model_dir}:{tiny_model_dir}:ro", f"{probe}:{probe}:ro",
+              str(STATE)]  # STATE: the cluster's slurm.conf and munge socket, for Slurm's client inside
+    container = (f'{{runtime="apptainer", image="{image}", options=["--contain"], '
+                 f'mounts=[{", ".join(repr(m).replace(chr(39), chr(34)) for m in mounts)}]}}')
+    script = tmp_path / "run.sbatch"
+    rendered = rlhpc("render", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "-o", str(script),
+                     "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=1",
+                     "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=5",
+                     "--set", f"run.output_dir='{run_dir}'", "--set", "slurm.cpus_per_task=2",
+                     "--set", f"slurm.env={{PYTHONPATH='{probe}', RLHPC_PROBE_DIR='{probe}', NCCL_IB_HCA='a:1,b:1'}}",
+                     "--set", f"slurm.container={container}", env=cluster.env)
+    assert rendered.returncode == 0, rendered.stderr
+    env = {**cluster.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True,
+                               check=True)
+    job_id = submitted.stdout.strip()
+    wait_gone(job_id, cluster.env)
+    logs = "".join(p.read_text() for p in (run_dir / "jobs" / job_id).glob("*_log.err"))
+    assert logs.count("apptainer stand-in: exec in") == 2, logs[-3000:]
+    result = json.loads((run_dir / "jobs" / job_id / "attempt-0" / "result.json").read_text())
+    assert result["rollouts"] == 1 and set(result["ray_nodes"]) == {"node1", "node2"}
+    for rank in ("0", "1"):
+        seen = json.loads((run_dir / f"probe-{rank}.json").read_text())
+        assert seen["env"] == {"NCCL_IB_HCA": "a:1,b:1", "RLHPC_PROBE_DIR": str(probe), "SLURM_NODEID": rank,
+                               "SUBMITIT_EXECUTOR": None}
+        assert seen["cwd"] == str(run_dir) and seen["host_only"] is False  # in the container, not on the host
