@@ -16,8 +16,8 @@ the job with the run's excluded nodes as its ExcNodeList, up to `slurm.max_exclu
 when the head's node is lost, which it cannot tell from its own failure. When the lost node is rank 0's (the
 batch host), nothing of the job is left to record it: Slurm ends the job as NODE_FAIL once its SlurmdTimeout
 has passed and requeues it (`--requeue`), holding the node DOWN, so the job does not land there again until
-the node registers anew (ReturnToService) or an administrator resumes it. The hang watchdog blames no node
-either: the heartbeat says that the run stopped, not whose ranks did.
+the node registers anew (ReturnToService) or an administrator resumes it. After a hang, the nodes blamed are
+those with a process that did not write its stacks when asked (`_silent_hosts`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ PLANNED_STOP = "stopped before the time limit"
 """Why an attempt that stopped by its own plan (`rl.timings`) ended, as `rlhpc status` shows it."""
 STACKS_WRITE_S = 3
 """How long the processes asked for their stacks get to write them before the job ends."""
+ASKED = ".asked"
+"""Beside the stacks, `<host>.asked`: the stack files whose processes that host's task asked to write."""
 
 log = logging.getLogger("rlhpc.job")
 _requeueing = threading.Event()
@@ -148,12 +150,17 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
 
     def end_job(reason: str) -> None:
         """The watchdog's verdict: stacks of this node's processes into the attempt's folder; rank 0 then
-        ends the job, requeued where Slurm runs it, off the nodes the verdict blames."""
-        stacks.dump(stacks_dir)
+        ends the job, requeued where Slurm runs it, off the nodes the verdict blames (the lost ones; after a
+        hang, those whose processes did not answer)."""
+        asked = stacks.dump(stacks_dir)
+        (stacks_dir / f"{alloc.host}{ASKED}").write_text("".join(f"{p.name}\n" for p in asked))
         time.sleep(STACKS_WRITE_S)
         if alloc.node_rank != 0:
             return
-        if not interrupted({"signal": None, "stopped_at": None, "reason": reason}, watchdog.blamed):
+        blamed = watchdog.blamed
+        if not blamed and (blamed := _silent_hosts(stacks_dir)):
+            reason += f"; a process of {', '.join(blamed)} wrote no stacks (stopped)"
+        if not interrupted({"signal": None, "stopped_at": None, "reason": reason}, blamed):
             os.kill(os.getpid(), signal.SIGTERM)  # nothing to requeue: end this job the way scancel would
 
     watchdog = Watchdog(folder / heartbeat.FILE, cfg.run.hang_timeout_s, end_job,
@@ -209,6 +216,15 @@ def _lost_with(alloc: allocation.Allocation, wait_s: float) -> list[str]:
         return []
     until(lambda: bool(lost_hosts(alloc)), wait_s, poll_s=1)
     return lost_hosts(alloc)
+
+
+def _silent_hosts(stacks_dir: Path) -> list[str]:
+    """The hosts with a process that was asked for its stacks and wrote none: stopped (SIGSTOP, a debugger) or
+    stuck in the kernel (a dead filesystem or driver), where one blocked in a collective or a lock still
+    answers. A host whose task has not said what it asked (its watchdog not yet triggered) is not judged."""
+    return [asked.name.removesuffix(ASKED) for asked in sorted(stacks_dir.glob(f"*{ASKED}"))
+            if any(not (stacks_dir / name).is_file() or (stacks_dir / name).stat().st_size == 0
+                   for name in asked.read_text().split())]
 
 
 def requeue_stuck(run_dir: str, reason: str) -> bool:

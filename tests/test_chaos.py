@@ -204,7 +204,11 @@ def test_a_hung_run_writes_every_stack_requeues_and_ends_bitwise_as_uninterrupte
     os.kill(worker, signal.SIGSTOP)  # a training worker that never answers, as in a collective that hangs
     row = finish_after_requeue(cluster.env, run_dir, job)
     assert row["interruptions"][0].startswith("no progress for"), row["interruptions"]
-    dumps = {p.name: p.read_text() for p in (run_dir / "jobs" / job / "attempt-0" / "stacks").iterdir()}
+    # the stopped worker's node is left behind: the job runs again on the other one
+    assert list(row["excluded"]) == ["node1"] and "wrote no stacks" in row["excluded"]["node1"], row
+    assert json.loads((run_dir / "jobs" / job / "attempt-1" / "cluster.json").read_text())["nodes"].keys() == {
+        "node2"}
+    dumps = {p.name: p.read_text() for p in (run_dir / "jobs" / job / "attempt-0" / "stacks").glob("*.txt")}
     assert len([d for d in dumps.values() if d]) >= 2  # the driver's and the engine's at least (not the stopped one)
     assert any("in train" in d and "rl/loop.py" in d for d in dumps.values())  # the driver, waiting on training
     assert_same(outcome(run_dir, tiny_model_dir), uninterrupted)  # killed mid-training: redone, exactly

@@ -80,6 +80,18 @@ def test_no_node_is_left_behind_outside_slurm_or_with_a_cap_of_zero(tmp_path, re
     assert requeued == [("41", "")] and excluded_nodes(tmp_path) == []
 
 
+def test_after_a_hang_the_hosts_with_a_process_that_wrote_no_stacks_are_blamed(tmp_path: Path) -> None:
+    (tmp_path / "node1-10.txt").write_text("Thread 0x1 (most recent call first): ...")
+    (tmp_path / "node1-11.txt").write_text("")  # stopped: asked, never answered
+    (tmp_path / "node2-20.txt").write_text("Thread 0x2 ...")
+    (tmp_path / "node1.asked").write_text("node1-10.txt\nnode1-11.txt\n")
+    (tmp_path / "node2.asked").write_text("node2-20.txt\n")
+    (tmp_path / "node3-30.txt").write_text("")  # node3's task has not dumped yet: not judged
+    assert job._silent_hosts(tmp_path) == ["node1"]
+    (tmp_path / "node1-11.txt").write_text("Thread 0x3 ...")
+    assert job._silent_hosts(tmp_path) == []
+
+
 FAKE_SCONTROL = """#!{python}
 import os, signal, sys, time
 log = open({log!r}, "a", buffering=1)
