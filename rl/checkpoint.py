@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -75,6 +76,8 @@ class BackgroundWriter:
                                                     use_async_staging=True, use_non_blocking_copy=cuda))
         self._group = group
         self._saves: list[Any] = []
+        """Saves begun and not yet waited for; `wait` (in a thread of its own) and `staged` both read it."""
+        self._lock = threading.Lock()
 
     def save(self, state: dict[str, Any], storage: Any) -> None:
         """Start saving `state` into `storage`; a save still writing is waited for first."""
@@ -82,19 +85,29 @@ class BackgroundWriter:
         import torch.distributed.checkpoint as dcp
 
         self.wait()
-        self._saves.append(dcp.async_save(state, storage_writer=storage, async_stager=self._stager,
-                                          process_group=self._group, no_dist=not dist.is_initialized()))
+        response = dcp.async_save(state, storage_writer=storage, async_stager=self._stager, process_group=self._group,
+                                  no_dist=not dist.is_initialized())
+        with self._lock:
+            self._saves.append(response)
 
     def staged(self) -> None:
         """Return once every save's copy of the state is taken (raising what the copy raised)."""
-        for save in self._saves:
+        with self._lock:
+            saves = list(self._saves)
+        for save in saves:
             save.staging_completion.result()
 
     def wait(self) -> None:
-        """Return once every save is written (raising what the write raised)."""
-        saves, self._saves = self._saves, []
-        for save in saves:
-            save.upload_completion.result()
+        """Return once every save is written (raising what the write raised). Each stays listed until written,
+        so that `staged`, called meanwhile, still waits for its copy."""
+        with self._lock:
+            saves = list(self._saves)
+        try:
+            for save in saves:
+                save.upload_completion.result()
+        finally:
+            with self._lock:
+                self._saves = [s for s in self._saves if s not in saves]
 
 
 def load_model_state(state: dict[str, Any], folder: Path) -> None:

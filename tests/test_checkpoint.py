@@ -134,12 +134,14 @@ def test_a_background_save_writes_the_state_as_it_was_when_begun(tmp_path):
     when the save began, and becomes the latest only once sealed."""
     import threading
 
-    state = {"w": torch.arange(4096, dtype=torch.float32), "step": 3}
+    # large enough that copying it takes a while: the sealing thread waits for the write meanwhile, as the
+    # driver's does, and the copy must still be waited for
+    state = {"w": torch.arange(1 << 23, dtype=torch.float32), "step": 3}
     writer, release = checkpoint.BackgroundWriter(), threading.Event()
 
     def written():
-        release.wait(30)
         writer.wait()
+        release.wait(30)
 
     saving = checkpoint.InBackground(tmp_path, 1, lambda tmp: checkpoint.save_model_state(state, tmp, writer), written)
     writer.staged()
@@ -147,9 +149,9 @@ def test_a_background_save_writes_the_state_as_it_was_when_begun(tmp_path):
     assert checkpoint.latest(tmp_path) is None  # written, perhaps, but not sealed
     release.set()
     assert saving.result() == checkpoint.latest(tmp_path) == checkpoint.iteration_dir(tmp_path, 1)
-    loaded = {"w": torch.zeros(4096), "step": 0}
+    loaded = {"w": torch.zeros(1 << 23), "step": 0}
     checkpoint.load_model_state(loaded, saving.result())
-    assert torch.equal(loaded["w"], torch.arange(4096, dtype=torch.float32)) and loaded["step"] == 3
+    assert torch.equal(loaded["w"], torch.arange(1 << 23, dtype=torch.float32)) and loaded["step"] == 3
 
 
 def test_a_background_save_that_fails_leaves_the_previous_checkpoint_latest(tmp_path):
@@ -162,3 +164,29 @@ def test_a_background_save_that_fails_leaves_the_previous_checkpoint_latest(tmp_
     with pytest.raises(checkpoint.CheckpointError, match="actor died.*the latest checkpoint is still iter_0000001"):
         saving.result()
     assert checkpoint.latest(tmp_path).name == "iter_0000001" and not list(tmp_path.glob(".iter_*"))
+
+
+def test_training_waits_for_the_copy_even_while_the_sealing_thread_waits_for_the_write():
+    """The driver's sealing thread calls `wait` as soon as a save begins; a training step arriving meanwhile must
+    still find the copy not taken and wait for it (it once found nothing to wait for)."""
+    import threading
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    writer = checkpoint.BackgroundWriter()
+    copy, write = Future(), Future()
+    writer._saves.append(SimpleNamespace(staging_completion=copy, upload_completion=write))  # a save begun
+    sealing = threading.Thread(target=writer.wait, daemon=True)
+    sealing.start()
+    step_may_run = threading.Event()
+    threading.Thread(target=lambda: (writer.staged(), step_may_run.set()), daemon=True).start()
+    try:
+        assert not step_may_run.wait(0.3)
+        copy.set_result(None)
+        assert step_may_run.wait(5)
+    finally:
+        for future in (copy, write):
+            if not future.done():
+                future.set_result(None)
+    sealing.join(5)
+    assert not sealing.is_alive() and writer._saves == []
