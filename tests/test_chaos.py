@@ -24,7 +24,9 @@ from hpc.local_cluster import netns_processes
 from hpc.slurm import release
 from rl import checkpoint, heartbeat
 from rl.export import load_policy
+from rl.timings import Timings
 from rlhpc.drill import wait_for_phase, wait_resumed
+from rlhpc.job import PLANNED_STOP
 
 pytestmark = pytest.mark.slurm
 
@@ -81,7 +83,9 @@ def uninterrupted(cluster, tiny_model_dir, tmp_path_factory):
 def test_an_interrupted_run_ends_bitwise_as_the_uninterrupted_one(cluster, tiny_model_dir, tmp_path, uninterrupted,
                                                                    kind, phase):
     run_dir = tmp_path / "run"
-    job = submit(cluster.env, tiny_model_dir, run_dir)
+    # interrupted while a checkpoint is written in the background: never half of one loaded
+    async_save = ["--set", "ckpt.async_save=true"] if phase == "save" else []
+    job = submit(cluster.env, tiny_model_dir, run_dir, *async_save)
     drilled = rlhpc("drill", str(run_dir), f"--{kind}", "--at", phase, "--wait", env=cluster.env, timeout=900)
     assert drilled.returncode == 0, drilled.stdout + drilled.stderr
     assert f"during {phase} of rollout" in drilled.stdout and "resumed from checkpoint" in drilled.stdout
@@ -95,29 +99,59 @@ def test_an_interrupted_run_ends_bitwise_as_the_uninterrupted_one(cluster, tiny_
         assert row["interruptions"][0].startswith("USR2 at rollout") and row["interruptions"][0].endswith(", 0 redone")
 
 
-@pytest.mark.skipif(not FULL, reason="minutes of waiting for Slurm's own clock: `make chaos`")
-@pytest.mark.timeout(1500)
-def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_model_dir, tmp_path_factory):
-    """A 2-minute job for a run longer than that: Slurm's signal 60 s before each limit, a checkpoint, a
-    requeue, until the run is done; the same weights as the run in one go."""
-    straight, limited = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("limited")
-    n = 80
-    # the config's own batch: long enough that the run needs several 2-minute attempts
-    wait_gone(submit(cluster.env, tiny_model_dir, straight, num_rollout=n, samples=32), cluster.env)
-    job = submit(cluster.env, tiny_model_dir, limited, "--time", "2", "--set", "slurm.signal_grace_s=60", samples=32,
-                 num_rollout=n)
-    deadline, released = time.monotonic() + 1200, 0
+LONG_RUN = 80
+"""Rollouts of the config's own batch (32 samples per prompt): a run that needs several 2-minute attempts."""
+
+
+@pytest.fixture(scope="module")
+def long_straight(cluster, tiny_model_dir, tmp_path_factory):
+    straight = tmp_path_factory.mktemp("straight")
+    wait_gone(submit(cluster.env, tiny_model_dir, straight, num_rollout=LONG_RUN, samples=32), cluster.env)
+    return outcome(straight, tiny_model_dir)
+
+
+def until_done(env: dict[str, str], run_dir: Path, job: str, timeout_s: float = 1200) -> dict:
+    """Follow a run through its requeues, releasing each from Slurm's requeue delay; its last status row."""
+    deadline, released = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline:
-        [row] = json.loads(rlhpc("status", str(limited), "--json", env=cluster.env).stdout)
+        [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=env).stdout)
         if row["state"] in {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED"}:
             break
-        if row["state"] == "PENDING" and row["requeues"] > released:  # skip Slurm's requeue delay
-            release(job, cluster.env)
+        if row["state"] == "PENDING" and row["requeues"] > released:
+            release(job, env)
             released = row["requeues"]
         time.sleep(2)
+    return row
+
+
+@pytest.mark.skipif(not FULL, reason="minutes of waiting for Slurm's own clock: `make chaos`")
+@pytest.mark.timeout(1500)
+def test_the_time_limit_itself_requeues_until_the_run_is_done(cluster, tiny_model_dir, tmp_path, long_straight):
+    """A 2-minute job for a run longer than that: Slurm's signal 60 s before each limit, a checkpoint, a
+    requeue, until the run is done; the same weights as the run in one go."""
+    job = submit(cluster.env, tiny_model_dir, tmp_path, "--time", "2", "--set", "slurm.signal_grace_s=60",
+                 samples=32, num_rollout=LONG_RUN)
+    row = until_done(cluster.env, tmp_path, job)
     assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
     assert all(i.startswith("USR2 at rollout") for i in row["interruptions"]), row["interruptions"]
-    assert_same(outcome(limited, tiny_model_dir), outcome(straight, tiny_model_dir))
+    assert_same(outcome(tmp_path, tiny_model_dir), long_straight)
+
+
+@pytest.mark.skipif(not FULL, reason="minutes of waiting for Slurm's own clock: `make chaos`")
+@pytest.mark.timeout(1500)
+def test_without_any_signal_the_run_stops_before_each_time_limit_and_ends_the_same(cluster, tiny_model_dir, tmp_path,
+                                                                                    long_straight):
+    """No --signal at all, checkpoints written in the background: each attempt learns its end from Slurm, stops
+    at the last rollout after which a save still fits, saves and requeues; nothing is redone, and the run ends
+    bitwise as the run in one go."""
+    job = submit(cluster.env, tiny_model_dir, tmp_path, "--time", "2", "--set", "slurm.signal_grace_s=0",
+                 "--set", "ckpt.async_save=true", samples=32, num_rollout=LONG_RUN)
+    row = until_done(cluster.env, tmp_path, job)
+    assert row["state"] == "COMPLETED" and row["requeues"] >= 1, row
+    assert all(i.startswith(f"{PLANNED_STOP} at rollout") and i.endswith(", 0 redone")
+               for i in row["interruptions"]), row["interruptions"]
+    assert Timings.read(tmp_path).save_s is not None
+    assert_same(outcome(tmp_path, tiny_model_dir), long_straight)
 
 
 def node_pids(namespace: str, name: str) -> list[int]:
