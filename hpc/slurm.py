@@ -228,15 +228,16 @@ def requeue(job_id: str, env: dict[str, str] | None = None, exclude: str = "") -
     and counts a restart. Called from inside the job, the requeue ends the caller: Slurm sends SIGTERM to every
     process of the job, the update's scontrol included, within milliseconds. The calling thread holds SIGTERM
     back meanwhile, and the commands it starts inherit that mask, so the update is not cut short (its SIGKILL
-    comes KillWait later); the caller's own handler sees the signal in another thread (see rlhpc.job)."""
+    comes KillWait later); the caller's own handler sees the signal in another thread (see rlhpc.job). The
+    update is made even when the requeue fails: another task of the job may have requeued it first, and it
+    is then pending all the same. OSError names every call that failed."""
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        for args in requeue_commands(job_id, exclude):
-            p = slurm_command(*args, env=env)
-            if p.returncode != 0:
-                raise OSError(f"{' '.join(args[:2])} {job_id} failed: {p.stderr.strip()}")
+        done = [(args, slurm_command(*args, env=env)) for args in requeue_commands(job_id, exclude)]
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    if failed := [f"{' '.join(args[:2])} {job_id} failed: {p.stderr.strip()}" for args, p in done if p.returncode]:
+        raise OSError("; ".join(failed))
 
 
 def exclusion(configured: str | int | bool | None, nodes: list[str]) -> str:

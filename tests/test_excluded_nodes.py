@@ -13,12 +13,12 @@ import pytest
 
 from conftest import MINIMAL
 from hpc.config import SlurmConfig
-from hpc.slurm import exclusion, requeue_commands
+from hpc.slurm import exclusion, requeue, requeue_commands
 from rlhpc import job
 from rlhpc.config import load_config
 from rlhpc.job import requeue_if_allowed
 from rlhpc.run_folder import exclude_nodes, excluded_nodes, newly_excluded
-from rlhpc.submit import leaving_behind
+from rlhpc.submit import leaving_behind, sbatch_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,18 @@ def test_the_requeue_updates_excnodelist_after_the_requeue() -> None:
                                                     ["scontrol", "update", "JobId=41", "ExcNodeList=gpu7,node2"]]
     assert exclusion("node[1-3,5],gpu7", ["node2", "gpu7"]) == "node[1-3,5],gpu7,node2"
     assert exclusion(None, ["node2"]) == "node2" and exclusion(None, []) == ""
+
+
+def test_the_update_is_made_even_when_another_task_requeued_the_job_first(tmp_path, monkeypatch) -> None:
+    log = tmp_path / "scontrol.log"
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
+                                       '[ "$1" = requeue ] && echo "Requested operation is presently disabled" >&2 '
+                                       "&& exit 1\nexit 0\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(OSError, match="scontrol requeue 41 failed: Requested operation is presently disabled$"):
+        requeue("41", exclude="node2")
+    assert log.read_text().splitlines() == ["requeue 41", "update JobId=41 ExcNodeList=node2"]
 
 
 @pytest.fixture
