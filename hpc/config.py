@@ -142,7 +142,7 @@ class SlurmConfig(Section):
     then stops by its own plan, from the job's end time and its measured save (a preemption kills it unwarned)."""
     max_requeues: Annotated[int, Field(ge=0)] = 10
     max_excluded_nodes: Annotated[int, Field(ge=0)] = 2
-    """At most how many nodes a run leaves behind once an attempt ended for them (gone from its Ray); 0: none."""
+    """At most how many nodes a run leaves behind after an attempt ended for them (lost, a process stopped); 0: none."""
     setup: list[str] = []
     """Shell lines run on every node before rlhpc starts (module load, source an environment)."""
     additional_parameters: dict[str, str | int | bool] = {}

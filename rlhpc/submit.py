@@ -59,7 +59,7 @@ def slurm_executor(s: SlurmConfig, run_dir: Path, name: str) -> submitit.SlurmEx
 
 def sbatch_script(cfg: Config, run_dir: Path) -> str:
     """The sbatch script `submit` would send, for --dry-run (nothing is written or submitted)."""
-    ex = slurm_executor(cfg.slurm, run_dir, job_name(cfg))
+    ex = slurm_executor(leaving_behind(cfg).slurm, run_dir, job_name(cfg))
     return ex._make_submission_file_text(ex._submitit_command_str, "")
 
 

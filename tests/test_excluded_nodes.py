@@ -145,3 +145,4 @@ def test_a_new_submission_of_the_run_excludes_the_nodes_it_left_behind(tmp_path,
     assert left.slurm.additional_parameters == {"exclude": "gpu[1-2],node2"}
     assert leaving_behind(left).slurm.additional_parameters == {"exclude": "gpu[1-2],node2"}  # once
     assert cfg.slurm.additional_parameters == {"exclude": "gpu[1-2]"}
+    assert "#SBATCH --exclude='gpu[1-2],node2'\n" in sbatch_script(cfg, cfg.run_dir())  # what --dry-run shows
