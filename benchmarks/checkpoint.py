@@ -29,15 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.shapes import QWEN3, build_model  # noqa: E402
 from rl import checkpoint  # noqa: E402
 from rlhpc.config import load_config  # noqa: E402
 
-SHAPES = {
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-}
 BLOCK = 64 << 20
 
 
@@ -78,15 +73,10 @@ def disk(folder: Path, tensors: list[torch.Tensor]) -> dict[str, float]:
 
 
 def training_state(shape: str, work: Path):
-    from transformers import AutoModelForCausalLM, Qwen3Config
-
-    from rl.tiny_model import build_tokenizer
     from rl.train.torch_backend import TorchBackend
 
     model_dir = work / "model"
-    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=4096)
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model_dir)
-    build_tokenizer().save_pretrained(model_dir)
+    build_model(model_dir, shape)
     cfg = load_config(ROOT / "configs" / "tiny_cpu.toml", [f"ckpt.hf_checkpoint='{model_dir}'",
                                                            "grpo.use_kl_loss=false"])
     backend = TorchBackend(cfg, init_from=model_dir, total_steps=10)
@@ -118,7 +108,7 @@ def background_save(backend, root: Path) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", type=Path, default=None, help="where to write (default: a temporary folder)")
-    p.add_argument("--shape", choices=SHAPES, default="0.6b")
+    p.add_argument("--shape", choices=QWEN3, default="0.6b")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rlhpc-ckpt-", dir=args.folder))
     try:

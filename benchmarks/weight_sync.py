@@ -30,23 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.shapes import build_model  # noqa: E402
 from rl.config import RolloutConfig  # noqa: E402
 from rl.rollout.pool import EnginePool  # noqa: E402
 from rl.rollout.torch_engine import TorchEngine  # noqa: E402
 from rl.train.worker import TrainWorker  # noqa: E402
-
-
-def build_model(folder: Path) -> int:
-    """A Qwen3-0.6B-shaped model with random weights, saved in bf16; its parameters' bytes."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
-                         max_position_embeddings=4096, dtype="bfloat16")
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 class Weights:
@@ -111,7 +99,7 @@ def main() -> None:
 
     bucket = args.bucket_mb * 2**20
     with tempfile.TemporaryDirectory() as tmp:
-        nbytes = build_model(Path(tmp) / "model")
+        nbytes = build_model(Path(tmp) / "model", "0.6b")
         model_dir = str(Path(tmp) / "model")
         print(f"model: {nbytes / 1e9:.3f} GB of bf16 weights; buckets of {args.bucket_mb} MiB", flush=True)
         ray.init(num_cpus=2, object_store_memory=3 * 2**30, include_dashboard=False, configure_logging=False,
