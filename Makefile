@@ -58,7 +58,7 @@ GPU_WHEELS := .gpu-wheels
 GPU_WHEEL_TAGS := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-wheels: install
-	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) $(GPU_WHEEL_TAGS) pydantic math-verify tomli-w submitit \
+	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) $(GPU_WHEEL_TAGS) pydantic math-verify tomli-w submitit xxhash \
 	  pytest-timeout
 	$(PY) -m pip download --quiet --dest $(GPU_WHEELS) $(GPU_WHEEL_TAGS) --no-deps $$($(PY) -c 'import tomllib; \
 	  print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["megatron"]))')

@@ -190,3 +190,22 @@ def test_training_waits_for_the_copy_even_while_the_sealing_thread_waits_for_the
                 future.set_result(None)
     sealing.join(5)
     assert not sealing.is_alive() and writer._saves == []
+
+
+def test_checkpoints_sealed_with_sha256_still_verify_and_damage_is_found_either_way(tmp_path):
+    import hashlib
+    import json
+
+    folder = checkpoint.write(tmp_path, 1, lambda tmp: (tmp / "w.bin").write_bytes(b"\x01" * 4096))
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    assert set(manifest["files"]["w.bin"]) == {"size", checkpoint.DIGEST}
+    assert checkpoint.verify(folder) is None
+    # as sealed before xxh3
+    manifest["files"]["w.bin"] = {"size": 4096, "sha256": hashlib.sha256(b"\x01" * 4096).hexdigest()}
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert checkpoint.verify(folder) is None
+    (folder / "w.bin").write_bytes(b"\x02" * 4096)
+    assert checkpoint.verify(folder) == "w.bin does not match its manifest"
+    checkpoint.write(tmp_path, 2, lambda tmp: (tmp / "w.bin").write_bytes(b"\x01" * 4096))
+    (checkpoint.iteration_dir(tmp_path, 2) / "w.bin").write_bytes(b"\x03" * 4096)
+    assert checkpoint.verify(checkpoint.iteration_dir(tmp_path, 2)) == "w.bin does not match its manifest"
