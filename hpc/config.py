@@ -37,7 +37,9 @@ def slurm_time_minutes(value: str) -> int:
 
 class Section(BaseModel):
     # nan passes every range check (all comparisons are false) and inf most: refuse both in every float field.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # A field's docstring is its description in the schema (`rlhpc config schema`, docs/configuration.md).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
 
 
 class ContainerConfig(Section):
