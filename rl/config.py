@@ -80,21 +80,39 @@ class ModelConfig(Section):
     section copied from slime's model scripts is checked against the weights it will train."""
 
     family: Literal["qwen3", "qwen2", "llama", "glm4"] | None = None
+    """Model family, checked against config.json's `model_type`; unchecked when unset."""
     num_layers: PositiveInt | None = None
+    """Transformer layers, checked against config.json's `num_hidden_layers`; unchecked when unset."""
     hidden_size: PositiveInt | None = None
+    """Hidden size, checked against config.json's `hidden_size`; unchecked when unset."""
     ffn_hidden_size: PositiveInt | None = None
+    """MLP inner size, checked against config.json's `intermediate_size`; unchecked when unset."""
     num_attention_heads: PositiveInt | None = None
+    """Attention heads, checked against config.json's `num_attention_heads`; unchecked when unset."""
     num_query_groups: PositiveInt | None = None
+    """Key/value heads (GQA groups), checked against config.json's `num_key_value_heads`; unchecked when unset."""
     kv_channels: PositiveInt | None = None
+    """Size of one attention head, checked against config.json's `head_dim` (else hidden_size / heads); unchecked when
+    unset."""
     vocab_size: PositiveInt | None = None
+    """Vocabulary size, checked against config.json's `vocab_size`; unchecked when unset."""
     max_position_embeddings: PositiveInt | None = None
+    """Longest sequence, checked against config.json's `max_position_embeddings`; unchecked when unset."""
     rotary_base: float | None = None
+    """RoPE base, checked against config.json's `rope_theta`; unchecked when unset."""
     norm_epsilon: float | None = None
+    """Epsilon of the norm layers, checked against config.json's `rms_norm_eps`; unchecked when unset."""
     normalization: Literal["RMSNorm", "LayerNorm"] | None = None
+    """Norm layer kind; RMSNorm where config.json has `rms_norm_eps`; unchecked when unset."""
     swiglu: bool | None = None
+    """SwiGLU MLP, checked against config.json's `hidden_act` being silu; unchecked when unset."""
     qk_layernorm: bool | None = None
+    """Norm on queries and keys (true for qwen3 checkpoints only); unchecked when unset."""
     disable_bias_linear: bool | None = None
+    """No bias in the linear layers (config.json's `mlp_bias` false or absent); unchecked when unset."""
     untie_embeddings_and_output_weights: bool | None = None
+    """Separate output layer from the input embedding (config.json's `tie_word_embeddings` false); unchecked when
+    unset."""
 
 
 class CkptConfig(Section):
@@ -118,39 +136,72 @@ class CkptConfig(Section):
 class RolloutConfig(Section):
     # data
     prompt_data: PromptPath
+    """Training prompts: a JSONL or Parquet file (by its suffix), one prompt per line or row; relative to the config
+    file."""
     input_key: str = "input"
+    """Key of the prompt in each row: a string, or OpenAI-format messages with apply_chat_template."""
     label_key: str | None = None
+    """Key of the label the reward is graded against; unset: no label (the reward sees None)."""
     metadata_key: str = "metadata"
+    """Key of a row's optional metadata object, handed to reward and generate functions (its `rm_type` overrides
+    rm_type)."""
     apply_chat_template: bool = False
+    """Render each prompt with the tokenizer's chat template (a bare string is taken as one user message)."""
     apply_chat_template_kwargs: dict[str, Any] = {}
+    """Extra keyword arguments to the tokenizer's apply_chat_template, e.g. `{ enable_thinking = false }`."""
     rollout_shuffle: bool = False
+    """Draw prompts in a fresh seeded order each epoch; off: in file order."""
     rollout_seed: int = 42
+    """Seed of the prompt order when rollout_shuffle is on (each epoch's order depends on it and the epoch alone)."""
     num_rollout: PositiveInt | None = None
+    """Rollouts to run in all; unset: num_epoch passes over the prompts (one when that is unset too)."""
     num_epoch: PositiveInt | None = None
+    """Passes over the prompt data, used when num_rollout is unset; unset: one."""
     # batch sizes
     rollout_batch_size: PositiveInt
+    """Prompts per rollout (the groups that are trained on)."""
     n_samples_per_prompt: PositiveInt = 1
+    """Responses sampled per prompt: the group size of GRPO's baseline (1 only with a non-group estimator)."""
     global_batch_size: PositiveInt | None = None
     """Samples per optimizer step; derived from the batch constraint when absent."""
     num_steps_per_rollout: PositiveInt = 1
+    """Optimizer steps per rollout; 1 is on-policy training."""
     balance_data: bool = False
+    """Share each optimizer step's samples among data-parallel ranks by token count, longest first; off: contiguous
+    slices."""
     over_sampling_batch_size: PositiveInt | None = None
+    """Dynamic sampling: prompts per round, each round's groups kept while they pass the filter until rollout_batch_size
+    have; unset: off."""
     dynamic_sampling_filter_path: HookPath | None = None
+    """Dynamic sampling's group filter `f(args, samples) -> bool`; unset: keep groups whose rewards are not all
+    equal."""
     partial_rollout: bool = False
+    """With dynamic sampling: abort the groups still generating once enough have passed and continue them in the next
+    rollout."""
     buffer_filter_path: HookPath | None = None
+    """Partial rollout: `f(args, rollout_id, buffer, num_samples)` choosing the buffered groups to continue; unset:
+    oldest first."""
     custom_generate_function_path: HookPath | None = None
+    """Function producing one sample's response (e.g. multi-turn with tools); unset: one plain generation."""
     # sampling
     engine: Literal["torch", "sglang"] = "torch"
+    """Rollout engine: `torch` (a Hugging Face model in a Ray actor, one device each, CPU or GPU) or `sglang`
+    (SGLang servers on GPUs)."""
     rollout_max_prompt_len: PositiveInt | None = None
     """Prompts of more tokens are left out when the data is read (slime's `--rollout-max-prompt-len`)."""
     rollout_max_response_len: PositiveInt | None = None
+    """Most tokens generated per response (SGLang's max_new_tokens); 1024 when unset."""
     rollout_temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Sampling temperature of the rollout; 1.0 samples from the policy as it is."""
     rollout_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability mass; 1.0 is off."""
     rollout_top_k: int = -1
+    """Sample among the k most likely tokens; -1 is off."""
     rollout_stop: list[str] = []
     """Strings that end a response (SGLang's `stop`): it keeps the tokens up to the one completing the string,
     its text ends before the string."""
     rollout_stop_token_ids: list[int] = []
+    """Token ids that end a response, besides the tokenizer's end-of-sequence token."""
     rollout_skip_special_tokens: bool = False
     """Leave special tokens out of a response's text (what reward functions read); its tokens keep them."""
     update_weight_buffer_size: PositiveInt = 512 * 1024**2
@@ -162,13 +213,18 @@ class RolloutConfig(Section):
     driver about as much as several decode steps of a small model, hence 8."""
     # reward
     rm_type: str | None = None
+    """Built-in reward: math, deepscaler, dapo, f1, gpqa (a `boxed_` prefix grades the last \\boxed{} only) or
+    remote_rm."""
     custom_rm_path: HookPath | None = None
     """Overrides rm_type. Sync or async; per sample `f(args, sample)` or, with group_rm, per batch."""
     group_rm: bool = False
+    """Call custom_rm_path once per batch, `f(args, samples)` returning one reward per sample, instead of per sample."""
     rm_url: str | None = None
+    """Reward server of rm_type = "remote_rm": each sample is POSTed as JSON {prompt, response, label}."""
     rm_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     """Seconds one request to rm_url may take."""
     rm_max_retries: Annotated[int, Field(ge=0)] = 5
+    """Retries of a failed request to rm_url (no answer, 5xx, 408/425/429), with exponential backoff; 0: none."""
     rm_deadline_s: Annotated[float, Field(gt=0)] = 300.0
     """Seconds one sample's reward may take in all, retries and their backoff included."""
     reward_key: str | None = None
@@ -179,12 +235,18 @@ class RolloutConfig(Section):
     rollout_health_check_interval: Annotated[float, Field(gt=0)] = 30.0
     """Seconds between health checks of the engines that are generating."""
     rollout_health_check_timeout: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds an engine may take to answer a health check before it counts as failed (with use_fault_tolerance)."""
     rollout_health_check_first_wait: Annotated[float, Field(ge=0)] = 0.0
     """Seconds into a generation before the first health check (on top of the interval)."""
     # async training (slime's train_async.py)
     async_train: bool = False
+    """Generate the next rollouts while the trainer trains on the current one (slime's train_async.py); off: one after
+    the other."""
     update_weights_interval: PositiveInt = 1
+    """Async training: trained rollouts between weight updates of the engines; 1 updates after each."""
     async_buffer_size: PositiveInt = 4
+    """Async training: rollouts generated ahead of the one in training; a sample's policy is then at most
+    async_buffer_size + update_weights_interval − 1 versions old."""
 
     @field_validator("rollout_top_k")
     @classmethod
