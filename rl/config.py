@@ -614,7 +614,7 @@ class RLConfig(BaseModel):
                 _engines_split_unevenly(r, self.sglang, p),
                 ("sglang.rollout_num_gpus_per_engine", "perf.actor_num_gpus_per_node"),
                 f"colocated engines of {self.sglang.rollout_num_gpus_per_engine} GPUs do not divide the "
-                f"{p.actor_num_nodes * p.actor_num_gpus_per_node} training GPUs they share",
+                f"{p.actor_num_gpus_per_node} training GPUs of a node: each engine spans GPUs of one node",
             ),
         ]
         for failed, fields, message in checks:
@@ -661,6 +661,7 @@ class RLConfig(BaseModel):
 
 
 def _engines_split_unevenly(rollout: RolloutConfig, sglang: SglangConfig, perf: PerfConfig) -> bool:
+    """Colocated engines cover every training GPU, each within a node (`rl/placement.py`)."""
     if not perf.colocate or rollout.engine != "sglang":
         return False
-    return (perf.actor_num_nodes * perf.actor_num_gpus_per_node) % sglang.rollout_num_gpus_per_engine != 0
+    return perf.actor_num_gpus_per_node % sglang.rollout_num_gpus_per_engine != 0
