@@ -7,7 +7,7 @@ every request, then hands each recorded body to SGLang's code from FOLDER (the p
 without its dependencies by `make test`: `pip install --no-deps --target .sglang-contract ...`):
 
 - the launch command line to `sglang.srt.server_args.prepare_server_args`, the parser `sglang.launch_server`
-  itself runs;
+  itself runs, and the visible GPU each tensor-parallel rank then runs on, by SGLang's own formula;
 - each request to its route as `sglang/srt/entrypoints/http_server.py` declares it (read from its source
   with `ast`: importing it starts the whole server's import chain): the route takes POST, the query
   parameters sent are its `Query` parameters, and the body goes to the request class the route names in
@@ -246,6 +246,18 @@ def weights_refusal(body: Any, sent: dict[str, Any]) -> str | None:
     return None
 
 
+def tp_rank_gpus(argv: list[str]) -> list[int]:
+    """The visible GPU each tensor-parallel rank of the server launched with `argv` runs on, by SGLang's own
+    formula (`weight_cache.protocol.compute_local_gpu_id`, which mirrors the engine's scheduler launch):
+    `rl.placement.server_gpus` lists a colocated engine's training GPUs in this order."""
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.weight_cache.protocol import compute_local_gpu_id
+
+    args = prepare_server_args(argv)
+    return [compute_local_gpu_id(0, rank, 1, args.tp_size, base_gpu_id=args.base_gpu_id, gpu_id_step=args.gpu_id_step)
+            for rank in range(args.tp_size)]
+
+
 def main(folder: Path) -> dict[str, Any]:
     import_sglang(folder)
     from importlib.metadata import version
@@ -278,6 +290,7 @@ def main(folder: Path) -> dict[str, Any]:
         "sglang": version("sglang"),
         "argv": argv,
         "argv_refusal": refusal(lambda: prepare_server_args(argv)),
+        "tp_rank_gpus": tp_rank_gpus(argv),
         "paths": [path.partition("?")[0] for path, _ in requests],
         "body_refusals": {f"{i} {path}": body_refusal(path, body) for i, (path, body) in enumerate(requests)},
         "weights_refusals": [weights_refusal(body, sent) for path, body in requests

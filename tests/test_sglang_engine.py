@@ -130,6 +130,28 @@ def test_a_failed_update_still_closes_the_session_and_keeps_the_old_version(monk
         assert server.paths[-1] == "/end_weight_update" and client.version == 0
 
 
+def test_a_colocated_server_is_launched_on_its_engines_gpus(monkeypatch):
+    """The host worker sees its own GPU alone (Ray narrows it): its server is given every GPU of the engine."""
+    launched: list[tuple[list[str], dict[str, str]]] = []
+
+    class Launched:
+        def __init__(self, argv: list[str], env: dict[str, str]):
+            launched.append((argv, env))
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(sglang_engine.subprocess, "Popen", Launched)
+    monkeypatch.setattr(SglangClient, "health", lambda self: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6")
+    options = SglangConfig(rollout_num_gpus_per_engine=2)
+    sglang_engine.SglangEngine("m", options=options, update_weight_buffer_size=1, colocate=True, gpus="6,3")
+    sglang_engine.SglangEngine("m", options=options, update_weight_buffer_size=1)  # decoupled: its actor's GPUs
+    [(argv, env), (_, inherited)] = launched
+    assert env["CUDA_VISIBLE_DEVICES"] == "6,3" and "--tp-size 2" in " ".join(argv)
+    assert inherited["CUDA_VISIBLE_DEVICES"] == "6"
+
+
 def test_buckets_hold_at_most_the_limit_a_larger_tensor_alone_and_are_taken_lazily():
     taken: list[str] = []
 
@@ -163,6 +185,12 @@ def test_the_sglang_checked_is_in_the_supported_range(sglang_verdicts):
 def test_sglangs_own_parser_takes_the_launch_command_line(sglang_verdicts):
     assert sglang_verdicts["argv_refusal"] is None
     assert "ambiguous option: --cuda-graph-bs" in sglang_verdicts["control_argv_refusal"]  # the judge can refuse
+
+
+def test_each_tp_rank_runs_on_the_gpu_of_its_training_rank(sglang_verdicts):
+    """A colocated server's CUDA_VISIBLE_DEVICES lists its engine's training GPUs in rank order
+    (`rl.placement.server_gpus`): SGLang must put TP rank r on the r-th."""
+    assert sglang_verdicts["tp_rank_gpus"] == [0, 1]
 
 
 def test_sglangs_own_request_classes_accept_every_body_sent(sglang_verdicts):

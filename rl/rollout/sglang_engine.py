@@ -17,6 +17,7 @@ code (tests/sglang_contract.py).
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -98,16 +99,20 @@ def rank_payloads(bucket: list[tuple[str, Tensor]], devices: list[str]) -> list[
     opened by several ranks would be released once per rank (SGLang's `deserialize_own_rank`)."""
     import torch
     from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
 
     flat = FlattenedTensorBucket(named_tensors=[(name, t.detach()) for name, t in bucket])
     payloads = []
     for device in devices:
-        # The server is this actor's child process: it sees the same CUDA_VISIBLE_DEVICES, so the device
-        # index in the handle means the same GPU there.
         on_device = flat.get_flattened_tensor().to(device, non_blocking=True)
         if on_device.is_cuda:
             torch.cuda.synchronize(on_device.device)
+            # The handle names its GPU by UUID, which SGLang's side maps back (its tp_worker applies the same
+            # patch), as slime does: a colocated server sees all its engine's GPUs and the trainer its own
+            # alone, so one GPU has different indices in the two processes. Only where payloads are on GPUs:
+            # the patch rewrites an argument of CUDA tensors' reductions that CPU tensors' lack.
+            monkey_patch_torch_reductions()
         payloads.append(MultiprocessingSerializer.serialize(
             {"flattened_tensor": on_device, "metadata": flat.get_metadata()}, output_str=True))
     return payloads
@@ -147,14 +152,21 @@ class SglangClient:
         self._post("/abort_request", {"rid": "", "abort_all": True})
 
     def update_weights(self, named_tensors: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]], version: int) -> None:
+        """Every tensor-parallel rank's payloads made here, on `devices`."""
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+        self.update_weights_from_payloads((rank_payloads(bucket, self.devices)
+                                           for bucket in buckets(items, self.update_weight_buffer_size)), version)
+
+    def update_weights_from_payloads(self, payloads: Iterable[list[str]], version: int) -> None:
+        """One `/update_weights_from_tensor` per bucket, given as its payload for each tensor-parallel rank in
+        rank order (a colocated engine's are made by the training rank on each GPU), in one session."""
         import torch
 
-        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
         self._post("/begin_weight_update")
         try:
-            for bucket in buckets(items, self.update_weight_buffer_size):
+            for bucket_payloads in payloads:
                 self._post("/update_weights_from_tensor", {
-                    "serialized_named_tensors": rank_payloads(bucket, self.devices),
+                    "serialized_named_tensors": bucket_payloads,
                     "load_format": "flattened_bucket", "weight_version": str(version)})
                 if torch.cuda.is_initialized():
                     # a buffer shared by CUDA IPC is freed once collected after the server lets go of it:
@@ -206,16 +218,20 @@ class SglangClient:
 
 
 class SglangEngine(SglangClient):
-    """An SGLang server launched on this actor's GPUs (rank r on cuda:r), and the client to it."""
+    """An SGLang server launched on this actor's GPUs (rank r on cuda:r), or on `gpus` (the
+    CUDA_VISIBLE_DEVICES of a colocated engine's server, `rl.placement.server_gpus`), and the client to it."""
 
     def __init__(self, model_path: str, *, options: SglangConfig, update_weight_buffer_size: int,
-                 colocate: bool = False, threads: int | None = None, device: str | None = None):
+                 colocate: bool = False, threads: int | None = None, device: str | None = None,
+                 gpus: str | None = None):
         host = _node_address()
         port = free_port()
         super().__init__(f"http://{host}:{port}", options=options, update_weight_buffer_size=update_weight_buffer_size,
                          devices=[f"cuda:{r}" for r in range(options.rollout_num_gpus_per_engine)])
+        env = os.environ if gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
         self.process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server",
-                                         *server_args(options, model_path, host=host, port=port, colocate=colocate)])
+                                         *server_args(options, model_path, host=host, port=port, colocate=colocate)],
+                                        env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.health():
             if self.process.poll() is not None:
