@@ -118,11 +118,14 @@ class Driver:
         """Training workers in a placement group of one bundle per node (`actor_num_nodes`; strictly spread
         over nodes when several, strictly packed on one otherwise); decoupled rollout engines in a second
         group of one bundle each (`rollout_num_gpus / rollout_num_gpus_per_engine` of them), or, with
-        `colocate`, hosted by the first worker."""
+        `colocate`, one on every `rollout_num_gpus_per_engine` training GPUs of each node, hosted by the first
+        of their workers (`rl/placement.py`)."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from rl.placement import colocated_engines, node_of
+        from rl.rollout.engine import gpus_per_engine
         from rl.train.worker import CHECKPOINT, TrainWorker
 
         if not ray.is_initialized():
@@ -156,7 +159,7 @@ class Driver:
         bundle = {"CPU": slot * p.actor_num_gpus_per_node, **({"GPU": p.actor_num_gpus_per_node} if gpus else {})}
         training = reserve("training workers", [bundle] * p.actor_num_nodes,
                            "STRICT_SPREAD" if p.actor_num_nodes > 1 else "STRICT_PACK")
-        per_engine = self.cfg.sglang.rollout_num_gpus_per_engine if self.cfg.rollout.engine == "sglang" else 1
+        per_engine = gpus_per_engine(self.cfg)
         engine_gpus = gpus * per_engine
         engines = reserve("rollout engines", [{"CPU": slot, **({"GPU": engine_gpus} if gpus else {})}] * n_engines,
                           "PACK") if n_engines else None
@@ -164,7 +167,7 @@ class Driver:
         def in_bundle(rank: int) -> dict[str, Any]:
             return {"num_cpus": slot, "num_gpus": gpus, "runtime_env": {"env_vars": WORKER_ENV},
                     "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                        training, placement_group_bundle_index=rank // p.actor_num_gpus_per_node)}
+                        training, placement_group_bundle_index=node_of(rank, p.actor_num_gpus_per_node))}
 
         # torch.distributed's rendezvous lives with rank 0, wherever the group put it; a lone rank needs none
         # (and finding one costs a worker process's start).
@@ -176,7 +179,7 @@ class Driver:
             worker_cls.options(**in_bundle(rank)).remote(
                 self.cfg, rank=rank, world_size=world, master_addr=master, master_port=port,
                 init_from=self.init_from, total_steps=self.total_steps, threads=threads,
-                host_engine=p.colocate and rank == 0)
+                host_engine=p.colocate)
             for rank in range(world)
         ]
         engine, engine_kwargs = engine_factory(self.cfg)
@@ -188,7 +191,8 @@ class Driver:
                                           engines, placement_group_bundle_index=index)).remote(
                 self.init_from, threads=threads, **engine_kwargs)
 
-        self.pool = (EnginePool(None, 1, self.cfg.rollout, engines=[self.workers[0]]) if p.colocate else
+        self.pool = (EnginePool(None, 0, self.cfg.rollout, engines=[
+            self.workers[ranks[0]] for ranks in colocated_engines(world, per_engine)]) if p.colocate else
                      EnginePool(make_engine, n_engines, self.cfg.rollout, ranks_per_engine=per_engine))
         self.placement = ray.get([w.node.remote() for w in self.workers])  # also surfaces start-up errors
         self.layout = ray.get([w.data_parallel.remote() for w in self.workers])
@@ -322,11 +326,19 @@ class Driver:
                            f"{checkpoint.latest(self.save_dir) or 'none'}")
 
     def sync_weights(self, version: int) -> float:
+        """The policy's weights to every engine. Colocated, each engine takes them from its own workers; where
+        the backend has them whole on rank 0 alone (Megatron), rank 0's buckets are relayed to the others
+        through Ray's object store first."""
         import ray
+
+        from rl.rollout.pool import streamed_buckets
+        from rl.train.worker import weights_on_every_rank
 
         start = time.perf_counter()
         if self.cfg.perf.colocate:
-            ray.get([w.sync_engine.remote(version) for w in self.workers])
+            relayed = None if weights_on_every_rank(self.cfg) or len(self.workers) == 1 else list(
+                streamed_buckets(self.workers))
+            ray.get([w.sync_engine.remote(version, relayed) for w in self.workers])
         else:
             self.pool.sync_weights(self.workers, version)
         return time.perf_counter() - start

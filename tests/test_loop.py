@@ -178,15 +178,27 @@ def one_worker_weights(ray_local, tmp_path_factory, tiny_model_dir):
 
 
 @pytest.mark.parametrize(
-    "placement",
-    [["perf.colocate=true"], ["perf.actor_num_gpus_per_node=2", "rollout.balance_data=true"],
-     ["perf.actor_num_gpus_per_node=2", "perf.torch_data_parallel='fsdp2'", "perf.colocate=true",
-      "ckpt.async_save=true"]],
+    ("placement", "engines"),
+    [(["perf.colocate=true"], 1), (["perf.actor_num_gpus_per_node=2", "rollout.balance_data=true"], 1),
+     # colocated engines span every training GPU: one per worker
+     (["perf.actor_num_gpus_per_node=2", "perf.torch_data_parallel='fsdp2'", "perf.colocate=true",
+       "ckpt.async_save=true"], 2)],
     ids=["colocated-engine", "two-ddp-workers-balanced", "two-fsdp2-workers-colocated-async-save"],
 )
-def test_other_placements_train_the_same_policy(ray_local, tmp_path, tiny_model_dir, one_worker_weights, placement):
+def test_other_placements_train_the_same_policy(ray_local, tmp_path, tiny_model_dir, one_worker_weights, placement,
+                                                engines, monkeypatch):
+    from rl.rollout.pool import EnginePool
+
+    spread_over, generate = [], EnginePool.generate
+
+    def counted(pool, *args, **kwargs):
+        spread_over.append(len(pool.engines))
+        return generate(pool, *args, **kwargs)
+
+    monkeypatch.setattr(EnginePool, "generate", counted)
     rows, expected = one_worker_weights
     got = run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=2", *placement))["rows"]
+    assert set(spread_over) == {engines}  # each rollout's requests split over every engine
     assert [r["weight_version"] for r in got] == [r["weight_version"] for r in rows] == [0, 1]
     assert [r["reward_mean"] for r in got] == [r["reward_mean"] for r in rows]
     _, weights = final_weights(tmp_path, tiny_model_dir)

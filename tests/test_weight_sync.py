@@ -119,6 +119,70 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
     ray.kill(worker)
 
 
+def test_a_colocated_engine_of_two_gpus_takes_each_ranks_own_payload_in_one_request(ray_local, tmp_path,
+                                                                                    tiny_model_dir):
+    """Colocated, an SGLang engine of two GPUs hosted by rank 0 of two training ranks: each bucket is one
+    `/update_weights_from_tensor` whose payloads are made by each rank on its own GPU, in tensor-parallel
+    order; relayed from rank 0 through the object store (a backend with whole weights on rank 0 alone), or
+    each rank's own. The payloads here name their rank and tensors' sums instead of SGLang's CUDA IPC handles
+    (tests/sglang_contract.py checks those against SGLang)."""
+    import ray
+    import torch.distributed as dist
+
+    from rl.ports import free_port
+    from rl.rollout.pool import streamed_buckets
+    from rl.train.worker import TrainWorker
+    from sglang_contract import Recorder
+
+    class WithRecordedEngine(TrainWorker):
+        def __init__(self, url: str, cfg, **kwargs):
+            import rl.train.worker
+            from rl.rollout import sglang_engine
+
+            def payloads(bucket, devices):
+                return [f"{dist.get_rank()}:" + ",".join(f"{n}={float(t.sum()):.5g}" for n, t in bucket)]
+
+            def client(init_from, *, device, gpus=None, **_):
+                self.gpus = gpus
+                return sglang_engine.SglangClient(url, options=cfg.sglang, devices=[device],
+                                                  update_weight_buffer_size=LIMIT)
+
+            sglang_engine.rank_payloads = payloads
+            rl.train.worker.engine_factory = lambda cfg: (client, {})
+            super().__init__(cfg, **kwargs)
+
+    cfg = load_config(CONFIGS / "tiny_cpu.toml", [
+        f"ckpt.hf_checkpoint='{tiny_model_dir}'", f"run.output_dir='{tmp_path}'", "perf.colocate=true",
+        "perf.actor_num_gpus_per_node=2", "rollout.engine='sglang'", "sglang.rollout_num_gpus_per_engine=2",
+        f"rollout.update_weight_buffer_size={LIMIT}"])
+    port = free_port("127.0.0.1")
+    with Recorder() as server:
+        workers = [ray.remote(WithRecordedEngine).options(num_cpus=0).remote(
+            server.url, cfg, rank=rank, world_size=2, master_addr="127.0.0.1", master_port=port,
+            init_from=str(tiny_model_dir), total_steps=1, threads=1, host_engine=True) for rank in range(2)]
+        hosts = ray.get([w.__ray_call__.remote(lambda w: w.engine is not None) for w in workers])
+        assert hosts == [True, False]
+        assert ray.get(workers[0].__ray_call__.remote(lambda w: w.gpus)) is None  # no GPUs: the host's view
+        trained = _moved(workers[0])  # rank 0's weights now differ from rank 1's
+        relayed = list(streamed_buckets(workers))
+        ray.get([w.sync_engine.remote(3, relayed) for w in workers])
+        ray.get([w.sync_engine.remote(4) for w in workers])
+        requests = list(server.requests)
+    sums = [",".join(f"{n}={float(t.sum()):.5g}" for n, t in bucket) for bucket in buckets(trained.items(), LIMIT)]
+    assert len(sums) > 2
+    sessions = [requests[: len(sums) + 2], requests[len(sums) + 2:]]
+    for session in sessions:
+        assert [path for path, _ in session] == (["/begin_weight_update"] + ["/update_weights_from_tensor"] *
+                                                 len(sums) + ["/end_weight_update"])
+    relayed_payloads, own_payloads = ([body["serialized_named_tensors"] for _, body in s[1:-1]] for s in sessions)
+    assert relayed_payloads == [[f"0:{b}", f"1:{b}"] for b in sums]  # rank 0's weights, each rank's payload
+    assert [p[0] for p in own_payloads] == [f"0:{b}" for b in sums]
+    assert [p[1] for p in own_payloads] != [f"1:{b}" for b in sums]  # rank 1's own (unmoved) weights
+    assert [body["weight_version"] for _, body in sessions[1][1:-1]] == ["4"] * len(sums)
+    for w in workers:
+        ray.kill(w)
+
+
 def _megatron_rank(rank: int, world: int, port: int, config: str, model: str, out: str) -> None:
     import megatron_cpu
 

@@ -114,3 +114,8 @@ def engine_factory(cfg: RLConfig) -> tuple[type, dict[str, Any]]:
     from rl.rollout.torch_engine import TorchEngine
 
     return TorchEngine, {"stream_interval": cfg.rollout.stream_interval}
+
+
+def gpus_per_engine(cfg: RLConfig) -> int:
+    """The GPUs of one engine: an SGLang server's tensor-parallel size, one for the torch engine."""
+    return cfg.sglang.rollout_num_gpus_per_engine if cfg.rollout.engine == "sglang" else 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rl.batch import split_for_ranks
@@ -24,6 +24,18 @@ HEALTH = "health"
 """The concurrency group health checks run in, so that they are answered while the engine generates."""
 
 log = logging.getLogger(__name__)
+
+
+def streamed_buckets(workers: list[Any]) -> Iterator[Any]:
+    """The policy's weights from the training workers' rank 0 in buckets (`TrainWorker.weight_buckets`), as
+    references into Ray's object store, each as soon as it is there (at most two ahead of the caller); once
+    the last has come, the other ranks' part in gathering is waited for, their errors raised."""
+    streams = [w.weight_buckets.options(num_returns="streaming", _generator_backpressure_num_objects=2).remote()
+               for w in workers]
+    yield from streams[0]
+    for other in streams[1:]:  # they yield nothing
+        for _ in other:
+            pass
 
 
 class EnginePool:
@@ -69,16 +81,10 @@ class EnginePool:
                 self.joined = True
             ray.get([w.broadcast_weights.remote(self.engines, version) for w in workers])
             return
-        # At most two buckets wait in the object store for the engines beyond those kept.
-        streams = [w.weight_buckets.options(num_returns="streaming", _generator_backpressure_num_objects=2).remote()
-                   for w in workers]
         kept = []
-        for ref in streams[0]:
+        for ref in streamed_buckets(workers):
             ray.get([e.update_weights.remote(ref, version) for e in self.engines])
             kept.append(ref)
-        for other in streams[1:]:  # they yield nothing: this waits for their part in gathering, errors raised
-            for _ in other:
-                pass
         self.weights = (kept, version)
 
     def replace(self, slot: int, why: str) -> None:

@@ -1,5 +1,6 @@
-"""One data-parallel rank of the training group, run as a Ray actor; with `colocate` on CPU the first rank
-also hosts the rollout engine, so weight sync is an in-process copy."""
+"""One data-parallel rank of the training group, run as a Ray actor; with `colocate` it also takes part in a
+rollout engine on its GPU (`rl/placement.py`): the engine's first rank hosts it, and each rank hands it the
+weights on its own GPU."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,8 @@ import torch.distributed as dist
 from rl import checkpoint
 from rl.batch import TrainSample
 from rl.ports import free_port
-from rl.rollout.engine import Generation, SamplingParams, engine_factory
+from rl.placement import colocated_engines, engine_ranks, server_gpus
+from rl.rollout.engine import Generation, SamplingParams, engine_factory, gpus_per_engine
 from rl.train.backend import TrainingBackend
 from rl.weight_sync import BucketMeta, UpdateGroup, buckets
 
@@ -39,6 +41,13 @@ def training_backend(cfg: RLConfig) -> type:
     from rl.train.torch_backend import TorchBackend
 
     return TorchBackend
+
+
+def weights_on_every_rank(cfg: RLConfig) -> bool:
+    """Whether every rank's `named_weights` yields the whole policy, so that each colocated engine can take
+    the weights from its own ranks: the torch backend's do (DDP holds it whole, FSDP2 gathers it on every
+    rank); Megatron's yields it on rank 0 alone."""
+    return cfg.perf.train_backend != "megatron"
 
 
 class TrainWorker:
@@ -76,10 +85,12 @@ class TrainWorker:
             group = dist.new_group(backend="gloo") if dist.is_initialized() else None
             self.writers = [checkpoint.BackgroundWriter(group) for _ in range(1 if self.critic is None else 2)]
         self.engine = None
+        """The colocated engine this rank hosts, if it hosts one."""
+        self.engine_group: Any = None
+        """Colocated engines of several GPUs: the (gloo) group of this rank's engine's ranks."""
         self.offload = cfg.perf.colocate and cfg.perf.offload_train
-        if host_engine:
-            engine_cls, kwargs = engine_factory(cfg)
-            self.engine = engine_cls(init_from, device=device, **kwargs)
+        if host_engine:  # colocated: every rank takes part in an engine; the driver's call, not the config's
+            self._take_part_in_engine(cfg, init_from, world_size)
         gc.freeze()  # as the driver does: full collections no longer walk what lives as long as the actor
 
     def node(self) -> tuple[str, int]:
@@ -183,21 +194,80 @@ class TrainWorker:
         if self.offload:
             self.backend.reload()
 
-    def sync_engine(self, version: int) -> float:
-        """Load the policy into the hosted engine, the memory training held first given back to it when
-        offloading; ranks without an engine take part in gathering sharded weights."""
+    def _take_part_in_engine(self, cfg: RLConfig, init_from: str, world_size: int) -> None:
+        """Colocated: join this rank's engine (`rl/placement.py`), launching it if this rank hosts it. The
+        ranks of an engine of several GPUs form a group, through which the host learns their GPUs (its
+        server's) and receives their payloads."""
+        per_engine = gpus_per_engine(cfg)
+        ranks = engine_ranks(self.rank, per_engine)
+        gpus = None
+        if per_engine > 1:
+            for members in colocated_engines(world_size, per_engine):  # every rank makes every group, in order
+                group = dist.new_group(list(members), backend="gloo")
+                if members == ranks:
+                    self.engine_group = group
+            devices: list[str | None] = [None] * per_engine
+            dist.all_gather_object(devices, os.environ.get("CUDA_VISIBLE_DEVICES"), group=self.engine_group)
+            gpus = server_gpus(devices)
+        if ranks[0] == self.rank:
+            engine_cls, kwargs = engine_factory(cfg)
+            self.engine = engine_cls(init_from, device=self.backend_device, **kwargs,
+                                     **({"gpus": gpus} if gpus is not None else {}))
+
+    def sync_engine(self, version: int, relayed: list[Any] | None = None) -> float:
+        """Load the policy into the colocated engines, the memory training held first given back to them
+        when offloading. Each engine takes the weights of its own ranks, bucket by bucket: its host's, or,
+        of several GPUs, each rank's on its own GPU. `relayed`: rank 0's buckets in Ray's object store
+        (`weight_buckets`), for a backend whose weights are whole on rank 0 alone; without it every rank
+        iterates its own, which also takes part in gathering sharded weights."""
+        import ray
+
         start = time.perf_counter()
         self._staged()
         if self.offload:
             self.backend.offload(weights=False)
+        weights: Iterable[list[tuple[str, torch.Tensor]]] = (
+            buckets(self.backend.named_weights(), self.bucket_bytes) if relayed is None
+            else (ray.get(ref) for ref in relayed))
         if self.engine is not None:
             self.engine.resume_memory()
-            self.engine.update_weights(self.backend.named_weights(), version)
-        else:
+        if self.engine_group is not None:
+            self._hand_payloads(weights, version)
+        elif self.engine is not None:
+            self.engine.update_weights((pair for bucket in weights for pair in bucket), version)
+        elif relayed is None:
             self._join_gather()
         if self.offload:  # sent: the weights can go too
             self.backend.offload(weights=True)
         return time.perf_counter() - start
+
+    def _hand_payloads(self, weights: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        """An engine of several GPUs: each of its ranks makes the payload of each bucket on its own GPU, and
+        the host sends them, in tensor-parallel order, as one request per bucket (slime's colocated
+        `update_weights_from_tensor`)."""
+        from rl.rollout import sglang_engine
+
+        host = dist.get_global_rank(self.engine_group, 0)
+        size = dist.get_world_size(self.engine_group)
+
+        def payloads() -> Iterator[list[str]]:
+            for bucket in weights:
+                [mine] = sglang_engine.rank_payloads(bucket, [self.backend_device])
+                everyone: list[str] | None = [""] * size if self.rank == host else None
+                dist.gather_object(mine, everyone, dst=host, group=self.engine_group)
+                if everyone is not None:
+                    yield everyone
+
+        if self.engine is not None:
+            self.engine.update_weights_from_payloads(payloads(), version)
+        else:
+            for _ in payloads():
+                pass
+        # The host's requests have been answered, so the server holds no handle any more: what was shared
+        # can be freed now rather than at the next sync.
+        dist.barrier(group=self.engine_group)
+        if torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()
 
     # --- checkpoints ---
 
