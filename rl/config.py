@@ -278,16 +278,25 @@ class EvalConfig(Section):
     """Evaluation inherits the rollout's sampling parameters; each field set here overrides one."""
 
     eval_interval: PositiveInt | None = None
+    """Rollouts between evaluations on eval_prompt_data; unset: no evaluation during training."""
     eval_prompt_data: dict[str, PromptPath] = {}
     """Named datasets: `{ aime = "/data/aime-2024.jsonl" }` (slime's `name path` pairs are accepted too)."""
     eval_input_key: str | None = None
+    """Key of the prompt in the evaluation files; rollout.input_key when unset."""
     eval_label_key: str | None = None
+    """Key of the label in the evaluation files; rollout.label_key when unset."""
     n_samples_per_eval_prompt: PositiveInt = 1
+    """Responses sampled per evaluation prompt: the n of the reported pass@n (a reward > 0 counts as correct)."""
     eval_temperature: Annotated[float, Field(ge=0)] | None = None
+    """Sampling temperature of evaluation; rollout_temperature when unset."""
     eval_top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Nucleus sampling of evaluation; rollout_top_p when unset."""
     eval_top_k: int | None = None
+    """Top-k of evaluation (-1 is off); rollout_top_k when unset."""
     eval_max_response_len: PositiveInt | None = None
+    """Most tokens generated per evaluation response; rollout_max_response_len (else 1024) when unset."""
     skip_eval_before_train: bool = False
+    """Do not evaluate before the first rollout of a new run (a resumed run never does)."""
 
     @field_validator("eval_prompt_data", mode="before")
     @classmethod
@@ -301,64 +310,105 @@ class EvalConfig(Section):
 
 class PerfConfig(Section):
     train_backend: Literal["torch", "megatron"] = "torch"
+    """Training backend: `torch` (Hugging Face model, DDP or FSDP2) or `megatron` (Megatron-core, its parallelisms)."""
     torch_data_parallel: Literal["ddp", "fsdp2"] = "ddp"
+    """Torch backend with several workers: `ddp` replicates the model, `fsdp2` shards it (fully_shard)."""
     # placement
     actor_num_nodes: PositiveInt = 1
+    """Nodes the training workers span (at most slurm.nodes)."""
     actor_num_gpus_per_node: PositiveInt = 8
+    """Training workers per node, one GPU each (one process each on CPU)."""
     colocate: bool = False
+    """Rollout engines run on the training GPUs, which hand their memory over in turn; off: on GPUs of their own
+    (sglang.rollout_num_gpus)."""
     offload_train: bool = True
     """Colocated: while the engines generate, training memory waits on the host (slime's `--offload-train`,
     on with `--colocate`): the optimizer's state; with Megatron also the weights, fp32 main parameters and
     gradient buffers."""
     # parallelism
     tensor_model_parallel_size: PositiveInt = 1
+    """Megatron backend: tensor-parallel degree (each layer's weights split over this many GPUs); the torch backend
+    ignores it."""
     pipeline_model_parallel_size: PositiveInt = 1
+    """Megatron backend: pipeline-parallel degree (the layers split into this many stages); the torch backend ignores
+    it."""
     context_parallel_size: PositiveInt = 1
+    """Megatron backend: context-parallel degree (each sequence split over this many GPUs; needs Transformer Engine)."""
     expert_model_parallel_size: PositiveInt = 1
+    """Megatron backend: expert-parallel degree for MoE layers; the torch backend ignores it."""
     expert_tensor_parallel_size: PositiveInt = 1
+    """Megatron backend: tensor-parallel degree within each expert; the torch backend ignores it."""
     sequence_parallel: bool = False
+    """Megatron backend, with tensor parallelism: split activations along the sequence too (needs Transformer
+    Engine)."""
     use_distributed_optimizer: bool = False
+    """Megatron backend: shard the optimizer state over the data-parallel ranks."""
     bf16: bool = True
-    """bf16 where the device supports it."""
+    """Train in bf16 where the GPU supports it (torch: autocast; Megatron: bf16 parameters); fp32 on CPU."""
     cpu_threads: PositiveInt | None = None
     """Torch threads of each worker and engine on CPU; by default the node's CPUs shared among them.
     Fixing it makes CPU runs bitwise reproducible across machines with different core counts."""
     # batching
     micro_batch_size: PositiveInt = 1
-    """Ignored with use_dynamic_batch_size."""
+    """Sequences per micro-batch (one forward and backward pass); ignored with use_dynamic_batch_size."""
     use_dynamic_batch_size: bool = False
+    """Pack micro-batches by token budget (max_tokens_per_gpu) instead of micro_batch_size sequences; the loss is the
+    same."""
     max_tokens_per_gpu: PositiveInt | None = None
+    """Token budget of a micro-batch with use_dynamic_batch_size; a longer sequence forms its own, never truncated."""
     log_probs_max_tokens_per_gpu: PositiveInt | None = None
     """Token budget of a micro-batch in passes without backward (old and reference log-probs); max_tokens_per_gpu
     when unset. Needs use_dynamic_batch_size."""
     # activation recomputation
     recompute_granularity: Literal["full", "selective"] | None = None
+    """Megatron backend: activation recomputation, `full` (whole layers) or `selective` (attention core); unset:
+    none."""
     recompute_method: Literal["uniform", "block"] | None = None
+    """Megatron backend, with full recomputation: `uniform` or `block` distribution of the recomputed layers."""
     recompute_num_layers: PositiveInt | None = None
+    """Megatron backend, with full recomputation: layers per recomputed chunk (uniform) or recomputed layers per
+    pipeline stage (block)."""
 
 
 class GrpoConfig(Section):
     advantage_estimator: Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"] = "grpo"
+    """How advantages are computed: grpo, gspo (sequence-level ratio), reinforce_plus_plus,
+    reinforce_plus_plus_baseline, or ppo (critic)."""
     use_kl_loss: bool = False
+    """Load the reference model and report the KL to it; it enters the loss only with kl_loss_coef > 0."""
     kl_loss_coef: Annotated[float, Field(ge=0)] = 0.0
+    """Weight of the KL-to-reference term in the loss (needs use_kl_loss); 0 only monitors it."""
     kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = "k1"
+    """KL estimator, of the loss term and of kl_coef's reward penalty: k1, k2, k3 or low_var_kl."""
     kl_coef: Annotated[float, Field(ge=0)] = 0.0
     """KL penalty folded into the reward (REINFORCE++); exclusive with kl_loss_coef."""
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus subtracted from the loss; 0 is off."""
     eps_clip: Annotated[float, Field(gt=0)] = 0.2
+    """PPO clip range of the ratio below 1 (1 − eps_clip), and above 1 when eps_clip_high is unset."""
     eps_clip_high: Annotated[float, Field(gt=0)] | None = None
     """Upper clip range; symmetric (= eps_clip) when unset."""
     eps_clip_c: Annotated[float, Field(gt=1)] | None = None
     """Dual-clip PPO lower bound of the ratio for negative advantages."""
     value_clip: Annotated[float, Field(gt=0)] = 0.2
+    """PPO: clip range of the critic's new values around its old ones in the value loss."""
     gamma: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """Discount of future token rewards (PPO's GAE, REINFORCE++ returns); 1.0 is none."""
     lambd: Annotated[float, Field(ge=0, le=1)] = 1.0
+    """PPO: GAE's lambda; 1.0 gives Monte Carlo returns less the value."""
     normalize_advantages: bool = False
+    """Whiten the advantages over all response tokens of the rollout (required by the reinforce_plus_plus
+    estimators)."""
     disable_grpo_std_normalization: bool = False
+    """GRPO/GSPO: subtract the group's mean reward only, without dividing by its std (Dr. GRPO)."""
     calculate_per_token_loss: bool = False
+    """Average the loss over all tokens of the global batch; off: over each sample's tokens, then over samples."""
     use_tis: bool = False
+    """Truncated importance sampling: weigh each token's policy loss by the trainer's over the engine's probability."""
     tis_clip: Annotated[float, Field(gt=0)] = 2.0
+    """Upper bound of the truncated importance weight."""
     tis_clip_low: Annotated[float, Field(ge=0)] = 0.0
+    """Lower bound of the truncated importance weight; 0 is none."""
     use_rollout_logprobs: bool = False
     """The engine's log-probs of the response tokens stand for the old policy's in the ratio (slime's
     `--use-rollout-logprobs`): no recomputing pass before training, at the price of the engine's numerical
@@ -367,18 +417,27 @@ class GrpoConfig(Section):
 
 class OptimizerConfig(Section):
     optimizer: Literal["adam", "sgd"] = "adam"
+    """`adam` (AdamW: decoupled weight decay) or `sgd`."""
     lr: Annotated[float, Field(gt=0)] = 1e-6
+    """Peak learning rate, after warmup."""
     critic_lr: Annotated[float, Field(gt=0)] | None = None
-    """PPO's critic; lr when unset."""
+    """Learning rate of PPO's critic; lr when unset."""
     min_lr: Annotated[float, Field(ge=0)] = 0.0
+    """Learning rate at the end of a linear or cosine decay."""
     lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warmup: constant, linear or cosine (from lr down to min_lr)."""
     lr_warmup_iters: Annotated[int, Field(ge=0)] = 0
+    """Optimizer steps of linear warmup from lr / lr_warmup_iters up to lr; 0: none."""
     lr_decay_iters: PositiveInt | None = None
     """Optimizer steps over which lr decays; the whole run when unset."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    """Weight decay coefficient (decoupled, as AdamW's)."""
     adam_beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """Adam's decay rate of the gradient's running mean."""
     adam_beta2: Annotated[float, Field(ge=0, lt=1)] = 0.98
+    """Adam's decay rate of the squared gradient's running mean."""
     adam_eps: Annotated[float, Field(gt=0)] = 1e-8
+    """Adam's epsilon in the denominator."""
     clip_grad: Annotated[float, Field(ge=0)] = 1.0
     """Global gradient-norm clip; 0 disables it."""
     max_consecutive_nonfinite_steps: PositiveInt = 3
@@ -391,15 +450,21 @@ class SglangConfig(Section):
     rollout_num_gpus: PositiveInt | None = None
     """GPUs for all engines; ignored with colocate."""
     sglang_mem_fraction_static: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """Fraction of each GPU's memory SGLang holds for weights and KV cache (e.g. 0.8 when colocated); SGLang's choice
+    when unset."""
     sglang_log_level: str = "warning"
+    """Log level of the SGLang servers (SGLang's `--log-level`)."""
     sglang_server_concurrency: PositiveInt = 512
+    """Requests in flight per engine: SGLang's `--max-running-requests` and the client's parallel requests."""
     sglang_cuda_graph_bs: list[PositiveInt] | None = None
     """Decode batch sizes captured as CUDA graphs (SGLang's `--cuda-graph-bs-decode`)."""
     sglang_disable_cuda_graph: bool = False
+    """Run decode and prefill without CUDA graphs (slower, less memory, faster start)."""
     sglang_enable_deterministic_inference: bool = True
     """SGLang honours each sample's seed only with this (batch-invariant kernels, slower): off, samples are not
     reproducible, so neither a resumed run nor an engine's reissued requests draw the same samples again."""
     sglang_context_length: PositiveInt | None = None
+    """Longest sequence (prompt + response, tokens) an SGLang server accepts; the model's own when unset."""
     sglang_router_strategy: Literal["cache_aware", "round_robin", "random", "power_of_two"] | None = None
     """slime's `--sglang-router-strategy`: refused until rlhpc runs sglang-router (its pool spreads requests)."""
     sglang_server_args: dict[str, Any] = {}
@@ -412,7 +477,9 @@ class RunConfig(Section):
     output_dir: ConfigPath | None = None
     """Run folder; `runs/<name>` when unset."""
     seed: int = 1234
+    """Seed of the run: each sample's sampling seed, and the trainers' torch seeds (plus the rank)."""
     use_tensorboard: bool = True
+    """Also write each rollout's metrics as TensorBoard events under the run folder's tensorboard/."""
     node_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     """A node gone from the job's Ray cluster this long ends the job (requeued)."""
     hang_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
