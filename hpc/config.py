@@ -123,26 +123,39 @@ class ContainerConfig(Section):
 
 class SlurmConfig(Section):
     partition: str | None = None
+    """Partition to submit to (sbatch --partition); the cluster's default when unset."""
     account: str | None = None
+    """Account charged for the job (sbatch --account); the user's default when unset."""
     qos: str | None = None
+    """Quality of service (sbatch --qos); the account's default when unset."""
     time: str | None = None
     """Time limit in Slurm's syntax ("4:00:00", "2-00:00:00"); the partition's default when unset."""
     nodes: Annotated[int, Field(gt=0)] = 1
+    """Nodes of the job, one task each (sbatch --nodes); training uses perf.actor_num_nodes of them."""
     gpus_per_node: Annotated[int, Field(ge=0)] = 0
+    """GPUs per node (sbatch --gpus-per-node); 0 asks for none (a CPU run)."""
     cpus_per_task: Annotated[int, Field(gt=0)] | None = None
+    """CPUs of each node's task, all of the node's processes (sbatch --cpus-per-task); Slurm's default when unset."""
     mem: str | None = None
     """Memory per node ("480G"; "0" means all of it)."""
     constraint: str | None = None
+    """Node features required (sbatch --constraint, e.g. "h100"); none when unset."""
     exclusive: bool = False
+    """Ask for whole nodes, shared with no other job (sbatch --exclusive)."""
     nodelist: str | None = None
+    """Nodes the job must run on (sbatch --nodelist, e.g. "gpu[01-04]"); any when unset."""
     job_name: str | None = None
+    """Slurm job name; `rlhpc-<run folder name>` when unset."""
     requeue: bool = True
+    """Let Slurm requeue the job after a node failure or preemption (sbatch --requeue)."""
     signal: str = "USR2"
     """Signal sent before the time limit and on preemption; USR1 is often taken by NCCL."""
     signal_grace_s: Annotated[int, Field(ge=0, validate_default=True)] = 120
     """Seconds between the signal and the kill: time to checkpoint and requeue. 0 asks for no signal: the run
     then stops by its own plan, from the job's end time and its measured save (a preemption kills it unwarned)."""
     max_requeues: Annotated[int, Field(ge=0)] = 10
+    """Requeues rlhpc makes of a run after interruptions (time limit, preemption, lost node) before it gives up; 0:
+    none."""
     max_excluded_nodes: Annotated[int, Field(ge=0)] = 2
     """At most how many nodes a run leaves behind after an attempt ended for them (lost, a process stopped); 0: none."""
     setup: list[str] = []
@@ -225,13 +238,18 @@ class RayConfig(Section):
     object_store_memory: Annotated[int, Field(gt=0)] | None = None
     """Bytes; sized against /dev/shm when unset."""
     dashboard: bool = False
+    """Start the Ray dashboard on the head node, on the GCS port + 3; off: no dashboard."""
     dashboard_host: str = "127.0.0.1"
+    """Address the Ray dashboard listens on; 127.0.0.1 keeps it to the head node (reach it by an SSH tunnel)."""
     join_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     """How long, once the head is up, every node has to join it before the job fails naming the missing hosts."""
     socket_ifname: str | None = None
     """Interface for NCCL/Gloo/Ray traffic; the one routing to the other nodes when unset."""
     nccl_ib_hca: str | None = None
+    """NCCL_IB_HCA for every process: the InfiniBand adapters NCCL uses (e.g. "mlx5_0,mlx5_1"); NCCL's choice when
+    unset."""
     nccl_debug: str | None = None
+    """NCCL_DEBUG for every process (e.g. "INFO", "WARN"); unset: NCCL's default (quiet)."""
 
     def network_env(self) -> dict[str, str]:
         """The network variables this section sets explicitly (they win over computed ones)."""
