@@ -122,6 +122,9 @@ class ContainerConfig(Section):
 
 
 class SlurmConfig(Section):
+    """The job `rlhpc submit` writes: its sbatch options, the stop signal before the time limit, requeues, and what
+    every node runs first."""
+
     partition: str | None = None
     """Partition to submit to (sbatch --partition); the cluster's default when unset."""
     account: str | None = None
@@ -231,6 +234,8 @@ class SlurmConfig(Section):
 
 
 class RayConfig(Section):
+    """The Ray cluster started inside the job, and the network settings of NCCL, Gloo and Ray."""
+
     port: Annotated[int, Field(gt=1023, lt=65536)] | None = None
     """GCS port of the head; derived from the job id when unset, so two jobs on one node do not clash."""
     temp_dir: str | None = None

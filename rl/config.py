@@ -116,6 +116,8 @@ class ModelConfig(Section):
 
 
 class CkptConfig(Section):
+    """Where the run's weights come from and where its checkpoints go (slime's CKPT_ARGS)."""
+
     hf_checkpoint: ConfigPath
     """Hugging Face folder: tokenizer and model metadata (and the initial weights of the torch backend)."""
     ref_load: ConfigPath | None = None
@@ -134,6 +136,9 @@ class CkptConfig(Section):
 
 
 class RolloutConfig(Section):
+    """Prompts, batch sizes, sampling, rewards and the engines in service (slime's ROLLOUT_ARGS). rollout_batch_size ×
+    n_samples_per_prompt = global_batch_size × num_steps_per_rollout must hold."""
+
     # data
     prompt_data: PromptPath
     """Training prompts: a JSONL or Parquet file (by its suffix), one prompt per line or row; relative to the config
@@ -309,6 +314,8 @@ class EvalConfig(Section):
 
 
 class PerfConfig(Section):
+    """Training backend, placement of the training workers, parallelism and micro-batches (slime's PERF_ARGS)."""
+
     train_backend: Literal["torch", "megatron"] = "torch"
     """Training backend: `torch` (Hugging Face model, DDP or FSDP2) or `megatron` (Megatron-core, its parallelisms)."""
     torch_data_parallel: Literal["ddp", "fsdp2"] = "ddp"
@@ -371,6 +378,8 @@ class PerfConfig(Section):
 
 
 class GrpoConfig(Section):
+    """The RL objective: advantage estimator, clipping, KL and entropy terms (slime's GRPO_ARGS)."""
+
     advantage_estimator: Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"] = "grpo"
     """How advantages are computed: grpo, gspo (sequence-level ratio), reinforce_plus_plus,
     reinforce_plus_plus_baseline, or ppo (critic)."""
@@ -416,6 +425,8 @@ class GrpoConfig(Section):
 
 
 class OptimizerConfig(Section):
+    """Optimizer and learning-rate schedule (slime's OPTIMIZER_ARGS)."""
+
     optimizer: Literal["adam", "sgd"] = "adam"
     """`adam` (AdamW: decoupled weight decay) or `sgd`."""
     lr: Annotated[float, Field(gt=0)] = 1e-6
@@ -445,6 +456,8 @@ class OptimizerConfig(Section):
 
 
 class SglangConfig(Section):
+    """The rollout engines' GPUs and SGLang's server options (slime's SGLANG_ARGS)."""
+
     rollout_num_gpus_per_engine: PositiveInt = 1
     """GPUs per engine (SGLang's tp_size)."""
     rollout_num_gpus: PositiveInt | None = None
@@ -472,6 +485,9 @@ class SglangConfig(Section):
 
 
 class RunConfig(Section):
+    """What belongs to rlhpc itself: the run's name and folder, its seed, metrics logging and the watchdog's
+    timeouts."""
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
     """Run name; the config file's stem when unset."""
     output_dir: ConfigPath | None = None
