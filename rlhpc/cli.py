@@ -187,6 +187,24 @@ def config_schema(
         raise Refused(f"{output}: cannot write the schema: {e.strerror}") from e
 
 
+@config_app.command("docs")
+def config_docs(
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file.")] = None,
+) -> None:
+    """Print the configuration reference (Markdown: every section's fields, types, defaults and meaning)."""
+    from rlhpc.config_docs import render
+
+    text = render()
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise Refused(f"{output}: cannot write the reference: {e.strerror}") from e
+
+
 @app.command()
 def run(config: ConfigArg, overrides: SetOpt = None, force: ForceOpt = False) -> None:
     """Run the GRPO loop on this machine (Ray started locally); resumes from the run's latest checkpoint."""
