@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator,
+                      model_validator)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -488,6 +489,9 @@ class RunConfig(Section):
     """What belongs to rlhpc itself: the run's name and folder, its seed, metrics logging and the watchdog's
     timeouts."""
 
+    # pydantic's own message of an error here would quote the section's input, wandb_key with it
+    model_config = ConfigDict(**Section.model_config, hide_input_in_errors=True)
+
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = None
     """Run name; the config file's stem when unset."""
     output_dir: ConfigPath | None = None
@@ -496,11 +500,40 @@ class RunConfig(Section):
     """Seed of the run: each sample's sampling seed, and the trainers' torch seeds (plus the rank)."""
     use_tensorboard: bool = True
     """Also write each rollout's metrics as TensorBoard events under the run folder's tensorboard/."""
+    # Weights & Biases (slime's wandb arguments): rl.wandb_run
+    use_wandb: bool = False
+    """Log each rollout's metrics to W&B too: one W&B run per rlhpc run, resumed by every requeue and resume."""
+    wandb_project: str | None = None
+    """W&B project; W&B's own default (WANDB_PROJECT, else "uncategorized") when unset."""
+    wandb_group: str | None = None
+    """W&B group, and the W&B run's name; the run name when unset."""
+    wandb_team: str | None = None
+    """W&B entity (team or user); the key's default entity when unset."""
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
+    """online uploads, offline writes only wandb_dir (`wandb sync` uploads later), disabled logs nothing;
+    WANDB_MODE, else online, when unset."""
+    wandb_dir: ConfigPath | None = None
+    """Folder under which W&B writes its files (wandb/); the run folder when unset (slime: the working directory)."""
+    wandb_key: SecretStr | None = Field(None, exclude=True)
+    """W&B API key, online only: never written to config.toml or the batch script (WANDB_API_KEY or `wandb login`
+    serve as well)."""
+    wandb_host: str | None = None
+    """W&B server URL, for a self-hosted W&B; W&B's cloud when unset."""
+    disable_wandb_random_suffix: bool = False
+    """Name the W&B group and run exactly wandb_group; by default a random suffix (the W&B run's id) is added."""
     node_timeout_s: Annotated[float, Field(gt=0)] = 120.0
     """A node gone from the job's Ray cluster this long ends the job (requeued)."""
     hang_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
     """No new phase of the driver (progress.json) this long: every process's stacks are written to the run
     folder and the job ends (requeued). Longer than the slowest legitimate phase (a long generation, a save)."""
+
+    @model_validator(mode="after")
+    def _wandb_fields_need_use_wandb(self) -> RunConfig:
+        if not self.use_wandb and (given := sorted(f for f in self.model_fields_set if f.startswith(
+                ("wandb_", "disable_wandb_")) and getattr(self, f) != type(self).model_fields[f].default)):
+            raise ConfigFieldsError((*(f"run.{f}" for f in given), "run.use_wandb"),
+                                    f"{', '.join(given)} has no effect without use_wandb = true")
+        return self
 
     @field_validator("output_dir")
     @classmethod

@@ -445,7 +445,8 @@ class Driver:
         try:
             start, pending = self.resume()
             self.heartbeat.beat(start, "start")
-            log = MetricsLog(self.run_dir, tensorboard=cfg.run.use_tensorboard, resume_from=start)
+            log = MetricsLog(self.run_dir, tensorboard=cfg.run.use_tensorboard, resume_from=start,
+                             wandb=cfg if cfg.run.use_wandb else None)
             if self.start_record is not None:
                 self.start_record.write_text(json.dumps({"resumed_from": start, "redone": log.dropped,
                                                          "time": time.time()}))

@@ -1,4 +1,4 @@
-"""Where a run's numbers go: `metrics.jsonl` (one object per rollout), TensorBoard, and the terminal."""
+"""Where a run's numbers go: `metrics.jsonl` (one object per rollout), TensorBoard, W&B, and the terminal."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rl.config import RLConfig
 
 NOT_CURVES = {"rollout_id", "num_rollout", "timestamp"}
 """Row fields that place a row (for `rlhpc status`) rather than measure training."""
@@ -37,9 +40,17 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def curves(row: dict[str, Any]) -> dict[str, float]:
+    """A row's numbers as TensorBoard and W&B plot them: training's under `rollout/`, evaluation's keeping their
+    own prefix (`eval/<set>/...`, `eval_before_train/<set>/...`)."""
+    return {key if "/" in key else f"rollout/{key}": value for key, value in row.items()
+            if key not in NOT_CURVES and isinstance(value, (int, float))}
+
+
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_from: int = 0):
-        """Rows of rollouts at or after `resume_from` are dropped: a resumed run writes them again."""
+    def __init__(self, run_dir: Path, *, tensorboard: bool, resume_from: int = 0, wandb: RLConfig | None = None):
+        """Rows of rollouts at or after `resume_from` are dropped: a resumed run writes them again. With `wandb`
+        (the run's config, when run.use_wandb) each row goes to the run's W&B run too (`rl.wandb_run`)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
@@ -58,6 +69,11 @@ class MetricsLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_from)
+        self.wandb = None
+        if wandb is not None and wandb.run.wandb_mode != "disabled":
+            from rl.wandb_run import WandbRun
+
+            self.wandb = WandbRun(wandb, run_dir)
 
     def rows(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
@@ -68,15 +84,17 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
         if self.tb is not None:
-            step = row["rollout_id"]
-            for key, value in row.items():
-                if key not in NOT_CURVES and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key if "/" in key else f"rollout/{key}", value, step)
+            for key, value in curves(row).items():
+                self.tb.add_scalar(key, value, row["rollout_id"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(row["rollout_id"], curves(row))
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 class Progress:

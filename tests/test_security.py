@@ -229,6 +229,21 @@ def test_the_run_folder_and_what_holds_slurm_env_are_private(write_config, tmp_p
     assert stat.S_IMODE(script.stat().st_mode) == 0o600
 
 
+def test_the_wandb_key_is_in_no_file_rlhpc_writes_and_no_message(write_config, tmp_path):
+    """Unlike [slurm.env], run.wandb_key stays out of config.toml and the batch script (copied into bug reports
+    and shared): rl.wandb_run hands it to W&B in memory."""
+    run_dir, script = tmp_path / "run", tmp_path / "job.sbatch"
+    path = write_config(MINIMAL + f'[run]\noutput_dir = "{run_dir}"\nuse_wandb = true\nwandb_key = "wk-secret"\n')
+    for command in (["render", str(path), "-o", str(script)], ["config", "show", str(path)], ["validate", str(path)]):
+        result = runner.invoke(app, command, terminal_width=400)
+        assert result.exit_code == 0 and "wk-secret" not in result.output, result.output
+    assert "wk-secret" not in script.read_text() + (run_dir / "config.toml").read_text()
+    cfg = load_config(path)
+    assert cfg.run.wandb_key.get_secret_value() == "wk-secret" and "wk-secret" not in repr(cfg)
+    problems = problems_of(path, "run.use_wandb=false")  # pydantic's own message would quote the input
+    assert "run.wandb_key" in problems and "wk-secret" not in problems
+
+
 class Trap:
     """Unpickled, it creates a file: what a hostile checkpoint file would do with a command instead."""
 
