@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +54,16 @@ class WandbRun:
             settings["base_url"] = r.wandb_host
         if (key := api_key(cfg, self.run_dir)) is not None:
             settings["api_key"] = key
-        self.run = wandb.init(id=self.state["id"], resume="allow", project=r.wandb_project, entity=r.wandb_team,
-                              group=group, name=group, dir=str(directory), config=cfg.model_dump(mode="json"),
-                              settings=wandb.Settings(**settings))
+        # Slurm sends the job's stop signal (USR2, or USR1) to every process of the step: W&B's system monitor
+        # would die of it. Its processes start now, and inherit a mask that blocks both; this process gets a
+        # signal that came meanwhile as soon as they are unblocked.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+        try:
+            self.run = wandb.init(id=self.state["id"], resume="allow", project=r.wandb_project,
+                                  entity=r.wandb_team, group=group, name=group, dir=str(directory),
+                                  config=cfg.model_dump(mode="json"), settings=wandb.Settings(**settings))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._save_state()  # before any row: an attempt killed now still leaves the id for the next one
 
     def log(self, rollout_id: int, metrics: dict[str, float]) -> None:

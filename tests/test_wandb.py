@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import stat
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,24 @@ def test_without_the_random_suffix_the_wandb_run_is_named_after_the_group_or_the
     MetricsLog(tmp_path / "run", tensorboard=False, wandb=cfg).close()
     [(run, _)] = offline_runs(tmp_path / "run")
     assert run.run_group == run.display_name == "run"
+
+
+def test_wandbs_processes_outlive_the_jobs_stop_signal(tmp_path):
+    """Slurm sends the stop signal to every process of the step; the run goes on to its safe point, and W&B's
+    processes with it."""
+    import psutil
+
+    log = MetricsLog(tmp_path / "run", tensorboard=False, wandb=wandb_config(tmp_path))
+    children = [p for p in psutil.Process().children(recursive=True) if p.name().startswith("wandb")]
+    assert children
+    for child in children:
+        child.send_signal(signal.SIGUSR2)
+    log.write(row(0))
+    time.sleep(0.5)
+    assert all(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+    log.close()
+    [(_, steps)] = offline_runs(tmp_path / "run")
+    assert list(steps) == [0]
 
 
 def test_a_disabled_wandb_writes_nothing(tmp_path):
