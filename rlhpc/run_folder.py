@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rl.metrics import read_jsonl
+from rl.wandb_run import keep_key
 
 if TYPE_CHECKING:
     from rlhpc.config import Config
@@ -66,6 +67,7 @@ def freeze(cfg: Config, *, replace: bool = False) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     run_dir.chmod(0o700)  # [slurm.env] (tokens, keys) is in the config and the batch scripts under it
     write_private(run_dir / FROZEN, text)
+    keep_key(cfg, run_dir)  # the frozen config leaves the W&B key out: the job reads it from here
     (run_dir / FINGERPRINT).write_text(identity + "\n")
     return run_dir
 

@@ -238,6 +238,9 @@ def test_the_wandb_key_is_in_no_file_rlhpc_writes_and_no_message(write_config, t
         result = runner.invoke(app, command, terminal_width=400)
         assert result.exit_code == 0 and "wk-secret" not in result.output, result.output
     assert "wk-secret" not in script.read_text() + (run_dir / "config.toml").read_text()
+    # the job, which reads the frozen config, finds it beside it, readable by its owner only
+    key = run_dir / "wandb-key"
+    assert key.read_text().strip() == "wk-secret" and key.stat().st_mode & 0o777 == 0o600
     cfg = load_config(path)
     assert cfg.run.wandb_key.get_secret_value() == "wk-secret" and "wk-secret" not in repr(cfg)
     problems = problems_of(path, "run.use_wandb=false")  # pydantic's own message would quote the input
