@@ -168,6 +168,11 @@ def test_a_colocated_engine_of_two_gpus_takes_each_ranks_own_payload_in_one_requ
         ray.get([w.sync_engine.remote(3, relayed) for w in workers])
         ray.get([w.sync_engine.remote(4) for w in workers])
         requests = list(server.requests)
+        server.refuse = ("/update_weights_from_tensor",)  # the host fails: the other rank is not left waiting
+        failing = [w.sync_engine.remote(5) for w in workers]
+        ray.get(failing[1], timeout=60)
+        with pytest.raises(ray.exceptions.RayTaskError, match="400"):
+            ray.get(failing[0])
     sums = [",".join(f"{n}={float(t.sum()):.5g}" for n, t in bucket) for bucket in buckets(trained.items(), LIMIT)]
     assert len(sums) > 2
     sessions = [requests[: len(sums) + 2], requests[len(sums) + 2:]]

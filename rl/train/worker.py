@@ -258,14 +258,16 @@ class TrainWorker:
                 if everyone is not None:
                     yield everyone
 
-        if self.engine is not None:
-            self.engine.update_weights_from_payloads(payloads(), version)
-        else:
-            for _ in payloads():
+        stream = payloads()
+        try:
+            if self.engine is not None:
+                self.engine.update_weights_from_payloads(stream, version)
+        finally:  # a host that failed still joins the others' gathers and barrier, then raises
+            for _ in stream:
                 pass
-        # The host's requests have been answered, so the server holds no handle any more: what was shared
-        # can be freed now rather than at the next sync.
-        dist.barrier(group=self.engine_group)
+            # The host's requests have been answered, so the server holds no handle any more: what was
+            # shared can be freed now rather than at the next sync.
+            dist.barrier(group=self.engine_group)
         if torch.cuda.is_initialized():
             torch.cuda.ipc_collect()
 
