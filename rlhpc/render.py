@@ -18,7 +18,7 @@ import jinja2
 
 from hpc.config import SlurmConfig, no_control_characters
 from rlhpc.config import Config
-from rlhpc.run_folder import freeze, jobs_dir
+from rlhpc.run_folder import freeze, jobs_dir, leaving_behind
 
 TEMPLATES = Path(__file__).parent / "templates" / "sbatch"
 TEMPLATE = "rlhpc.sbatch.j2"
@@ -113,7 +113,8 @@ def container_step(s: SlurmConfig, run_dir: Path, command: str, env_names: list[
 
 def render(cfg: Config, script_path: Path | None = None, *, replace: bool = False) -> str:
     """Freeze the run's config in its run folder (`replace`: see `freeze`) and return a plain sbatch script
-    that runs it."""
+    that runs it, off the nodes the run leaves behind."""
+    cfg = leaving_behind(cfg)
     run_dir = cfg.run_dir()
     shown = "<this file>" if script_path is None else shlex.quote(_checked("--output", script_path))
     header = (f"Rendered by `rlhpc render` for run {run_dir.name} ({time.strftime('%Y-%m-%d %H:%M')}). "

@@ -196,3 +196,17 @@ def exclude_nodes(run_dir: Path, failed: list[str], reason: str, job_id: str, at
             f.writelines(json.dumps({"node": node, "reason": reason, "job_id": job_id, "attempt": attempt,
                                      "time": time.time()}) + "\n" for node in new)
     return excluded + new
+
+
+def leaving_behind(cfg: Config) -> Config:
+    """The config with the nodes its run folder leaves behind (`rlhpc.job`) added to sbatch's `exclude`: a new
+    submission of the run (`rlhpc resume`, `render`) avoids them as its requeues did, and its frozen config says so."""
+    from hpc.slurm import exclusion
+
+    excluded = [e["node"] for e in excluded_nodes(cfg.run_dir())]
+    if not excluded:
+        return cfg
+    options = cfg.slurm.additional_parameters
+    left = cfg.model_copy(deep=True)
+    left.slurm.additional_parameters = {**options, "exclude": exclusion(options.get("exclude"), excluded)}
+    return left

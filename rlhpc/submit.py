@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc.config import SlurmConfig
-from hpc.slurm import TERMINAL, exclusion
+from hpc.slurm import TERMINAL
 from hpc.wait import until
 from rlhpc.config import Config
 from rlhpc.render import batch_script, job_name
-from rlhpc.run_folder import excluded_nodes, freeze, jobs_dir, record_submission
+from rlhpc.run_folder import freeze, jobs_dir, leaving_behind, record_submission
 
 if TYPE_CHECKING:
     import submitit
@@ -61,18 +61,6 @@ def sbatch_script(cfg: Config, run_dir: Path) -> str:
     """The sbatch script `submit` would send, for --dry-run (nothing is written or submitted)."""
     ex = slurm_executor(leaving_behind(cfg).slurm, run_dir, job_name(cfg))
     return ex._make_submission_file_text(ex._submitit_command_str, "")
-
-
-def leaving_behind(cfg: Config) -> Config:
-    """The config with the nodes its run folder leaves behind (`rlhpc.job`) added to sbatch's `exclude`: a new
-    submission of the run (`rlhpc resume`) avoids them as its requeues did, and its frozen config says so."""
-    excluded = [e["node"] for e in excluded_nodes(cfg.run_dir())]
-    if not excluded:
-        return cfg
-    options = cfg.slurm.additional_parameters
-    left = cfg.model_copy(deep=True)
-    left.slurm.additional_parameters = {**options, "exclude": exclusion(options.get("exclude"), excluded)}
-    return left
 
 
 def submit(cfg: Config, *, local: bool = False, replace: bool = False) -> Submitted:

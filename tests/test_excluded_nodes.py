@@ -17,8 +17,9 @@ from hpc.slurm import exclusion, requeue, requeue_commands
 from rlhpc import job
 from rlhpc.config import load_config
 from rlhpc.job import requeue_if_allowed
-from rlhpc.run_folder import exclude_nodes, excluded_nodes, newly_excluded
-from rlhpc.submit import leaving_behind, sbatch_script
+from rlhpc.run_folder import exclude_nodes, excluded_nodes, freeze, leaving_behind, newly_excluded
+from rlhpc.render import render
+from rlhpc.submit import sbatch_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,10 +140,11 @@ def test_a_new_submission_of_the_run_excludes_the_nodes_it_left_behind(tmp_path,
     cfg = load_config(write_config("[run]\noutput_dir = 'run'\n[slurm]\nadditional_parameters = "
                                    "{ exclude = 'gpu[1-2]' }\n" + MINIMAL))
     assert leaving_behind(cfg) is cfg
-    cfg.run_dir().mkdir(parents=True)
+    freeze(cfg)  # a run that was submitted once
     exclude_nodes(cfg.run_dir(), ["node2"], "node node2 lost", "41", 0, cap=2)
     left = leaving_behind(cfg)
     assert left.slurm.additional_parameters == {"exclude": "gpu[1-2],node2"}
     assert leaving_behind(left).slurm.additional_parameters == {"exclude": "gpu[1-2],node2"}  # once
     assert cfg.slurm.additional_parameters == {"exclude": "gpu[1-2]"}
     assert "#SBATCH --exclude='gpu[1-2],node2'\n" in sbatch_script(cfg, cfg.run_dir())  # what --dry-run shows
+    assert "#SBATCH --exclude='gpu[1-2],node2'\n" in render(cfg, replace=True)  # a plain sbatch script too
