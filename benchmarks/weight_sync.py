@@ -56,7 +56,9 @@ class Trainer(TrainWorker):
 
         torch.set_num_threads(threads)
         self.rank, self.bucket_bytes, self.backend_device, self.update_group = 0, bucket_bytes, "cpu", None
-        self.offload_optimizer = False
+        # what TrainWorker's __init__ sets and its weight-sending methods read: no offload, no background
+        # checkpoint writer, no critic, an engine of one process (no group of ranks)
+        self.offload, self.writers, self.critic, self.engine_group = False, [], None, None
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         with torch.no_grad():  # the engine must receive something else than what it loaded
             for p in model.parameters():
