@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hpc.slurm import SLURM_TIMEOUT_S
+from hpc.slurm import expand_hostlist
 
 
 @dataclass(frozen=True)
@@ -89,22 +88,3 @@ def _visible_gpus(environ: Mapping[str, str]) -> int:
 
 def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Slurm's compressed host list ("gpu[01-03,07],login1") as names, by `scontrol show hostnames`."""
-    p = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, check=True,
-                       timeout=SLURM_TIMEOUT_S)
-    return p.stdout.split()
-
-
-def node_addresses(hosts: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """Slurm's NodeAddr of each host: the address its slurmd is reached at."""
-    p = subprocess.run(["scontrol", "show", "node", "-o", ",".join(hosts)], capture_output=True, text=True,
-                       check=True, timeout=SLURM_TIMEOUT_S)
-    found = {}
-    for line in p.stdout.splitlines():
-        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-        if "NodeName" in fields:
-            found[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
-    return found

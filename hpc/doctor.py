@@ -12,10 +12,15 @@ import re
 import resource
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpc import slurm
 from hpc.network import ib_ports
+
+QUERY_TIMEOUT_S = 20
+"""How long each command doctor runs may take: no answer within it reads as "not there"."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +34,17 @@ class Check:
 
 def _run(*cmd: str) -> str | None:
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=QUERY_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired):
+        return None
+    return p.stdout if p.returncode == 0 else None
+
+
+def _slurm(query: Callable[..., subprocess.CompletedProcess[str]]) -> str | None:
+    """What a query of `hpc.slurm` prints; None when it fails or does not answer."""
+    try:
+        p = query(timeout_s=QUERY_TIMEOUT_S)
+    except OSError:
         return None
     return p.stdout if p.returncode == 0 else None
 
@@ -117,9 +131,9 @@ def _gpus() -> int:
 
 
 def login_node_checks() -> list[Check]:
-    version = _run("sinfo", "-V")
-    config = parse_key_values(_run("scontrol", "show", "config") or "") if version else {}
-    partitions = (_run("scontrol", "show", "partition", "-o") or "") if version else ""
+    version = _slurm(slurm.version)
+    config = parse_key_values(_slurm(slurm.show_config) or "") if version else {}
+    partitions = (_slurm(slurm.show_partitions) or "") if version else ""
     return slurm_checks(config, partitions, version.strip() if version else None) + node_checks()
 
 
@@ -132,9 +146,10 @@ def allreduce_probe(sizes: tuple[int, ...] = (1 << 20, 16 << 20, 64 << 20), iter
     import torch
     import torch.distributed as dist
 
-    from hpc.allocation import current, node_addresses
+    from hpc.allocation import current
     from hpc.network import route_to
     from hpc.ray_cluster import ephemeral_range, port_block
+    from hpc.slurm import node_addresses
 
     alloc = current()
     master = node_addresses([alloc.hosts[0]])[alloc.hosts[0]] if alloc.num_nodes > 1 else "127.0.0.1"

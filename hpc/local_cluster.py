@@ -25,6 +25,8 @@ from pathlib import Path
 
 import jinja2
 
+from hpc import slurm
+
 DEFAULT_STATE_DIR = Path("/tmp/rlhpc-cluster")
 PACKAGES = "slurmctld slurmd slurm-client munge iproute2 util-linux"
 TEST_PACKAGES = "bubblewrap"
@@ -238,7 +240,10 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         states: dict[str, str] = {}
         while time.monotonic() < deadline:
-            states = self.node_states()
+            try:
+                states = self.node_states()
+            except OSError:  # sinfo did not answer in time: no answer, as when it fails
+                states = {}
             if len(states) == spec.nodes and all(_usable(s) for s in states.values()):
                 return
             time.sleep(0.2)
@@ -246,10 +251,8 @@ class LocalCluster:
         raise ClusterError(f"local cluster not ready after {timeout_s:.0f}s: {bad}; logs in {self.state_dir}/log")
 
     def node_states(self) -> dict[str, str]:
-        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
-        if p.returncode != 0:
-            return {}
-        return dict(line.split()[:2] for line in p.stdout.splitlines() if line.strip())
+        """Each node's state, as the cluster's controller gives it (`hpc.slurm.node_states`)."""
+        return slurm.node_states(self.env)
 
     # --- a node failure -------------------------------------------------------------------------------------
 

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hpc import stacks
-from hpc.allocation import Allocation, node_addresses
+from hpc.allocation import Allocation
 from hpc.network import Route, address_of, job_env, route_to
+from hpc.slurm import node_addresses
 from hpc.wait import port_open, until
 
 if TYPE_CHECKING:

@@ -1,5 +1,7 @@
 """Slurm's view of jobs and the actions on them: `squeue` (JSON, else plain format), `sacct` when accounting
-is on, `scancel`, `scontrol requeue` (with the nodes the job must avoid).
+is on, `scancel`, `scontrol requeue` (with the nodes the job must avoid); and every other Slurm client command
+rlhpc runs (host lists, nodes, the controller's settings, the drills' `sbatch` and `srun`), each through
+`slurm_command`, so that none waits longer than SLURM_TIMEOUT_S for a controller that does not answer.
 
 Sites run every Slurm from 20.11 to 25.x, so the JSON is read across its schema versions: `job_state` is a
 string up to data parser v0.0.39 and a list after; numbers are plain before v0.0.39 and `{set, infinite,
@@ -165,12 +167,15 @@ SLURM_TIMEOUT_S = 30
 a minute, and one whose controller does not answer keeps retrying."""
 
 
-def slurm_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a Slurm client command, its output captured; OSError when it does not end within SLURM_TIMEOUT_S."""
+def slurm_command(*args: str, env: dict[str, str] | None = None,
+                  timeout_s: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a Slurm client command, its output captured; OSError when it does not end within `timeout_s`
+    (SLURM_TIMEOUT_S unless given)."""
+    limit = SLURM_TIMEOUT_S if timeout_s is None else timeout_s
     try:
-        return subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=SLURM_TIMEOUT_S)
+        return subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=limit)
     except subprocess.TimeoutExpired:
-        raise OSError(f"{' '.join(args[:2])} did not answer within {SLURM_TIMEOUT_S}s") from None
+        raise OSError(f"{' '.join(args[:2])} did not answer within {limit}s") from None
 
 
 def _squeue(*args: str, env: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
@@ -250,7 +255,7 @@ def exclusion(configured: str | int | bool | None, nodes: list[str]) -> str:
 def kill_wait_s(env: dict[str, str] | None = None) -> int:
     """The cluster's KillWait: seconds between a step's SIGTERM and its SIGKILL (Slurm's default 30)."""
     try:
-        p = slurm_command("scontrol", "show", "config", env=env)
+        p = show_config(env)
     except OSError:
         return 30
     m = re.search(r"^KillWait\s*=\s*(\d+)", p.stdout, re.MULTILINE)
@@ -267,3 +272,81 @@ def release(job_id: str, env: dict[str, str] | None = None) -> None:
     time.sleep(kill_wait_s(env) + 5)
     with contextlib.suppress(OSError):  # without the update the job still starts, after the delay
         slurm_command("scontrol", "update", f"JobId={job_id}", "StartTime=now", env=env)
+
+
+# --- the cluster's nodes and settings ----------------------------------------------------------------------
+
+
+def expand_hostlist(hostlist: str, env: dict[str, str] | None = None) -> list[str]:
+    """Slurm's compressed host list ("gpu[01-03,07],login1") as names, by `scontrol show hostnames`;
+    CalledProcessError when scontrol refuses it."""
+    p = slurm_command("scontrol", "show", "hostnames", hostlist, env=env)
+    p.check_returncode()
+    return p.stdout.split()
+
+
+def node_addresses(hosts: list[str] | tuple[str, ...], env: dict[str, str] | None = None) -> dict[str, str]:
+    """Slurm's NodeAddr of each host: the address its slurmd is reached at (`scontrol show node`);
+    CalledProcessError when scontrol refuses them."""
+    p = slurm_command("scontrol", "show", "node", "-o", ",".join(hosts), env=env)
+    p.check_returncode()
+    found = {}
+    for line in p.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "NodeName" in fields:
+            found[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
+    return found
+
+
+def node_states(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Each node's state as `sinfo` gives it ("idle", "down*", ...); empty when the controller refuses."""
+    p = slurm_command("sinfo", "-h", "-N", "-o", "%N %T", env=env)
+    if p.returncode != 0:
+        return {}
+    return dict(line.split()[:2] for line in p.stdout.splitlines() if line.strip())
+
+
+def version(timeout_s: float | None = None) -> subprocess.CompletedProcess[str]:
+    """`sinfo -V`: the Slurm of the client commands ("slurm 23.11.4")."""
+    return slurm_command("sinfo", "-V", timeout_s=timeout_s)
+
+
+def controller_answers(timeout_s: float | None = None) -> bool:
+    """Whether a controller answers `sinfo` (the partitions) within `timeout_s`."""
+    try:
+        return slurm_command("sinfo", "-h", "-o", "%P", timeout_s=timeout_s).returncode == 0
+    except OSError:
+        return False
+
+
+def show_config(env: dict[str, str] | None = None,
+                timeout_s: float | None = None) -> subprocess.CompletedProcess[str]:
+    """`scontrol show config`: the controller's settings, one "Key = value" a line."""
+    return slurm_command("scontrol", "show", "config", env=env, timeout_s=timeout_s)
+
+
+def show_partitions(env: dict[str, str] | None = None,
+                    timeout_s: float | None = None) -> subprocess.CompletedProcess[str]:
+    """`scontrol show partition -o`: a line of Key=Value fields for each partition."""
+    return slurm_command("scontrol", "show", "partition", "-o", env=env, timeout_s=timeout_s)
+
+
+# --- what the drills do to a job ---------------------------------------------------------------------------
+
+
+def sbatch(*options: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Submit a job: `sbatch OPTIONS` (a script among them, or `--wrap`)."""
+    return slurm_command("sbatch", *options, env=env)
+
+
+def signal_batch_shell(job_id: str, signal_name: str,
+                       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Send a signal to the job's batch shell alone, as Slurm does before the time limit (`scancel --batch`)."""
+    return slurm_command("scancel", "--batch", f"--signal={signal_name}", job_id, env=env)
+
+
+def run_on_node(job_id: str, host: str, *command: str, env: dict[str, str] | None = None,
+                timeout_s: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `command` on one node of a running job, beside its steps (`srun --overlap`)."""
+    return slurm_command("srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host}",
+                         *command, env=env, timeout_s=timeout_s)

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpc.allocation import expand_hostlist
-from hpc.slurm import TERMINAL, JobInfo, queue, release, requeue, slurm_command
+from hpc.slurm import (TERMINAL, JobInfo, expand_hostlist, queue, release, requeue, run_on_node, sbatch,
+                       show_partitions, signal_batch_shell)
 from rl import heartbeat
 from rlhpc.run_folder import START, attempt_dir, submissions
 
 KINDS = ("preempt", "timeout", "requeue", "node-loss")
 PHASE_POLL_S = 0.02
+NODE_COMMAND_TIMEOUT_S = 60
+"""How long the node-loss drill's `srun` may take: more than a query, since it starts a step on the node."""
 
 
 class DrillError(RuntimeError):
@@ -78,7 +79,7 @@ def wait_for_phase(run_dir: Path, phase: str, since: float, timeout_s: float, ro
 
 def preempting_partition(job: JobInfo, env: dict[str, str] | None = None) -> str:
     """The partition with the highest PriorityTier above the job's own."""
-    out = slurm_command("scontrol", "show", "partition", "-o", env=env)
+    out = show_partitions(env)
     if out.returncode != 0:
         raise DrillError(f"scontrol show partition failed: {out.stderr.strip()}")
     tiers = {}
@@ -94,9 +95,8 @@ def preempting_partition(job: JobInfo, env: dict[str, str] | None = None) -> str
 
 
 def preempt(job: JobInfo, partition: str, env: dict[str, str] | None = None) -> str:
-    p = slurm_command("sbatch", "--parsable", f"--partition={partition}", f"--nodelist={job.nodelist}",
-                      f"--nodes={job.nodes}", "--exclusive", "--job-name=rlhpc-drill", "--output=/dev/null",
-                      "--time=5", "--wrap=sleep 5", env=env)
+    p = sbatch("--parsable", f"--partition={partition}", f"--nodelist={job.nodelist}", f"--nodes={job.nodes}",
+               "--exclusive", "--job-name=rlhpc-drill", "--output=/dev/null", "--time=5", "--wrap=sleep 5", env=env)
     if p.returncode != 0:
         raise DrillError(f"submitting the preempting job to {partition} failed: {p.stderr.strip()}")
     return f"job {p.stdout.strip().split(';')[0]} in partition {partition} preempts it"
@@ -105,7 +105,7 @@ def preempt(job: JobInfo, partition: str, env: dict[str, str] | None = None) -> 
 def time_limit_signal(job: JobInfo, signal: str, env: dict[str, str] | None = None) -> str:
     """What Slurm does `signal_grace_s` before the time limit: the signal to the batch shell. The limit itself
     is left alone: a user may shorten it but not lengthen it again, so every later attempt would be cut too."""
-    p = slurm_command("scancel", "--batch", f"--signal={signal}", job.job_id, env=env)
+    p = signal_batch_shell(job.job_id, signal, env)
     if p.returncode != 0:
         raise DrillError(f"scancel --batch --signal={signal} failed: {p.stderr.strip()}")
     return f"SIG{signal} sent to the batch shell, as before the time limit"
@@ -129,9 +129,8 @@ def kill_ray_on(job: JobInfo, run_dir: Path, env: dict[str, str] | None = None) 
         temp_dir = json.loads(node.read_text())["temp_dir"]
     except (OSError, ValueError, KeyError):
         raise DrillError(f"{node} does not say where Ray runs on {host} yet; try again once the run trains") from None
-    p = subprocess.run(["srun", f"--jobid={job.job_id}", "--overlap", "--nodes=1", "--ntasks=1", f"--nodelist={host}",
-                        "pkill", "-KILL", "-f", raylet_pattern(temp_dir)], capture_output=True, text=True, env=env,
-                       timeout=60)
+    p = run_on_node(job.job_id, host, "pkill", "-KILL", "-f", raylet_pattern(temp_dir), env=env,
+                    timeout_s=NODE_COMMAND_TIMEOUT_S)
     if p.returncode != 0:
         raise DrillError(f"killing Ray on {host} failed: {(p.stderr or p.stdout).strip() or p.returncode}")
     return f"Ray killed on {host}"

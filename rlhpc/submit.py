@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpc.config import SlurmConfig
-from hpc.slurm import TERMINAL
+from hpc.slurm import TERMINAL, controller_answers
 from hpc.wait import until
 from rlhpc.config import Config
 from rlhpc.render import batch_script, job_name
@@ -36,10 +35,7 @@ def slurm_reachable() -> bool:
     """Whether sbatch exists and a controller answers (`sinfo` within 10 s)."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return False
-    try:
-        return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=10).returncode == 0
-    except subprocess.TimeoutExpired:
-        return False
+    return controller_answers(timeout_s=10)
 
 
 def slurm_executor(s: SlurmConfig, run_dir: Path, name: str) -> submitit.SlurmExecutor:
