@@ -26,6 +26,7 @@ from pathlib import Path
 import jinja2
 
 from hpc import slurm
+from hpc.processes import alive, processes
 
 DEFAULT_STATE_DIR = Path("/tmp/rlhpc-cluster")
 PACKAGES = "slurmctld slurmd slurm-client munge iproute2 util-linux"
@@ -313,7 +314,7 @@ class LocalCluster:
         if _link_exists(BRIDGE):
             found.append(f"bridge {BRIDGE}")
         state = str(self.state_dir)
-        for pid, cmd in _processes():
+        for pid, cmd in processes().items():
             if state in cmd and any(d in cmd for d in ("munged", "slurmctld", "slurmd", "slurmdbd", "mariadbd")):
                 found.append(f"process {pid}: {cmd[:80]}")
         return found
@@ -356,16 +357,8 @@ def _cluster_netns() -> list[str]:
 
 
 def netns_processes(ns: str) -> dict[int, str]:
-    """The processes in a node's network namespace: pid -> command line (arguments joined by spaces; empty
-    for a process that ended meanwhile)."""
-    p = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    found = {}
-    for pid in map(int, p.stdout.split()):
-        try:
-            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            found[pid] = ""
-    return found
+    """The processes in a node's network namespace: pid -> command line (arguments joined by spaces)."""
+    return processes(Path("/var/run/netns", ns))
 
 
 def _link_exists(name: str) -> bool:
@@ -380,18 +373,7 @@ def pid_from(path: Path) -> int | None:
 
 
 def _alive_pid(pid: int | None) -> bool:
-    return pid is not None and _alive(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+    return pid is not None and alive(pid)
 
 
 def kill_all(pids: list[int] | int | None, timeout_s: float = 10.0) -> None:
@@ -404,21 +386,10 @@ def kill_all(pids: list[int] | int | None, timeout_s: float = 10.0) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + timeout_s
-        while (pids := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        while (pids := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.05)
         if not pids:
             return
-
-
-def _processes() -> list[tuple[int, str]]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                found.append((int(proc.name), (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-            except OSError:
-                continue
-    return found
 
 
 def short_hostname() -> str:

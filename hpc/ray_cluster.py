@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from hpc import stacks
 from hpc.allocation import Allocation
 from hpc.network import Route, address_of, job_env, route_to
+from hpc.processes import processes
 from hpc.slurm import node_addresses
 from hpc.wait import port_open, until
 
@@ -194,13 +195,8 @@ def _prepare_child(ignore_signals: tuple[int, ...]) -> None:
 
 def _kill_processes_using(temp_dir: Path) -> None:
     """Kill this job's stray Ray processes: those whose command line names our per-job temp dir."""
-    marker = str(temp_dir).encode()
-    mine = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker in (proc / "cmdline").read_bytes():
-                    mine.append(int(proc.name))
+    marker = str(temp_dir)
+    mine = [pid for pid, cmd in processes().items() if marker in cmd and pid != os.getpid()]
     for pid in mine:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

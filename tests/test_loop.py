@@ -9,12 +9,12 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import CONFIGS, ROOT
+from hpc.processes import processes
 from rl import checkpoint, heartbeat
 from rl.export import load_policy
 from rl.interrupt import StopRequest
@@ -392,14 +392,7 @@ def test_the_driver_scores_nothing_itself_for_grpo(ray_local, tmp_path, tiny_mod
 
 def engine_processes(state: str = "") -> list[int]:
     """Rollout engine actors' processes (Ray titles them `ray::TorchEngine.<method running>`)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(f"ray::TorchEngine{state}".encode()):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+    return [pid for pid, cmd in processes().items() if cmd.startswith(f"ray::TorchEngine{state}")]
 
 
 def test_failed_engines_are_replaced_and_the_rollout_completes_unchanged(ray_local, tmp_path, tiny_model_dir):

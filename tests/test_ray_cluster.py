@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hpc.allocation import Allocation
+from hpc.processes import processes
 from hpc.ray_cluster import (
     PortBlock,
     RayStartError,
@@ -75,15 +76,7 @@ def test_object_store_fits_dev_shm() -> None:
 
 
 def job_processes(marker: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker.encode() in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                pass
-    return found
+    return [pid for pid, cmd in processes().items() if marker in cmd]
 
 
 BRING_UP = """
