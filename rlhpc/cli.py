@@ -550,7 +550,7 @@ def _stop_local_job(pid: int, started: str | None) -> bool:
     import os
     import signal
 
-    from rlhpc.run_folder import process_start
+    from hpc.processes import process_start
 
     now = process_start(pid)
     if now is None:

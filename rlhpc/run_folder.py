@@ -23,12 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpc.processes import process_start
 from rl.metrics import read_jsonl
 from rl.wandb_run import keep_key
 
@@ -139,17 +139,6 @@ def record_submission(run_dir: Path, job_id: str, executor: str, nodes: int) -> 
         entry["started"] = process_start(int(job_id))
     with (run_dir / SUBMISSIONS).open("a") as f:
         f.write(json.dumps(entry) + "\n")
-
-
-def process_start(pid: int) -> str | None:
-    """When process `pid` started, as `ps` tells it in UTC (the same for every reader), or None when there is
-    no such process."""
-    try:
-        p = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10,
-                           env={**os.environ, "TZ": "UTC", "LC_ALL": "C"})
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return p.stdout.strip() or None
 
 
 def submissions(run_dir: Path) -> list[dict[str, Any]]:
