@@ -7,9 +7,13 @@ true on the response tokens that get a loss. Samples of one prompt group are con
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from rl.config import GrpoConfig
 
 
 def _group_ids(n: int, group_sizes: int | Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -138,3 +142,42 @@ def ppo_token_rewards(rewards: Tensor, kl: Tensor, mask: Tensor, kl_coef: float)
         r_t = [t = last response token] · r − kl_coef · kl_t · mask_t
     """
     return _last_token_reward(rewards, mask).to(kl.dtype) - kl_coef * kl * mask.to(kl.dtype)
+
+
+def needs_kl(g: GrpoConfig) -> bool:
+    """Whether `g.advantage_estimator` takes the per-token KL to the reference (REINFORCE++ and its baseline
+    variant; PPO with a KL penalty), for which the policy's log-probs and the reference's are computed first."""
+    return g.advantage_estimator.startswith("reinforce_plus_plus") or (g.advantage_estimator == "ppo" and
+                                                                       bool(g.kl_coef))
+
+
+def estimate(g: GrpoConfig, rewards: Tensor, mask: Tensor, n_samples_per_prompt: int, *, kl: Tensor | None = None,
+             values: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The per-token advantages of `g.advantage_estimator`, whitened with `g.normalize_advantages`, and for PPO
+    the critic's returns (else None):
+
+        grpo, gspo                    group_normalize(r) on every loss token
+        ppo                           gae(ppo_token_rewards(r, kl)), `values` the critic's ([B, T])
+        reinforce_plus_plus           reinforce_plus_plus_returns(r, kl)
+        reinforce_plus_plus_baseline  reinforce_plus_plus_baseline_advantages(r, kl)
+
+    `kl` ([B, T], masked) where `needs_kl(g)`; PPO without a KL penalty takes none.
+    """
+    returns = None
+    if g.advantage_estimator in ("grpo", "gspo"):
+        per_sample = group_normalize(rewards, n_samples_per_prompt, std_normalize=not g.disable_grpo_std_normalization)
+        advantages = per_sample[:, None] * mask
+    elif g.advantage_estimator == "ppo":
+        assert values is not None, "PPO needs the critic's values"
+        penalty = kl if kl is not None else torch.zeros_like(mask)
+        advantages, returns = gae(ppo_token_rewards(rewards, penalty, mask, g.kl_coef), values, mask, g.gamma,
+                                  g.lambd)
+    else:
+        assert kl is not None, f"{g.advantage_estimator} needs the KL to the reference"
+        if g.advantage_estimator == "reinforce_plus_plus":
+            advantages = reinforce_plus_plus_returns(rewards, kl, mask, g.kl_coef, g.gamma)
+        else:
+            advantages = reinforce_plus_plus_baseline_advantages(rewards, kl, mask, g.kl_coef, n_samples_per_prompt)
+    if g.normalize_advantages:
+        advantages = whiten(advantages, mask)
+    return advantages, returns

@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from rl import checkpoint
-from rl.advantages import (gae, group_normalize, ppo_token_rewards, reinforce_plus_plus_baseline_advantages,
-                           reinforce_plus_plus_returns, whiten)
+from rl.advantages import estimate, needs_kl
 from rl.batch import TrainSample, balanced_shares, pad_rows, split_for_ranks
 from rl.config import RLConfig
 from rl.data import PromptDataset
@@ -233,38 +232,25 @@ class Driver:
             stop_token_ids=self.stop_ids, stop=tuple(r.rollout_stop))
 
     def advantages(self, train: list[TrainSample]) -> list[list[float]] | None:
-        """Fill in each sample's per-token advantages for the configured estimator; return the policy's
-        log-probs when the estimator needed them, so that training does not compute them again."""
-        g, n = self.cfg.grpo, self.cfg.rollout.n_samples_per_prompt
+        """Fill in each sample's per-token advantages for the configured estimator (`rl.advantages.estimate`);
+        return the policy's log-probs when the estimator needed them, so that training does not compute them
+        again."""
+        g = self.cfg.grpo
         rewards = torch.tensor([s.reward for s in train], dtype=torch.float32)
         mask = pad_rows([s.loss_mask for s in train])
         width = mask.shape[1]
-
-        def policy_and_kl() -> tuple[list[list[float]], torch.Tensor]:
-            """The policy's log-probs and its per-token KL to the reference."""
+        old = kl = values = None
+        if needs_kl(g):
             old, ref = self.per_rank("compute_log_probs", train), self.per_rank("compute_log_probs", train, True)
-            return old, approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
-
-        if g.advantage_estimator in ("grpo", "gspo"):
-            per_sample = group_normalize(rewards, n, std_normalize=not g.disable_grpo_std_normalization)
-            adv, old = per_sample[:, None] * mask, None
-        elif g.advantage_estimator == "ppo":
-            old, kl = policy_and_kl() if g.kl_coef else (None, torch.zeros_like(mask))
+            kl = approx_kl(pad_rows(old, width), pad_rows(ref, width), g.kl_loss_type) * mask
+        if g.advantage_estimator == "ppo":
             values = self.per_rank("compute_values", train)
-            adv, returns = gae(ppo_token_rewards(rewards, kl, mask, g.kl_coef), pad_rows(values, width), mask,
-                               g.gamma, g.lambd)
-            for i, s in enumerate(train):
-                s.values, s.returns = values[i], returns[i, : s.response_length].tolist()
-        else:
-            old, kl = policy_and_kl()
-            if g.advantage_estimator == "reinforce_plus_plus":
-                adv = reinforce_plus_plus_returns(rewards, kl, mask, g.kl_coef, g.gamma)
-            else:
-                adv = reinforce_plus_plus_baseline_advantages(rewards, kl, mask, g.kl_coef, n)
-        if g.normalize_advantages:
-            adv = whiten(adv, mask)
+        adv, returns = estimate(g, rewards, mask, self.cfg.rollout.n_samples_per_prompt, kl=kl,
+                                values=None if values is None else pad_rows(values, width))
         for i, s in enumerate(train):
             s.advantages = adv[i, : s.response_length].tolist()
+            if values is not None and returns is not None:
+                s.values, s.returns = values[i], returns[i, : s.response_length].tolist()
         return old
 
     def per_rank(self, method: str, train: list[TrainSample], *args: Any) -> list[Any]:

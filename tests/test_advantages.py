@@ -7,7 +7,9 @@ import torch
 
 from rl.advantages import (
     discounted_returns,
+    gae,
     group_normalize,
+    ppo_token_rewards,
     reinforce_plus_plus_baseline_advantages,
     reinforce_plus_plus_returns,
     whiten,
@@ -112,3 +114,24 @@ def test_ppo_token_rewards_put_the_reward_last_and_the_kl_everywhere():
     out = ppo_token_rewards(torch.tensor([2.0]), torch.tensor([[0.1, 0.2, 0.3, 0.0]]),
                             torch.tensor([[1, 1, 1, 0]]), kl_coef=0.5)
     assert torch.allclose(out, torch.tensor([[-0.05, -0.1, 2.0 - 0.15, 0.0]]))
+
+
+def test_the_estimator_named_in_the_config_is_the_one_applied():
+    from rl.advantages import estimate, needs_kl, whiten
+    from rl.config import GrpoConfig
+
+    rewards, mask = torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    kl, values = torch.full((4, 3), 0.1) * mask, torch.full((4, 3), 0.2)
+    grpo = GrpoConfig()
+    assert not needs_kl(grpo)
+    adv, returns = estimate(grpo, rewards, mask, 2)
+    assert returns is None and torch.equal(adv, group_normalize(rewards, 2)[:, None] * mask)
+    rpp = GrpoConfig(advantage_estimator="reinforce_plus_plus", kl_coef=0.1, normalize_advantages=True)
+    assert needs_kl(rpp)
+    adv, _ = estimate(rpp, rewards, mask, 2, kl=kl)
+    assert torch.equal(adv, whiten(reinforce_plus_plus_returns(rewards, kl, mask, 0.1, rpp.gamma), mask))
+    ppo = GrpoConfig(advantage_estimator="ppo", kl_coef=0.0)
+    assert not needs_kl(ppo) and needs_kl(GrpoConfig(advantage_estimator="ppo", kl_coef=0.05))
+    adv, returns = estimate(ppo, rewards, mask, 2, values=values)
+    expected = gae(ppo_token_rewards(rewards, torch.zeros_like(mask), mask, 0.0), values, mask, ppo.gamma, ppo.lambd)
+    assert torch.equal(adv, expected[0]) and torch.equal(returns, expected[1])
