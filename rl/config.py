@@ -68,6 +68,11 @@ HookPath = Annotated[str, Field(pattern=r"^([A-Za-z_][\w.]*[:.]|[^:]+\.py:)[A-Za
 as `path/to/file.py:function` (relative to the config file, as verl's `custom_reward_function.path`)."""
 
 
+DEFAULT_MAX_RESPONSE_LEN = 1024
+"""Tokens a response may have when `rollout.rollout_max_response_len` is unset (slime leaves it to SGLang, whose
+own default is 128: too short for reasoning)."""
+
+
 class Section(BaseModel):
     # nan passes every range check (all comparisons are false) and inf most: refuse both in every float field.
     # A field's docstring is its description in the schema (`rlhpc config schema`, docs/configuration.md).
@@ -197,6 +202,7 @@ class RolloutConfig(Section):
     """Prompts of more tokens are left out when the data is read (slime's `--rollout-max-prompt-len`)."""
     rollout_max_response_len: PositiveInt | None = None
     """Most tokens generated per response (SGLang's max_new_tokens); 1024 when unset."""
+
     rollout_temperature: Annotated[float, Field(gt=0)] = 1.0
     """Sampling temperature of the rollout; 1.0 samples from the policy as it is."""
     rollout_top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
@@ -278,6 +284,11 @@ class RolloutConfig(Section):
         if base not in KNOWN_RM_TYPES:
             raise ValueError(f"unknown reward type {v!r}; known: {', '.join(KNOWN_RM_TYPES)} (optionally boxed_*)")
         return v
+
+    @property
+    def max_response_len(self) -> int:
+        """`rollout_max_response_len` in force."""
+        return self.rollout_max_response_len or DEFAULT_MAX_RESPONSE_LEN
 
 
 class EvalConfig(Section):

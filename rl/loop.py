@@ -26,7 +26,7 @@ from rl.evaluate import summarize
 from rl.heartbeat import Heartbeat
 from rl.interrupt import Interrupted, StopRequest
 from rl.losses import approx_kl
-from rl.metrics import MetricsLog, Progress
+from rl.metrics import MetricsLog, Progress, rollout_row
 from rl.rollout.ahead import Generated, RolloutsAhead
 from rl.rollout.client import EngineClient
 from rl.rollout.engine import SamplingParams, engine_factory
@@ -41,6 +41,9 @@ WORKER_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_
 
 PLACEMENT_TIMEOUT_S = 120
 STEPS_PLANNED_ON = 4
+EVAL_SEED_SALT = 1_000_003
+"""Added (times the eval set's position, from 1) to the run seed of evaluation samples: a prime, so that their
+seeds are those of no training sample and of no other eval set."""
 """How many of the latest rollouts the stop before the job's end plans with (the longest of them)."""
 
 
@@ -84,6 +87,16 @@ class Driver:
         """Seconds of this attempt's last rollouts (the newest `STEPS_PLANNED_ON`)."""
         self.saving: checkpoint.InBackground | None = None
         """The checkpoint being written in the background (`ckpt.async_save`)."""
+        self.workers: list[Any] = []
+        """The training workers (Ray actors), by rank."""
+        self.pool: EnginePool | None = None
+        self.placement: list[tuple[str, int]] = []
+        """Each worker's (node address, pid)."""
+        self.layout: list[tuple[int, int, bool]] = []
+        """Each worker's (data-parallel rank, data-parallel size, whether it reports for its rank)."""
+        self.dp_size = 1
+        self.last_row_t = 0.0
+        """When the last metrics row was written (samples_per_s counts from it)."""
         self.skipped_in_a_row = 0
         """Optimizer steps skipped in a row for a non-finite loss or gradient norm (the policy's or the critic's)."""
         self.save_dir = cfg.save_dir(self.run_dir)
@@ -123,7 +136,7 @@ class Driver:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from rl.placement import colocated_engines, node_of
+        from rl.placement import actors_per_node, colocated_engines, cpu_slot, node_of
         from rl.rollout.engine import gpus_per_engine
         from rl.train.worker import CHECKPOINT, TrainWorker
 
@@ -137,11 +150,8 @@ class Driver:
         alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
         if len(alive) < p.actor_num_nodes:
             raise RunError(f"perf.actor_num_nodes = {p.actor_num_nodes} but Ray has {len(alive)} node(s)")
-        # Whole CPUs each where the nodes have enough, else fractions (Ray takes fractions below 1 only), so
-        # that any number of actors fits; torch threads are set explicitly.
-        node_cpus = min(int(r.get("CPU", 1)) for r in alive)
-        per_node = p.actor_num_gpus_per_node + -(-n_engines // p.actor_num_nodes)
-        slot = node_cpus // per_node or node_cpus / per_node
+        slot = cpu_slot(min(int(r.get("CPU", 1)) for r in alive),
+                        actors_per_node(p.actor_num_gpus_per_node, p.actor_num_nodes, n_engines))
         threads = p.cpu_threads or max(1, int(slot))
         gpus = 1 if torch.cuda.is_available() else 0
 
@@ -200,9 +210,9 @@ class Driver:
     def stop_actors(self) -> None:
         import ray
 
-        if getattr(self, "pool", None) is not None:
+        if self.pool is not None:
             self.pool.kill()
-        for actor in getattr(self, "workers", []):
+        for actor in self.workers:
             ray.kill(actor)
         for group in self.groups:
             ray.util.remove_placement_group(group)
@@ -219,7 +229,7 @@ class Driver:
 
     def sampling_params(self, *, evaluation: bool = False) -> SamplingParams:
         r, e = self.cfg.rollout, self.cfg.eval
-        max_new = r.rollout_max_response_len or 1024
+        max_new = r.max_response_len
         params = SamplingParams(max_new_tokens=max_new, temperature=r.rollout_temperature, top_p=r.rollout_top_p,
                                 top_k=r.rollout_top_k, stop_token_ids=self.stop_ids, stop=tuple(r.rollout_stop))
         if not evaluation:
@@ -334,7 +344,7 @@ class Driver:
         n = self.cfg.eval.n_samples_per_eval_prompt
         for k, (name, dataset) in enumerate(self.eval_sets.items()):
             samples = self.sampler.evaluate(dataset, rollout_id, n, self.sampling_params(evaluation=True),
-                                            EngineClient(self.pool, self.tokenizer), salt=1_000_003 * (k + 1))
+                                            EngineClient(self.pool, self.tokenizer), salt=EVAL_SEED_SALT * (k + 1))
             out |= summarize(name, [s.reward for s in samples], n)
         return out
 
@@ -441,49 +451,12 @@ class Driver:
             # transformers loaded one took 0.1-0.2 s, and came every few rollouts).
             gc.freeze()
             self.sync_weights(start)
-            pending_eval: dict[str, float] = {}
-            if self.eval_sets and start == 0 and not cfg.eval.skip_eval_before_train:
-                self.heartbeat.beat(0, "eval")
-                pending_eval = {k.replace("eval/", "eval_before_train/", 1): v for k, v in self.evaluate(-1).items()}
+            pending_eval = self.eval_before_train() if start == 0 else {}  # before generation ahead begins
             if cfg.rollout.async_train:
                 self.ahead = RolloutsAhead(self.generated, self.sampler, first=start, end=self.num_rollout,
                                            ahead=cfg.rollout.async_buffer_size, stop=self.stop.is_set,
                                            pending=pending)
-            saved, stopped_at = start, None
-            self.last_row_t = time.perf_counter()
-            for rollout_id in range(start, self.num_rollout):
-                # Safe points: before a rollout, and inside its generation (abandoned; nothing has changed yet).
-                position = self.sampler.state_dict() if self.ahead is None else None
-                step_start = time.monotonic()
-                try:
-                    if self.stop.is_set() or self.out_of_time(rollout_id):
-                        raise Interrupted
-                    self.heartbeat.beat(rollout_id, "rollout")
-                    batch = self.ahead.take(rollout_id) if self.ahead else self.generated(rollout_id, self.stop.is_set)
-                except Interrupted:
-                    if self.ahead:
-                        self.ahead.close()
-                    else:
-                        self.sampler.load_state_dict(position)
-                    if saved != rollout_id:
-                        self.save_before_stopping(rollout_id)
-                    self.finish_saving()
-                    stopped_at = rollout_id
-                    self.heartbeat.beat(rollout_id, "stopped")
-                    break
-                row = self.learn(batch, pending_eval)
-                pending_eval = {}
-                self.measured_step(time.monotonic() - step_start)
-                completed = rollout_id + 1
-                if completed == self.num_rollout or (cfg.ckpt.save_interval and completed % cfg.ckpt.save_interval == 0
-                                                     and not self.skipped_in_a_row):
-                    row["checkpoint"] = str(self.save(completed))
-                    saved = completed
-                log.write(row)
-                progress.update(row)
-            else:
-                self.finish_saving()
-                self.heartbeat.beat(self.num_rollout, "done")
+            stopped_at = self.rollouts(start, log, progress, pending_eval)
             progress.close()
             log.close()
             rows = log.rows()
@@ -493,6 +466,56 @@ class Driver:
             if self.ahead:
                 self.ahead.close()
             self.stop_actors()
+
+    def rollouts(self, start: int, log: MetricsLog, progress: Progress, pending_eval: dict[str, float]) -> int | None:
+        """From rollout `start` on: generate, train, sync the weights, checkpoint when due; `pending_eval` goes
+        into the first row. Returns the rollout a stop came before (its state saved where time allowed), None
+        once all are done."""
+        saved = start
+        self.last_row_t = time.perf_counter()
+        for rollout_id in range(start, self.num_rollout):
+            # Safe points: before a rollout, and inside its generation (abandoned; nothing has changed yet).
+            position = self.sampler.state_dict() if self.ahead is None else None
+            step_start = time.monotonic()
+            try:
+                if self.stop.is_set() or self.out_of_time(rollout_id):
+                    raise Interrupted
+                self.heartbeat.beat(rollout_id, "rollout")
+                batch = self.ahead.take(rollout_id) if self.ahead else self.generated(rollout_id, self.stop.is_set)
+            except Interrupted:
+                if self.ahead:
+                    self.ahead.close()
+                else:
+                    self.sampler.load_state_dict(position)
+                if saved != rollout_id:
+                    self.save_before_stopping(rollout_id)
+                self.finish_saving()
+                self.heartbeat.beat(rollout_id, "stopped")
+                return rollout_id
+            row = self.learn(batch, pending_eval)
+            pending_eval = {}
+            self.measured_step(time.monotonic() - step_start)
+            if self.save_due(rollout_id + 1):
+                row["checkpoint"] = str(self.save(rollout_id + 1))
+                saved = rollout_id + 1
+            log.write(row)
+            progress.update(row)
+        self.finish_saving()
+        self.heartbeat.beat(self.num_rollout, "done")
+        return None
+
+    def save_due(self, completed: int) -> bool:
+        """A checkpoint after the last rollout and every `save_interval`, except during a run of skipped steps
+        (the latest checkpoint then stays one from before them)."""
+        return completed == self.num_rollout or (due(completed, self.cfg.ckpt.save_interval)
+                                                 and not self.skipped_in_a_row)
+
+    def eval_before_train(self) -> dict[str, float]:
+        """A new run's evaluation of the initial policy, for the first rollout's row (`eval_before_train/`)."""
+        if not self.eval_sets or self.cfg.eval.skip_eval_before_train:
+            return {}
+        self.heartbeat.beat(0, "eval")
+        return {k.replace("eval/", "eval_before_train/", 1): v for k, v in self.evaluate(-1).items()}
 
     def learn(self, batch: Generated, pending_eval: dict[str, float]) -> dict[str, Any]:
         """Train on a generated rollout and update the engines' weights (with async training, every
@@ -511,23 +534,12 @@ class Driver:
         train_metrics = self.train(train, self.advantages(train))
         t2 = time.perf_counter()
         sync_s = 0.0
-        if self.ahead is None or (rollout_id + 1) % self.cfg.rollout.update_weights_interval == 0:
+        if self.ahead is None or due(rollout_id + 1, self.cfg.rollout.update_weights_interval):
             self.heartbeat.beat(rollout_id, "sync")
             if self.ahead:
                 self.ahead.settle()
             sync_s = self.sync_weights(rollout_id + 1)
-        rewards = torch.tensor([s.reward for s in samples])
-        oldest = min(t.weight_version for t in train)
-        row: dict[str, Any] = {
-            "rollout_id": rollout_id,
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-            "response_len_mean": sum(s.response_length for s in samples) / len(samples),
-            "truncated_frac": sum(s.status == "truncated" for s in samples) / len(samples),
-            "weight_version": oldest,
-            "staleness": rollout_id - oldest,
-            "kl": train_metrics.get("kl", 0.0),
-            **{k: v for k, v in train_metrics.items() if k != "kl"},
+        row = rollout_row(rollout_id, samples, min(t.weight_version for t in train), train_metrics, {
             "time_rollout_s": batch.seconds,
             "time_train_s": t2 - t1,
             "time_sync_s": sync_s,
@@ -539,12 +551,17 @@ class Driver:
             **pending_eval,
             "num_rollout": self.num_rollout,
             "timestamp": time.time(),
-        }
-        if self.eval_sets and self.cfg.eval.eval_interval and (rollout_id + 1) % self.cfg.eval.eval_interval == 0:
+        })
+        if self.eval_sets and due(rollout_id + 1, self.cfg.eval.eval_interval):
             self.heartbeat.beat(rollout_id, "eval")
             row |= self.evaluate(rollout_id)
         self.last_row_t = time.perf_counter()
         return row
+
+
+def due(completed: int, interval: int | None) -> bool:
+    """Whether an action every `interval` rollouts (None: never) falls after `completed` rollouts."""
+    return bool(interval) and completed % interval == 0
 
 
 def _across_ranks(results: list[dict[str, float]]) -> dict[str, float]:

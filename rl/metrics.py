@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,6 +46,28 @@ def curves(row: dict[str, Any]) -> dict[str, float]:
     own prefix (`eval/<set>/...`, `eval_before_train/<set>/...`)."""
     return {key if "/" in key else f"rollout/{key}": value for key, value in row.items()
             if key not in NOT_CURVES and isinstance(value, (int, float))}
+
+
+def rollout_row(rollout_id: int, samples: Sequence[Any], oldest_version: int, train_metrics: dict[str, float],
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """A rollout's row of metrics.jsonl: its samples' rewards, response lengths and truncation, the age of the
+    weights that generated them (`staleness`: rollouts since the oldest weights used), training's metrics (`kl`
+    first, 0 when none is computed), then `extra` (timings, counters, evaluation, where the run stands)."""
+    import torch
+
+    rewards = torch.tensor([s.reward for s in samples])
+    return {
+        "rollout_id": rollout_id,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "response_len_mean": sum(s.response_length for s in samples) / len(samples),
+        "truncated_frac": sum(s.status == "truncated" for s in samples) / len(samples),
+        "weight_version": oldest_version,
+        "staleness": rollout_id - oldest_version,
+        "kl": train_metrics.get("kl", 0.0),
+        **{k: v for k, v in train_metrics.items() if k != "kl"},
+        **extra,
+    }
 
 
 class MetricsLog:

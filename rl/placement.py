@@ -1,4 +1,5 @@
-"""Where colocated rollout engines sit among the training workers (`perf.colocate`), as slime lays them out.
+"""Where the actors sit: the CPUs each is given, and where colocated rollout engines sit among the training
+workers (`perf.colocate`), as slime lays them out.
 
 Training rank r runs on one GPU of node r // `actor_num_gpus_per_node` (one placement-group bundle per node).
 Colocated engines cover every training GPU: engine k spans the GPUs of ranks k·g … (k+1)·g - 1, g being
@@ -8,6 +9,17 @@ demands. Pure arithmetic: no Ray, no CUDA.
 """
 
 from __future__ import annotations
+
+
+def cpu_slot(node_cpus: int, actors_per_node: int) -> float:
+    """The CPUs each actor of a node is given: whole CPUs where the node has enough for all, else fractions (Ray
+    takes fractions below 1 only), so that any number of actors fits (torch's threads are set apart)."""
+    return node_cpus // actors_per_node or node_cpus / actors_per_node
+
+
+def actors_per_node(gpus_per_node: int, nodes: int, decoupled_engines: int) -> int:
+    """A node's training workers, and its share of the decoupled engines, rounded up."""
+    return gpus_per_node + -(-decoupled_engines // nodes)
 
 
 def node_of(rank: int, gpus_per_node: int) -> int:

@@ -56,3 +56,10 @@ def test_colocated_engines_must_divide_the_gpus_of_a_node(write_config, override
         load_config(write_config(MINIMAL), args)
     assert "sglang.rollout_num_gpus_per_engine / perf.actor_num_gpus_per_node" in str(e.value)
     assert "training GPUs of a node" in str(e.value)
+
+
+def test_each_actor_of_a_node_gets_whole_cpus_where_there_are_enough_else_a_fraction():
+    from rl.placement import actors_per_node, cpu_slot
+
+    assert actors_per_node(gpus_per_node=8, nodes=2, decoupled_engines=3) == 10  # 3 engines over 2 nodes: 2 here
+    assert cpu_slot(64, 10) == 6 and cpu_slot(2, 2) == 1 and cpu_slot(2, 3) == 2 / 3
