@@ -253,6 +253,7 @@ def test_a_rendered_apptainer_script_runs_on_the_local_cluster(cluster, tiny_mod
     if shutil.which("bwrap") is None:
         pytest.skip("needs bubblewrap (make system-deps installs it)")
     bin_dir, image, probe, run_dir = tmp_path / "bin", tmp_path / "image", tmp_path / "probe", tmp_path / "run"
+    pwned = tmp_path / "pwned"
     for folder in (bin_dir, image, probe):
         folder.mkdir()
     (bin_dir / "apptainer").write_text(APPTAINER_STANDIN)
@@ -273,7 +274,9 @@ def test_a_rendered_apptainer_script_runs_on_the_local_cluster(cluster, tiny_mod
                      "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=1",
                      "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=5",
                      "--set", f"run.output_dir='{run_dir}'", "--set", "slurm.cpus_per_task=2",
-                     "--set", f"slurm.env={{PYTHONPATH='{probe}', RLHPC_PROBE_DIR='{probe}', NCCL_IB_HCA='a:1,b:1'}}",
+                     "--set", f"slurm.job_name='x; touch {pwned}'",
+                     "--set", f"slurm.env={{PYTHONPATH='{probe}', RLHPC_PROBE_DIR='{probe}', NCCL_IB_HCA='a:1,b:1', "
+                              f"RLHPC_INJECT='$(touch {pwned})'}}",
                      "--set", f"slurm.container={container}", env=cluster.env)
     assert rendered.returncode == 0, rendered.stderr
     env = {**cluster.env, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -285,6 +288,9 @@ def test_a_rendered_apptainer_script_runs_on_the_local_cluster(cluster, tiny_mod
     assert logs.count("apptainer stand-in: exec in") == 2, logs[-3000:]
     result = json.loads((run_dir / "jobs" / job_id / "attempt-0" / "result.json").read_text())
     assert result["rollouts"] == 1 and set(result["ray_nodes"]) == {"node1", "node2"}
+    assert not pwned.exists()  # config values reached the script quoted, never as commands
+    [row] = json.loads(rlhpc("status", str(run_dir), "--json", env=cluster.env).stdout)
+    assert (row["job_id"], row["state"], row["rollout"]) == (job_id, "COMPLETED", 1)
     for rank in ("0", "1"):
         seen = json.loads((run_dir / f"probe-{rank}.json").read_text())
         assert seen["env"] == {"NCCL_IB_HCA": "a:1,b:1", "RLHPC_PROBE_DIR": str(probe), "SLURM_NODEID": rank,

@@ -121,22 +121,20 @@ class StopWhile(StopRequest):
         return super().is_set()
 
 
-@pytest.mark.parametrize(("at", "phases", "time_left_s", "stopped_at", "checkpoints", "redone", "settings"), [
+@pytest.mark.parametrize(("at", "phases", "time_left_s", "stopped_at", "checkpoints", "redone"), [
     # generation abandoned, the state before rollout 3 saved
-    (3, {"rollout"}, None, 3, [2, 3], 0, []),
+    (3, {"rollout"}, None, 3, [2, 3], 0),
     # during training: rollout 2 finishes, but no time is left to save, so checkpoint 2 stands
-    (2, {"train", "sync", "eval"}, 0.0, 3, [2], 1, []),
-    # checkpoints written in the background: the stop's own is sealed before the run returns
-    (3, {"rollout"}, None, 3, [2, 3], 0, ["ckpt.async_save=true"]),
-], ids=["during-generation", "during-training-no-time-to-save", "async-save"])
+    (2, {"train", "sync", "eval"}, 0.0, 3, [2], 1),
+], ids=["during-generation", "during-training-no-time-to-save"])
 def test_a_stopped_run_resumes_exactly(straight, tmp_path, tiny_model_dir, at, phases, time_left_s, stopped_at,
-                                       checkpoints, redone, settings):
-    result = run(tiny(tmp_path, tiny_model_dir, *settings), stop=StopWhile(tmp_path, at, phases, time_left_s))
+                                       checkpoints, redone):
+    result = run(tiny(tmp_path, tiny_model_dir), stop=StopWhile(tmp_path, at, phases, time_left_s))
     assert result["stopped_at"] == stopped_at
     assert checkpoint.complete_iterations(tmp_path / "checkpoints") == checkpoints
     assert heartbeat.read(tmp_path)["phase"] == "stopped"
     record = tmp_path / "start.json"
-    resumed = run(tiny(tmp_path, tiny_model_dir, *settings), start_record=record)
+    resumed = run(tiny(tmp_path, tiny_model_dir), start_record=record)
     assert resumed["stopped_at"] is None and json.loads(record.read_text())["redone"] == redone
     assert_same_run(tmp_path, straight[0], tiny_model_dir)
 
@@ -159,9 +157,10 @@ class EndComing(StopRequest):
 
 def test_the_run_stops_by_itself_before_the_jobs_end_and_resumes_exactly(straight, tmp_path, tiny_model_dir):
     """No signal: the loop sees that rollout 3 and a save would not fit before the end, saves and stops there;
-    the next attempt redoes nothing and the run ends as the uninterrupted one."""
+    the next attempt redoes nothing and the run ends as the uninterrupted one. Checkpoints are written in the
+    background: the stop's own is sealed before the run returns."""
     stop = EndComing(tmp_path)
-    result = run(tiny(tmp_path, tiny_model_dir), stop=stop)
+    result = run(tiny(tmp_path, tiny_model_dir, "ckpt.async_save=true"), stop=stop)
     assert result["stopped_at"] == 3 and result["stop_reason"] == "deadline"
     assert checkpoint.complete_iterations(tmp_path / "checkpoints") == [2, 3]
     record = tmp_path / "start.json"
