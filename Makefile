@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test chaos demo clean gpu-wheels
+.PHONY: install lint system-deps test chaos demo clean gpu-wheels
 
 install: $(STAMP)
 
@@ -38,7 +38,11 @@ $(SGLANG_CONTRACT)/.installed-$(SGLANG_CONTRACT_VERSION): | install
 	  sglang==$(SGLANG_CONTRACT_VERSION) msgspec orjson pybase64 psutil starlette pyzmq IPython traitlets
 	touch $@
 
-test: install system-deps $(SGLANG_CONTRACT)/.installed-$(SGLANG_CONTRACT_VERSION)
+# The linter's rules are in pyproject.toml ([tool.ruff]); `make test` runs it first.
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint system-deps $(SGLANG_CONTRACT)/.installed-$(SGLANG_CONTRACT_VERSION)
 	$(PY) -m pytest
 
 # The whole interruption matrix on the local cluster (`make test` runs each cause and each moment once),

@@ -119,7 +119,7 @@ def main() -> None:
             trainer = EnginePool.actor_class(Trainer).options(num_cpus=0).remote(model_dir, bucket, args.threads,
                                                                                  False)
             engine_cls = EnginePool.actor_class(TorchEngine)
-            pool = EnginePool(lambda slot: engine_cls.options(num_cpus=0).remote(
+            pool = EnginePool(lambda slot, engine_cls=engine_cls: engine_cls.options(num_cpus=0).remote(
                 model_dir, dtype=torch.bfloat16, threads=args.threads), 1,
                 RolloutConfig.model_construct(use_fault_tolerance=fault_tolerant, update_weight_buffer_size=bucket))
             pool.sync_weights([trainer], 0)  # the group joined, both sides warm

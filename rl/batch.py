@@ -44,7 +44,8 @@ def micro_batches(lengths: list[int], max_tokens: int | None, micro_batch_size: 
     max_tokens; a sequence longer than max_tokens alone. Otherwise: groups of micro_batch_size.
     """
     if max_tokens is None:
-        return [list(range(i, min(i + micro_batch_size, len(lengths)))) for i in range(0, len(lengths), micro_batch_size)]
+        return [list(range(i, min(i + micro_batch_size, len(lengths))))
+                for i in range(0, len(lengths), micro_batch_size)]
     batches: list[list[int]] = []
     current: list[int] = []
     used = 0

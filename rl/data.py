@@ -15,7 +15,8 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
+from collections.abc import Iterator
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 PARQUET = ".parquet"

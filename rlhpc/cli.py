@@ -110,7 +110,8 @@ err = Console(stderr=True)
 ConfigArg = Annotated[Path, typer.Argument(help="The run's TOML file.", show_default=False)]
 SetOpt = Annotated[
     list[str],
-    typer.Option("--set", help="Override a field, e.g. --set rollout.temperature=0.7 (repeatable).", show_default=False),
+    typer.Option("--set", help="Override a field, e.g. --set rollout.temperature=0.7 (repeatable).",
+                 show_default=False),
 ]
 NodesOpt = Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")]
 RunArg = Annotated[str, typer.Argument(help="Run name, run folder or Slurm job id.", show_default=False)]
@@ -290,7 +291,8 @@ def _convert(work: Callable[[], None], source: Path, dest: Path) -> None:
 @app.command()
 def plot(
     run_: RunArg,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG to write (default RUN/curves.png).")] = None,
+    output: Annotated[Path | None,
+                      typer.Option("--output", "-o", help="PNG to write (default RUN/curves.png).")] = None,
 ) -> None:
     """Plot reward, response length and KL over rollouts to a PNG."""
     from rl.plot import plot_run

@@ -64,7 +64,7 @@ def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint(tmp_path: Pat
 
 def test_a_folder_that_does_not_match_its_manifest_is_skipped_with_a_warning(tmp_path: Path, caplog) -> None:
     for it in (1, 2):
-        checkpoint.write(tmp_path, it, lambda f: checkpoint.save_model_state({"w": torch.ones(64) * it}, f))
+        checkpoint.write(tmp_path, it, lambda f, it=it: checkpoint.save_model_state({"w": torch.ones(64) * it}, f))
     damaged = next((checkpoint.iteration_dir(tmp_path, 2) / "model").glob("*.distcp"))
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF  # same size, other bytes

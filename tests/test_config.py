@@ -216,7 +216,8 @@ def test_slurm_section_is_checked(write_config):
 
 def test_a_grace_as_long_as_the_time_limit_is_refused_at_its_line(write_config):
     err = problems_of(write_config(MINIMAL + '[slurm]\ntime = "2"\nsignal_grace_s = 120\n'))
-    assert "slurm.signal_grace_s" in str(err) and "run.toml:12:" in str(err) and "not shorter than the time limit" in str(err)
+    assert "slurm.signal_grace_s" in str(err) and "run.toml:12:" in str(err)
+    assert "not shorter than the time limit" in str(err)
     assert load_config(write_config(MINIMAL + '[slurm]\ntime = "3"\nsignal_grace_s = 120\n')).slurm.working_s == 60
 
 

@@ -303,7 +303,8 @@ def test_a_job_that_fails_says_so_in_json(write_config, tmp_path):
 
     run_dir = freeze(load_config(write_config(MINIMAL + f'[run]\noutput_dir = "{tmp_path / "run"}"\n')))
     failing = ("import contextlib, sys\nimport rlhpc.job as job\n"
-               "@contextlib.contextmanager\ndef no_ray(*args, **kwargs):\n    raise ValueError('no Ray here')\n    yield\n"
+               "@contextlib.contextmanager\ndef no_ray(*args, **kwargs):\n"
+               "    raise ValueError('no Ray here')\n    yield\n"
                "job.ray_cluster = no_ray\njob.run_job(sys.argv[1])\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | {"SUBMITIT_LOCAL_JOB_ID": "123"}
     p = subprocess.run([sys.executable, "-c", failing, str(run_dir)], capture_output=True, text=True, env=env,

@@ -77,7 +77,8 @@ def test_the_batch_shell_forwards_the_signal_and_keeps_the_step_status(tmp_path:
     stuck.kill()
     assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
     record = json.loads((run_dir / "jobs" / "42" / "attempt-0" / "interrupted.json").read_text())
-    assert record["requeued"] and record["stopped_at"] is None and "had not stopped 2s after SIGUSR2" in record["reason"]
+    assert record["requeued"] and record["stopped_at"] is None
+    assert "had not stopped 2s after SIGUSR2" in record["reason"]
 
 
 def test_without_slurm_submit_runs_through_the_local_executor(tiny_model_dir: Path, tmp_path: Path) -> None:

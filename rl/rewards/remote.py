@@ -66,7 +66,8 @@ async def remote_reward(
             cause = e
         pause = min(backoff_s * 2**attempt, 30.0) * (1 + 0.25 * random.random())
         if attempt == max_retries:
-            raise RemoteRewardError(f"reward server {url} still failing after {attempt + 1} attempts: {cause}") from cause
+            raise RemoteRewardError(f"reward server {url} still failing after {attempt + 1} attempts: "
+                                    f"{cause}") from cause
         if time.monotonic() + pause >= deadline:
             raise RemoteRewardError(f"reward server {url} still failing after {attempt + 1} attempts, at the "
                                     f"{deadline_s:g} s deadline (rollout.rm_deadline_s): {cause}") from cause

@@ -37,7 +37,8 @@ def policy_objective(
     Metrics are reduced the same way: summed over micro-batches they give the batch means.
     """
     reduce = reduction(grpo, mask, num_samples, num_tokens)
-    ratio_log_probs = sequence_log_probs(log_probs, old_log_probs, mask) if grpo.advantage_estimator == "gspo" else log_probs
+    gspo = grpo.advantage_estimator == "gspo"
+    ratio_log_probs = sequence_log_probs(log_probs, old_log_probs, mask) if gspo else log_probs
     eps_high = grpo.eps_clip if grpo.eps_clip_high is None else grpo.eps_clip_high
     pg, clipfrac = policy_loss(ratio_log_probs, old_log_probs, advantages, grpo.eps_clip, eps_high, grpo.eps_clip_c)
     if grpo.use_tis:
