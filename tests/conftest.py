@@ -34,6 +34,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3")
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A Ray of this machine, 2 CPUs, for one test module's loop runs."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}})
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def write_config(tmp_path):
     """Write a TOML config (with data files that exist) into tmp_path and return its path."""

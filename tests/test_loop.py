@@ -26,16 +26,6 @@ from rlhpc.config import load_config
 REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
 def odd_first_char(args, sample):
     """A reward half the random policy's samples earn, so every rollout has a learning signal."""
     return float(bool(sample.response) and ord(sample.response[0]) % 2 == 1)

@@ -184,16 +184,6 @@ def test_neither_the_cli_nor_a_run_without_wandb_imports_wandb_or_pyarrow():
 
 # --- the loop: a resume that redoes a rollout -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
-
-
 def test_a_loop_resumed_from_an_older_checkpoint_is_one_wandb_run_with_each_rollout_once(ray_local, tmp_path,
                                                                                          tiny_model_dir):
     from rl import checkpoint
