@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 LATEST = "latest_checkpointed_iteration.txt"
 MANIFEST = "manifest.json"
@@ -232,7 +232,7 @@ class InBackground:
         try:
             start(tmp)
         except BaseException as e:
-            raise _failure(root, tmp, iteration, e) from e
+            _fail(root, tmp, iteration, e)
         pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
         self._sealed = pool.submit(_sealed, root, tmp, iteration, written, keep_last)
         pool.shutdown(wait=False)
@@ -248,24 +248,24 @@ def _sealed(root: Path, tmp: Path, iteration: int, fill: Callable[[], None], kee
         fill()
         return commit(root, tmp, iteration, keep_last)
     except BaseException as e:  # torch's CheckpointException is a BaseException
-        raise _failure(root, tmp, iteration, e) from e
+        _fail(root, tmp, iteration, e)
 
 
-def _failure(root: Path, tmp: Path, iteration: int, e: BaseException) -> BaseException:
-    """What a failed save raises, once its temporary folder is removed: CheckpointError naming the cause and the
-    checkpoint that stays the latest (an interruption stays itself)."""
+def _fail(root: Path, tmp: Path, iteration: int, e: BaseException) -> NoReturn:
+    """Remove a failed save's temporary folder and raise CheckpointError naming the cause and the checkpoint that
+    stays the latest (an interruption is raised as itself)."""
     # Writers report a full disk in their own words (torch: "unexpected pos ..."): look at the disk itself.
     free = shutil.disk_usage(root).free
     shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(e, (KeyboardInterrupt, SystemExit)):
-        return e
+        raise e
     stands = sealed_latest(root)
     if free < FULL_DISK_BYTES:
         cause = f"no space left on device ({free} bytes free)"
     else:
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-    return CheckpointError(f"saving checkpoint {iteration} into {root} failed: {cause}; the latest checkpoint is "
-                           f"still {stands.name if stands else 'none'}")
+    raise CheckpointError(f"saving checkpoint {iteration} into {root} failed: {cause}; the latest checkpoint is "
+                          f"still {stands.name if stands else 'none'}") from e
 
 
 def begin(root: Path, iteration: int) -> Path:
