@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from hpc.slurm import expand_hostlist
+from hpc.slurm import expand_hostlist, queue
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,6 @@ def end_time(job_id: str, environ: Mapping[str, str] = os.environ) -> float | No
     """When Slurm will end this attempt of the job (epoch seconds): `SLURM_JOB_END_TIME` where Slurm sets it
     (23.02 on), else its start and time limit as squeue reports them (a requeued job's count from its new
     start). None outside Slurm, without a time limit, or when squeue does not answer."""
-    from hpc.slurm import queue
-
     with contextlib.suppress(KeyError, ValueError):
         return float(environ["SLURM_JOB_END_TIME"])
     if "SLURM_JOB_ID" not in environ:

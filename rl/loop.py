@@ -393,8 +393,8 @@ class Driver:
         self.timings.write(self.run_dir)
 
     def save_before_stopping(self, completed: int) -> None:
-        """The checkpoint of a stop, unless the time left is too short for one (then the last complete one
-        stands, and the rollouts since are redone)."""
+        """The checkpoint of a stop (begun: the caller waits for it), unless the time left is too short for one
+        (then the last complete one stands, and the rollouts since are redone)."""
         self.finish_saving()
         left, save_s = self.stop.time_left(), self.timings.save_s
         if left is not None and save_s is not None and left < SAVE_MARGIN * save_s:
@@ -402,7 +402,6 @@ class Driver:
                            left, save_s)
             return
         self.save(completed)
-        self.finish_saving()
 
     def out_of_time(self, rollout_id: int) -> bool:
         """Whether the job's end (known from Slurm) leaves no room for another rollout and a save after it:
