@@ -322,19 +322,12 @@ class Driver:
                            f"{checkpoint.latest(self.save_dir) or 'none'}")
 
     def sync_weights(self, version: int) -> float:
-        """The policy's weights to every engine. Colocated, each engine takes them from its own workers; where
-        the backend has them whole on rank 0 alone (Megatron), rank 0's buckets are relayed to the others
-        through Ray's object store first."""
+        """The policy's weights to every engine: colocated, each engine takes them from its own workers."""
         import ray
-
-        from rl.rollout.pool import streamed_buckets
-        from rl.train.worker import weights_on_every_rank
 
         start = time.perf_counter()
         if self.cfg.perf.colocate:
-            relayed = None if weights_on_every_rank(self.cfg) or len(self.workers) == 1 else list(
-                streamed_buckets(self.workers))
-            ray.get([w.sync_engine.remote(version, relayed) for w in self.workers])
+            ray.get([w.sync_engine.remote(version) for w in self.workers])
         else:
             self.pool.sync_weights(self.workers, version)
         return time.perf_counter() - start

@@ -149,8 +149,10 @@ def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_conf
     # Norms, biases and q/k norms take no weight decay (Megatron's wd_mult = 0 for 1-D parameters).
     assert all(r["no_decay"] == [0.0] for r in first)
 
-    head = first[0]  # rank 0 gathers the whole policy by Hugging Face name
+    head = first[0]  # every rank gathers the whole policy by Hugging Face name
     assert head["weights_at_save"].keys() == AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().keys()
+    for rank, other in enumerate(first[1:], 1):
+        _assert_same(other["weights_at_save"], head["weights_at_save"], f"rank {rank}'s whole policy")
     for rank, (a, b) in enumerate(zip(first, resumed, strict=True)):
         assert b["step"] == a["step"] == 1
         assert a["optimizer_at_save"] and any(a["optimizer_at_save"][0].values()), "no optimizer state to compare"

@@ -122,15 +122,13 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
 def test_a_colocated_engine_of_two_gpus_takes_each_ranks_own_payload_in_one_request(ray_local, tmp_path,
                                                                                     tiny_model_dir):
     """Colocated, an SGLang engine of two GPUs hosted by rank 0 of two training ranks: each bucket is one
-    `/update_weights_from_tensor` whose payloads are made by each rank on its own GPU, in tensor-parallel
-    order; relayed from rank 0 through the object store (a backend with whole weights on rank 0 alone), or
-    each rank's own. The payloads here name their rank and tensors' sums instead of SGLang's CUDA IPC handles
+    `/update_weights_from_tensor` whose payloads are made by each rank on its own GPU from its own weights, in
+    tensor-parallel order. The payloads here name their rank and tensors' sums instead of SGLang's CUDA IPC handles
     (tests/sglang_contract.py checks those against SGLang)."""
     import ray
     import torch.distributed as dist
 
     from rl.ports import free_port
-    from rl.rollout.pool import streamed_buckets
     from rl.train.worker import TrainWorker
     from sglang_contract import Recorder
 
@@ -164,8 +162,6 @@ def test_a_colocated_engine_of_two_gpus_takes_each_ranks_own_payload_in_one_requ
         assert hosts == [True, False]
         assert ray.get(workers[0].__ray_call__.remote(lambda w: w.gpus)) is None  # no GPUs: the host's view
         trained = _moved(workers[0])  # rank 0's weights now differ from rank 1's
-        relayed = list(streamed_buckets(workers))
-        ray.get([w.sync_engine.remote(3, relayed) for w in workers])
         ray.get([w.sync_engine.remote(4) for w in workers])
         requests = list(server.requests)
         server.refuse = ("/update_weights_from_tensor",)  # the host fails: the other rank is not left waiting
@@ -175,15 +171,12 @@ def test_a_colocated_engine_of_two_gpus_takes_each_ranks_own_payload_in_one_requ
             ray.get(failing[0])
     sums = [",".join(f"{n}={float(t.sum()):.5g}" for n, t in bucket) for bucket in buckets(trained.items(), LIMIT)]
     assert len(sums) > 2
-    sessions = [requests[: len(sums) + 2], requests[len(sums) + 2:]]
-    for session in sessions:
-        assert [path for path, _ in session] == (["/begin_weight_update"] + ["/update_weights_from_tensor"] *
-                                                 len(sums) + ["/end_weight_update"])
-    relayed_payloads, own_payloads = ([body["serialized_named_tensors"] for _, body in s[1:-1]] for s in sessions)
-    assert relayed_payloads == [[f"0:{b}", f"1:{b}"] for b in sums]  # rank 0's weights, each rank's payload
+    assert [path for path, _ in requests] == (["/begin_weight_update"] + ["/update_weights_from_tensor"] *
+                                              len(sums) + ["/end_weight_update"])
+    own_payloads = [body["serialized_named_tensors"] for _, body in requests[1:-1]]
     assert [p[0] for p in own_payloads] == [f"0:{b}" for b in sums]
     assert [p[1] for p in own_payloads] != [f"1:{b}" for b in sums]  # rank 1's own (unmoved) weights
-    assert [body["weight_version"] for _, body in sessions[1][1:-1]] == ["4"] * len(sums)
+    assert [body["weight_version"] for _, body in requests[1:-1]] == ["4"] * len(sums)
     for w in workers:
         ray.kill(w)
 
@@ -210,6 +203,7 @@ def _megatron_rank(rank: int, world: int, port: int, config: str, model: str, ou
 
     dist.all_gather_object = recording
     sent = [[(n, t.clone()) for n, t in bucket] for bucket in worker.weight_buckets()]
+    own = {n: t.clone() for n, t in worker.backend.named_weights()}  # what a colocated engine takes
 
     def tensors_in(x) -> int:
         if isinstance(x, torch.Tensor):
@@ -218,14 +212,15 @@ def _megatron_rank(rank: int, world: int, port: int, config: str, model: str, ou
             x = list(x.values())
         return sum(tensors_in(v) for v in x) if isinstance(x, (list, tuple)) else 0
 
-    torch.save({"buckets": sent, "tensors_in_objects": tensors_in(gathered_objects)}, f"{out}.{rank}")
+    torch.save({"buckets": sent, "own": own, "tensors_in_objects": tensors_in(gathered_objects)}, f"{out}.{rank}")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
 def test_megatron_pipeline_stages_send_rank_0_one_parameter_at_a_time(write_config, tiny_model_dir, tmp_path):
     """Megatron-core run for real on the host over gloo (`tests/test_megatron_backend.py`), two pipeline stages:
     rank 0 yields the whole model in bounded buckets, equal to the checkpoint it started from, and no
-    parameter travels inside an object (the stages' tensors go point to point)."""
+    parameter travels inside an object (the stages' tensors go by collectives). Each rank's own `named_weights`
+    is the whole model too, as a colocated engine on the other stage's GPU needs."""
     import torch.multiprocessing as mp
     from transformers import AutoModelForCausalLM
 
@@ -244,3 +239,6 @@ def test_megatron_pipeline_stages_send_rank_0_one_parameter_at_a_time(write_conf
     assert weights.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(weights[name], tensor), name
+    for rank in (head, other):
+        assert rank["own"].keys() == expected.keys()
+        assert all(torch.equal(rank["own"][name], tensor) for name, tensor in expected.items())

@@ -287,32 +287,30 @@ class MegatronBackend:
     # --- weights out -----------------------------------------------------------------------------------
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """The whole policy by Hugging Face name on global rank 0 (nothing elsewhere), a parameter at a time:
-        every rank takes part, tensor-parallel shards all-gathered within each stage, and the later pipeline
-        stages' parameters sent to rank 0 one by one, point to point, as it reaches them (only their names,
-        shapes and dtypes go ahead, as objects), so that no rank ever holds more than a parameter beyond its
-        own stage."""
-        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        """The whole policy by Hugging Face name on every rank, a parameter at a time: tensor-parallel shards
+        all-gathered within each stage, and each pipeline stage's parameters broadcast from it to the other stages
+        of its pipeline one by one as they are reached (only their names, shapes and dtypes go ahead, as
+        objects), so that no rank ever holds more than a parameter beyond its own stage. Whole on every rank
+        because a colocated engine takes the weights from its own GPUs' ranks; every rank must take part."""
         pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-        pp_ranks = dist.get_process_group_ranks(pp_group) if pp_size > 1 else [0]
-        stages: list[Any] = [None] * pp_size
-        if pp_size > 1:
-            mine = [(renumber(n, self.layer_offset), p.dtype, self._whole_shape(p))
-                    for n, p in self.model.named_parameters()]
-            dist.all_gather_object(stages, mine, group=pp_group)
-        on_rank_0 = dist.get_rank() == 0
-        sender = pp_size > 1 and 0 in pp_ranks and not on_rank_0  # this stage's sender to rank 0
-        if not on_rank_0:
-            for _, whole in self._gathered():
-                if sender:
-                    dist.send(whole.contiguous(), dst=0)
+        if pp_size == 1:
+            for name, whole in self._gathered():
+                yield from hf_of_parameter(name, whole, self.hf_config, te=self.te)
             return
-        for name, whole in self._gathered():
-            yield from hf_of_parameter(name, whole, self.hf_config, te=self.te)
-        for stage, src in zip(stages[1:], pp_ranks[1:]):
-            for name, dtype, shape in stage:
-                whole = torch.empty(shape, dtype=dtype, device=self.device)
-                dist.recv(whole, src=src)
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        stages: list[Any] = [None] * pp_size
+        mine = [(renumber(n, self.layer_offset), p.dtype, self._whole_shape(p))
+                for n, p in self.model.named_parameters()]
+        dist.all_gather_object(stages, mine, group=pp_group)
+        my_stage = parallel_state.get_pipeline_model_parallel_rank()
+        for stage, (src, params) in enumerate(zip(dist.get_process_group_ranks(pp_group), stages)):
+            own = self._gathered() if stage == my_stage else None
+            for name, dtype, shape in params:
+                if own is not None:
+                    whole = next(own)[1].contiguous()
+                else:
+                    whole = torch.empty(shape, dtype=dtype, device=self.device)
+                dist.broadcast(whole, src=src, group=pp_group)
                 yield from hf_of_parameter(name, whole, self.hf_config, te=self.te)
 
     def _whole_shape(self, param: Tensor) -> tuple[int, ...]:

@@ -43,13 +43,6 @@ def training_backend(cfg: RLConfig) -> type:
     return TorchBackend
 
 
-def weights_on_every_rank(cfg: RLConfig) -> bool:
-    """Whether every rank's `named_weights` yields the whole policy, so that each colocated engine can take
-    the weights from its own ranks: the torch backend's do (DDP holds it whole, FSDP2 gathers it on every
-    rank); Megatron's yields it on rank 0 alone."""
-    return cfg.perf.train_backend != "megatron"
-
-
 class TrainWorker:
     def __init__(self, cfg: RLConfig, *, rank: int, world_size: int, master_addr: str, master_port: int,
                  init_from: str, total_steps: int, threads: int, host_engine: bool):
@@ -214,28 +207,23 @@ class TrainWorker:
             self.engine = engine_cls(init_from, device=self.backend_device, **kwargs,
                                      **({"gpus": gpus} if gpus is not None else {}))
 
-    def sync_engine(self, version: int, relayed: list[Any] | None = None) -> float:
+    def sync_engine(self, version: int) -> float:
         """Load the policy into the colocated engines, the memory training held first given back to them
-        when offloading. Each engine takes the weights of its own ranks, bucket by bucket: its host's, or,
-        of several GPUs, each rank's on its own GPU. `relayed`: rank 0's buckets in Ray's object store
-        (`weight_buckets`), for a backend whose weights are whole on rank 0 alone; without it every rank
-        iterates its own, which also takes part in gathering sharded weights."""
-        import ray
-
+        when offloading. Each engine takes the weights of its own ranks (every rank's `named_weights` yields the
+        whole policy), bucket by bucket: its host's, or, of several GPUs, each rank's on its own GPU; a rank
+        hosting no engine still takes part in gathering sharded weights."""
         start = time.perf_counter()
         self._staged()
         if self.offload:
             self.backend.offload(weights=False)
-        weights: Iterable[list[tuple[str, torch.Tensor]]] = (
-            buckets(self.backend.named_weights(), self.bucket_bytes) if relayed is None
-            else (ray.get(ref) for ref in relayed))
+        weights = buckets(self.backend.named_weights(), self.bucket_bytes)
         if self.engine is not None:
             self.engine.resume_memory()
         if self.engine_group is not None:
             self._hand_payloads(weights, version)
         elif self.engine is not None:
             self.engine.update_weights((pair for bucket in weights for pair in bucket), version)
-        elif relayed is None:
+        else:
             self._join_gather()
         if self.offload:  # sent: the weights can go too
             self.backend.offload(weights=True)
