@@ -48,8 +48,11 @@ TOKEN_FILE = "ray-token"
 DONE_FILE = "done"
 POLL_S = 0.1
 START_TIMEOUT_S = 120.0
-STOP_GRACE_S = 5.0
 """How long one node's `ray start` may take; the join timeout counts from the head being up."""
+STOP_GRACE_S = 5.0
+"""How long a stopped `ray start --block` may take to stop its children before it is killed."""
+HEAD_PROBE_S = 5.0
+"""How long a node whose Ray stopped waits for the head's port to answer before counting the head gone too."""
 
 
 class RayStartError(RuntimeError):
@@ -57,7 +60,13 @@ class RayStartError(RuntimeError):
 
 
 class RayNodeLost(RayStartError):
-    """This node's Ray stopped while the job was running."""
+    """This node's Ray stopped while the job was running. `host`: the node to blame, this one, where the head
+    still answered (so the fault was here); None where the head had gone too (a raylet exits once it has lost
+    the head for `RAY_gcs_rpc_server_reconnect_timeout_s`), which says nothing against this node."""
+
+    def __init__(self, message: str, host: str | None = None):
+        super().__init__(message)
+        self.host = host
 
 
 @dataclass(frozen=True)
@@ -285,7 +294,7 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
                 (attempt_dir / DONE_FILE).touch()
         else:
             node.wait_started(START_TIMEOUT_S)  # a failed start is an error, not a lost node
-            _wait_until_done(node, attempt_dir, alloc.host)
+            _wait_until_done(node, attempt_dir, alloc.host, head_address)
             yield None
     finally:
         node.stop()
@@ -363,7 +372,7 @@ def wait_for_nodes(address: str, alloc: Allocation, attempt_dir: Path, timeout_s
         time.sleep(POLL_S)
 
 
-def _wait_until_done(node: _Node, attempt_dir: Path, host: str) -> None:
+def _wait_until_done(node: _Node, attempt_dir: Path, host: str, head_address: str) -> None:
     done = attempt_dir / DONE_FILE
 
     def finished() -> bool:
@@ -374,7 +383,11 @@ def _wait_until_done(node: _Node, attempt_dir: Path, host: str) -> None:
         except RayStartError as e:
             if done.exists():  # the head went first, as it does at the end of every job
                 return True
-            raise RayNodeLost(f"Ray on {host} stopped while the run was going ({e})") from None
+            address, port = head_address.rsplit(":", 1)
+            head_up = port_open(address, int(port), timeout_s=HEAD_PROBE_S)
+            raise RayNodeLost(f"Ray on {host} stopped while the run was going ({e})"
+                              + ("" if head_up else f"; the head at {head_address} is gone too"),
+                              host if head_up else None) from None
         return False
 
     until(finished, float("inf"), POLL_S)

@@ -189,10 +189,11 @@ def run_job(run_dir: str) -> dict[str, Any] | None:
                        "workers": result["workers"], "stopped_at": result["stopped_at"]}
             (attempt / RESULT).write_text(json.dumps(summary))
     except RayNodeLost as e:
-        # This node's Ray died under the run: the job cannot go on, but it can start again elsewhere.
+        # This node's Ray died under the run: the job cannot go on, but it can start again, without this node
+        # where the fault was its own.
         if not in_slurm:
             raise
-        interrupted({"signal": None, "stopped_at": None, "reason": str(e)})
+        interrupted({"signal": None, "stopped_at": None, "reason": str(e)}, [e.host] if e.host else None)
         return None
     except Exception as e:
         if alloc.node_rank == 0:  # for `rlhpc status` once Slurm has forgotten the job

@@ -14,6 +14,7 @@ from hpc.allocation import Allocation
 from hpc.processes import processes
 from hpc.ray_cluster import (
     PortBlock,
+    RayNodeLost,
     RayStartError,
     object_store_bytes,
     port_block,
@@ -109,6 +110,31 @@ def bring_up(tmp_path: Path, a: Allocation, **ray_cfg: object) -> dict:
                        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{Path.cwd()}"})
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+class _Stopped:
+    """A node whose `ray start` has exited."""
+
+    def check(self) -> None:
+        raise RayStartError("`ray start` exited with code 1")
+
+
+def test_a_node_whose_ray_stops_blames_itself_only_while_the_head_answers(tmp_path: Path) -> None:
+    from hpc.ray_cluster import _wait_until_done
+
+    with socket.socket() as head:  # the head's port, still answering
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        address = f"127.0.0.1:{head.getsockname()[1]}"
+        with pytest.raises(RayNodeLost, match="Ray on node2 stopped") as lost:
+            _wait_until_done(_Stopped(), tmp_path, "node2", address)
+        assert lost.value.host == "node2"
+    # the head gone too: its raylet left because the head did, which says nothing against this node
+    with pytest.raises(RayNodeLost, match="the head at 127.0.0.1:.* is gone too") as lost:
+        _wait_until_done(_Stopped(), tmp_path, "node2", address)
+    assert lost.value.host is None
+    (tmp_path / "done").touch()  # the head marked the end first: not lost at all
+    _wait_until_done(_Stopped(), tmp_path, "node2", address)
 
 
 def test_single_node_bring_up_and_scoped_teardown(tmp_path: Path) -> None:
