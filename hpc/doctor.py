@@ -125,6 +125,20 @@ def node_checks(shm: Path = Path("/dev/shm"), sysfs: Path = Path("/sys")) -> lis
     return checks
 
 
+def import_name_checks(distribution: str = "rlhpc") -> list[Check]:
+    """Whether another installed distribution writes one of `distribution`'s top-level packages: pip lets two
+    distributions install the same folder of site-packages (PyPI's `rl`, readline bindings, installs `rl/`),
+    and whichever came last wins file by file, which breaks one or both."""
+    owners = importlib.metadata.packages_distributions()
+    ours = sorted(name for name, dists in owners.items() if distribution in dists)
+    clashes = {name: sorted(set(owners[name]) - {distribution}) for name in ours}
+    found = "; ".join(f"{name} also from {', '.join(others)}" for name, others in clashes.items() if others)
+    if not found:
+        return [Check("import names", "ok", ", ".join(ours))]
+    return [Check("import names", "fail", found,
+                  f"both install the same top-level package: install {distribution} in an environment without them")]
+
+
 def _gpus() -> int:
     out = _run("nvidia-smi", "-L")
     return len([line for line in (out or "").splitlines() if line.startswith("GPU ")])
@@ -134,7 +148,8 @@ def login_node_checks() -> list[Check]:
     version = _slurm(slurm.version)
     config = parse_key_values(_slurm(slurm.show_config) or "") if version else {}
     partitions = (_slurm(slurm.show_partitions) or "") if version else ""
-    return slurm_checks(config, partitions, version.strip() if version else None) + node_checks()
+    return (slurm_checks(config, partitions, version.strip() if version else None) + node_checks()
+            + import_name_checks())
 
 
 def allreduce_probe(sizes: tuple[int, ...] = (1 << 20, 16 << 20, 64 << 20), iters: int = 5) -> dict | None:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hpc.doctor import node_checks, parse_key_values, slurm_checks
+from hpc.doctor import Check, import_name_checks, node_checks, parse_key_values, slurm_checks
 
 CONFIG = """\
 Configuration data as of 2026-11-23T05:20:00
@@ -52,3 +52,15 @@ def test_node_checks_on_a_built_sysfs(tmp_path: Path) -> None:
     checks = {c.name: c for c in node_checks(sysfs=tmp_path / "sys")}
     assert checks["InfiniBand/RoCE"].found == "mlx5_0:1 (InfiniBand)"
     assert checks["torch"].level == "ok" and checks["ray"].level == "ok"
+
+
+def test_another_distribution_writing_our_top_level_package_fails(monkeypatch) -> None:
+    import importlib.metadata
+
+    owners = {"rl": ["rlhpc"], "hpc": ["rlhpc"], "rlhpc": ["rlhpc"], "yaml": ["PyYAML"]}
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: owners)
+    assert import_name_checks() == [Check("import names", "ok", "hpc, rl, rlhpc")]
+    owners["rl"] = ["rlhpc", "rl"]  # PyPI's readline bindings, installed into the same environment
+    [check] = import_name_checks()
+    assert check.level == "fail" and check.found == "rl also from rl"
+    assert import_name_checks(distribution="nothing-installed") == [Check("import names", "ok", "")]
