@@ -63,3 +63,15 @@ def test_each_actor_of_a_node_gets_whole_cpus_where_there_are_enough_else_a_frac
 
     assert actors_per_node(gpus_per_node=8, nodes=2, decoupled_engines=3) == 10  # 3 engines over 2 nodes: 2 here
     assert cpu_slot(64, 10) == 6 and cpu_slot(2, 2) == 1 and cpu_slot(2, 3) == 2 / 3
+
+
+def test_a_prompts_requests_go_to_one_engine_and_engines_share_evenly() -> None:
+    from rl.rollout.pool import shares_by_prompt
+
+    groups = [[p, p + 1] for p in range(5) for _ in range(4)]  # 5 GRPO groups of 4 samples, in order
+    shares = shares_by_prompt(groups, 3)
+    assert shares == [[0, 1, 2, 3, 12, 13, 14, 15], [4, 5, 6, 7, 16, 17, 18, 19], [8, 9, 10, 11]]
+    # interleaved prompts (requests of a multi-turn rollout) still land with their own prompt's
+    mixed = [[1], [2], [1], [3], [2], [1]]
+    assert shares_by_prompt(mixed, 2) == [[0, 2, 5], [1, 3, 4]]
+    assert shares_by_prompt([[1], [2]], 4) == [[0], [1], [], []]

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from rl.batch import split_for_ranks
 from rl.config import RolloutConfig
 from rl.interrupt import Interrupted
 from rl.rollout.engine import Generation, SamplingParams
@@ -24,6 +23,20 @@ HEALTH = "health"
 """The concurrency group health checks run in, so that they are answered while the engine generates."""
 
 log = logging.getLogger(__name__)
+
+
+def shares_by_prompt(prompts: list[list[int]], engines: int) -> list[list[int]]:
+    """Request indices for each engine, every request of one prompt on the same engine, so that its prefix
+    cache reads a GRPO group's prompt once for all its samples (what sglang-router's cache-aware policy gives
+    slime). Prompts are placed in order of first request, each on the engine with the fewest requests so far;
+    indices ascend within a share."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        by_prompt.setdefault(tuple(prompt), []).append(i)
+    shares: list[list[int]] = [[] for _ in range(engines)]
+    for requests in by_prompt.values():
+        min(shares, key=len).extend(requests)
+    return [sorted(share) for share in shares]
 
 
 def streamed_buckets(workers: list[Any]) -> Iterator[Any]:
@@ -103,7 +116,8 @@ class EnginePool:
                  abandon: Callable[[], bool] = lambda: False,
                  on_results: Callable[[list[tuple[int, Generation]]], None] = lambda ended: None
                  ) -> list[Generation]:
-        """Generations in request order, each engine taking an equal share; `on_results([(i, generation)])`
+        """Generations in request order, each engine taking about an equal share, a prompt's requests together
+        (`shares_by_prompt`); `on_results([(i, generation)])`
         hears of those that end together as soon as they do. Raises Interrupted as soon as `abandon()` turns
         true (the engines' work is discarded with them)."""
         import ray
@@ -123,8 +137,8 @@ class EnginePool:
             self.replace(slot, why)
             issue(slot, [i for i in requests if results[i] is None])
 
-        for slot, share in enumerate(split_for_ranks(len(prompts), len(self.engines))):
-            issue(slot, list(share))
+        for slot, share in enumerate(shares_by_prompt(prompts, len(self.engines))):
+            issue(slot, share)
         c = self.cfg
         next_check = time.monotonic() + c.rollout_health_check_first_wait + c.rollout_health_check_interval
         while streams:
