@@ -110,7 +110,7 @@ def computed_env(route: Route, ports: list[IbPort], *, gdr: bool) -> dict[str, s
     env["NCCL_IB_HCA"] = ",".join(p.hca for p in ports)
     roce = [p for p in ports if p.link_layer == "Ethernet"]
     if roce:
-        gids = {p.roce_v2_ipv4_gid for p in roce} - {None}
+        gids = {p.roce_v2_ipv4_gid for p in roce if p.roce_v2_ipv4_gid is not None}
         env["NCCL_IB_GID_INDEX"] = str(min(gids)) if gids else "3"
     if gdr:
         env["NCCL_NET_GDR_LEVEL"] = "PHB"

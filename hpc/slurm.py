@@ -84,7 +84,8 @@ def _epoch(value: Any) -> float | None:
 def _exit_code(value: Any) -> int | None:
     # Up to v0.0.38 the raw wait status (exit code << 8); newer: {"status": [...], "return_code": number}.
     if isinstance(value, dict):
-        return number(value.get("return_code"))
+        code = number(value.get("return_code"))
+        return None if code is None else int(code)
     raw = number(value)
     return None if raw is None else (int(raw) >> 8) & 0xFF
 

@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -68,14 +68,17 @@ def _lines(e: BaseException) -> list[str]:
     return [str(e)]
 
 
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
 class _Typer(typer.Typer):
     """Every command's expected failures end the same way: one error line each, the exit code `_exit_code`
     decides, no traceback."""
 
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Command], Command]:
         register = super().command(*args, **kwargs)
 
-        def decorator(f: Callable[..., Any]) -> Callable[..., Any]:
+        def decorator(f: Command) -> Command:
             @functools.wraps(f)
             def one_error_path(*a: Any, **kw: Any) -> Any:
                 try:
@@ -109,7 +112,7 @@ err = Console(stderr=True)
 
 ConfigArg = Annotated[Path, typer.Argument(help="The run's TOML file.", show_default=False)]
 SetOpt = Annotated[
-    list[str],
+    list[str] | None,
     typer.Option("--set", help="Override a field, e.g. --set rollout.temperature=0.7 (repeatable).",
                  show_default=False),
 ]

@@ -10,12 +10,14 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 from pydantic import BaseModel, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from hpc.config import RayConfig, SlurmConfig
 from rl.config import ConfigFieldsError, RLConfig
@@ -62,7 +64,7 @@ class ConfigError(Exception):
         return out
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read, override and validate a run's TOML file. Raises ConfigError naming every problem."""
     path = Path(path)
     try:
@@ -211,7 +213,7 @@ def _problems(error: ValidationError, text: str, origins: dict[str, str]) -> lis
     return problems
 
 
-def _message(err: dict[str, Any]) -> str:
+def _message(err: ErrorDetails) -> str:
     if err["type"] == "extra_forbidden":
         *parent, key = [str(p) for p in err["loc"]]
         candidates = _keys_at(parent)
@@ -229,9 +231,10 @@ def _message(err: dict[str, Any]) -> str:
 def _keys_at(parent: list[str]) -> list[str]:
     model: type[BaseModel] = Config
     for part in parent:
-        model = _section_models(model).get(part)
-        if model is None:
+        section = _section_models(model).get(part)
+        if section is None:
             return []
+        model = section
     return list(model.model_fields)
 
 

@@ -101,7 +101,7 @@ def _type(prop: dict[str, Any], path: str = "", name: str = "") -> str:
         return " or ".join(_type(o, path, name) for o in options)
     if "enum" in prop:
         return "one of " + ", ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
-    kind = prop.get("type")
+    kind: str = prop.get("type") or "any"
     if kind == "array":
         return f"list of {_type(prop.get('items', {}))}" if prop.get("items") else "list"
     if kind == "object":
@@ -114,7 +114,7 @@ def _type(prop: dict[str, Any], path: str = "", name: str = "") -> str:
     bounds = [f"{sign} {_number(prop[key])}" for key, sign in (("exclusiveMinimum", ">"), ("minimum", "≥"),
                                                                ("exclusiveMaximum", "<"), ("maximum", "≤"))
               if key in prop]
-    return " ".join([{"number": "float"}.get(kind, kind or "any"), ", ".join(bounds)]).strip()
+    return " ".join([{"number": "float"}.get(kind, kind), ", ".join(bounds)]).strip()
 
 
 def _number(value: float) -> str:

@@ -45,6 +45,15 @@ class Drill:
     action: str
 
 
+def _queued(job_id: str, env: dict[str, str] | None) -> JobInfo | None:
+    """The job as the queue shows it; None once it has left the queue."""
+    jobs = queue([job_id], env=env)
+    if not jobs:
+        return None
+    [info] = jobs
+    return info
+
+
 def running_job(run_dir: Path, wait_s: float, env: dict[str, str] | None = None) -> JobInfo:
     """The run's job once it runs (it may still be pending, or waiting out a requeue)."""
     subs = submissions(run_dir)
@@ -53,7 +62,7 @@ def running_job(run_dir: Path, wait_s: float, env: dict[str, str] | None = None)
     job_id = subs[-1]["job_id"]
     deadline = time.monotonic() + wait_s
     while True:
-        [info] = queue([job_id], env=env) or [None]
+        info = _queued(job_id, env)
         if info is not None and info.state == "RUNNING":
             return info
         if info is None or info.state != "PENDING" or time.monotonic() > deadline:
@@ -150,6 +159,7 @@ def drill(run_dir: Path, kind: str, *, signal: str, at: str | None = None, parti
     elif kind == "timeout":
         action = time_limit_signal(job, signal, env)
     elif kind == "preempt":
+        assert partition is not None  # chosen before the wait
         action = preempt(job, partition, env)
     else:
         action = kill_ray_on(job, run_dir, env)
@@ -166,7 +176,7 @@ def wait_resumed(run_dir: Path, job_id: str, after_attempt: int, timeout_s: floa
     while time.monotonic() < deadline:
         if start.exists():
             return json.loads(start.read_text())
-        [info] = queue([job_id], env=env) or [None]
+        info = _queued(job_id, env)
         if info is None or (info.state in TERMINAL and info.restarts == after_attempt):
             raise DrillError(f"job {job_id} ended ({info.state if info else 'gone from the queue'}) without a "
                              "requeue: the run finished before the interruption reached it")

@@ -140,6 +140,7 @@ def run_status(run_dir: Path, slurm: dict[str, JobInfo], now: float | None = Non
     stamped = [r["timestamp"] for r in rows if "timestamp" in r]
     if len(stamped) >= 2:
         pace = (stamped[-1] - stamped[0]) / (len(stamped) - 1)
+    nodes: int | None
     if info is not None:
         state, reason, nodes = info.state, info.reason, info.nodes
         elapsed, left = info.elapsed_s(now), info.time_left_s(now)
