@@ -34,7 +34,7 @@ def hf_tensors(folder: Path) -> Iterator[Callable[[str], torch.Tensor]]:
         raise FileNotFoundError(f"{folder}: no {SINGLE} or {INDEX} (the Megatron backend reads safetensors weights;"
                                 " re-save the model with `save_pretrained`)")
     with ExitStack() as stack:
-        handles: dict[Path, object] = {}
+        handles: dict[Path, safe_open] = {}
 
         def read(name: str) -> torch.Tensor:
             path = folder / SINGLE if files is None else files.get(name)

@@ -14,6 +14,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -99,8 +100,9 @@ def transformer_config(hf_config: Any, perf: PerfConfig, **overrides: Any) -> Tr
     return TransformerConfig(**(kwargs | overrides))
 
 
-class _PostNorm:
-    """A norm on the module's output before the residual add, under GLM4's parameter name `norm_name`."""
+class _PostNorm(MegatronModule):
+    """A norm on the module's output before the residual add, under GLM4's parameter name `norm_name`.
+    Mixed in before a Megatron module, whose `__init__` and `forward` it extends."""
 
     norm_name: str
 

@@ -24,7 +24,10 @@ def renumber(name: str, offset: int) -> str:
 
 def split_dim(param: Tensor) -> int | None:
     """The dimension tensor parallelism splits this parameter along, or None when every rank holds it whole."""
-    return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    # Megatron sets partition_dim on the tensor itself, an attribute torch's Tensor type does not declare.
+    return param.partition_dim  # type: ignore[attr-defined]
 
 
 def _is_gated(name: str) -> bool:
