@@ -21,6 +21,7 @@ from rl.config import SglangConfig
 from rl.rollout import sglang_engine
 from rl.rollout.engine import SamplingParams
 from rl.rollout.sglang_engine import SglangClient, buckets, generate_payload, generation_of, server_args
+from rl.weight_sync import BucketMeta
 
 CONTRACT = ROOT / ".sglang-contract"
 
@@ -127,6 +128,29 @@ def test_a_failed_update_still_closes_the_session_and_keeps_the_old_version(monk
         with pytest.raises(Exception, match="400"):
             client.update_weights({"a": torch.zeros(1)}, version=1)
         assert server.paths[-1] == "/end_weight_update" and client.version == 0
+
+
+def test_broadcast_buckets_arrive_in_the_session_of_the_whole_sync_which_is_ended_only_if_opened():
+    """A decoupled engine's buckets come within the one session the trainer opens on every engine for the
+    whole sync (`TrainWorker.broadcast_weights`). A failed sync ends every engine's, but SGLang answers 400 to
+    ending a session never opened: an engine whose begin was refused sends no end."""
+    meta = BucketMeta.of([("a", torch.zeros(2, dtype=torch.bfloat16))])
+    with Recorder() as server:
+        client = SglangClient(server.url, options=SglangConfig(), devices=["cpu"], update_weight_buffer_size=1)
+        client.begin_weight_update()
+        client.update_weights_from_distributed(meta, version=2)
+        client.update_weights_from_distributed(meta, version=2)
+        client.end_weight_update()
+        client.end_weight_update()
+        assert server.paths == ["/begin_weight_update", *["/update_weights_from_distributed"] * 2,
+                                "/end_weight_update"]
+        assert server.requests[1][1]["dtypes"] == ["bfloat16"] and client.version == 2
+    with Recorder(refuse=("/begin_weight_update",)) as server:
+        client = SglangClient(server.url, options=SglangConfig(), devices=["cpu"], update_weight_buffer_size=1)
+        with pytest.raises(Exception, match="400"):
+            client.begin_weight_update()
+        client.end_weight_update()
+        assert server.paths == ["/begin_weight_update"]
 
 
 def test_a_colocated_server_is_launched_on_its_engines_gpus(monkeypatch):

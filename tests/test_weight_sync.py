@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import CONFIGS
+from rl.rollout.torch_engine import TorchEngine
 from rl.weight_sync import buckets
 from rlhpc.config import load_config
 
@@ -48,27 +49,36 @@ def _moved(worker) -> dict[str, torch.Tensor]:
     return ray.get(worker.__ray_call__.remote(shift))
 
 
-def _record_loads(engine) -> None:
-    """From now on the engine notes the bytes of each `update_weights` it makes itself (the broadcast path)."""
-    def record(e):
-        e.loads, load = [], e.update_weights
+class RecordingEngine(TorchEngine):
+    """The torch engine noting what a sync does to it: "begin" and "end" of each weight-update session, and
+    the bytes of each load it makes itself between them (the broadcast path); while `fail`, its loads fail."""
 
-        def update(named, version):
-            named = list(named)
-            e.loads.append(_bytes(named))
-            load(named, version)
-        e.update_weights = update
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.events: list[str | int] = []
+        self.fail = False
 
-    import ray
+    def begin_weight_update(self) -> None:
+        super().begin_weight_update()
+        self.events.append("begin")
 
-    ray.get(engine.__ray_call__.remote(record))
+    def end_weight_update(self) -> None:
+        super().end_weight_update()
+        self.events.append("end")
+
+    def update_weights(self, named_tensors, version: int) -> None:
+        if self.fail:
+            raise RuntimeError("a load failed by the test")
+        named = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        self.events.append(_bytes(named))
+        super().update_weights(named, version)
 
 
-def _engine_state(engine) -> tuple[dict[str, torch.Tensor], list[int], int]:
+def _engine_state(engine) -> tuple[dict[str, torch.Tensor], list[str | int], int]:
     import ray
 
     return ray.get(engine.__ray_call__.remote(lambda e: (
-        {n: p.detach().clone() for n, p in e.model.named_parameters()}, getattr(e, "loads", []), e.weight_version)))
+        {n: p.detach().clone() for n, p in e.model.named_parameters()}, e.events, e.weight_version)))
 
 
 @pytest.mark.parametrize("fault_tolerant", [False, True], ids=["broadcast", "object-store"])
@@ -77,7 +87,6 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
     import ray
 
     from rl.rollout.pool import EnginePool
-    from rl.rollout.torch_engine import TorchEngine
     from rl.train.worker import TrainWorker
 
     cfg = load_config(CONFIGS / "tiny_cpu.toml", [
@@ -86,11 +95,9 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
     worker = EnginePool.actor_class(TrainWorker).options(num_cpus=0).remote(
         cfg, rank=0, world_size=1, master_addr="", master_port=0, init_from=str(tiny_model_dir), total_steps=1,
         threads=1, host_engine=False)
-    engine_cls = EnginePool.actor_class(TorchEngine)
+    engine_cls = EnginePool.actor_class(RecordingEngine)
     pool = EnginePool(lambda slot: engine_cls.options(num_cpus=0).remote(str(tiny_model_dir), threads=1), 2,
                       cfg.rollout)
-    for engine in pool.engines:
-        _record_loads(engine)
     trained = _moved(worker)
 
     pool.sync_weights([worker], version=3)
@@ -98,13 +105,14 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
     expected_buckets = [_bytes(b) for b in buckets(trained.items(), LIMIT)]
     assert len(expected_buckets) > 2 and any(size > LIMIT for size in expected_buckets)
     for engine in pool.engines:
-        weights, loads, version = _engine_state(engine)
+        weights, events, version = _engine_state(engine)
         assert version == 3
         assert weights.keys() == trained.keys()
         for name in trained:
             assert torch.equal(weights[name], trained[name]), name
-        if not fault_tolerant:  # each broadcast bucket loaded as it came, none above the limit but a lone tensor
-            assert loads == expected_buckets
+        if not fault_tolerant:
+            # each broadcast bucket loaded as it came, none above the limit but a lone tensor, all in one session
+            assert events == ["begin", *expected_buckets, "end"]
     if fault_tolerant:  # the buckets went through the object store one by one, and are kept for a replacement
         kept, version = pool.weights
         assert version == 3 and [_bytes(ray.get(ref)) for ref in kept] == expected_buckets
@@ -112,9 +120,15 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
         weights, _, version = _engine_state(pool.engines[0])
         assert version == 3 and all(torch.equal(weights[n], trained[n]) for n in trained)
     else:
+        # a failed load fails the sync, whose sessions are closed all the same: the next sync can open them
+        ray.get(pool.engines[1].__ray_call__.remote(lambda e: setattr(e, "fail", True)))
+        with pytest.raises(ray.exceptions.RayTaskError, match="a load failed by the test"):
+            pool.sync_weights([worker], version=4)
+        assert [_engine_state(e)[1][-1] for e in pool.engines] == ["end", "end"]
+        ray.get(pool.engines[1].__ray_call__.remote(lambda e: setattr(e, "fail", False)))
         # the group is joined once: a second sync broadcasts again over it
-        pool.sync_weights([worker], version=4)
-        assert all(_engine_state(e)[2] == 4 for e in pool.engines)
+        pool.sync_weights([worker], version=5)
+        assert all(_engine_state(e)[2] == 5 for e in pool.engines)
     pool.kill()
     ray.kill(worker)
 

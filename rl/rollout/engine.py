@@ -74,8 +74,18 @@ class RolloutEngine(Protocol):
         """Join the weight-update group (`rl/weight_sync.py`) as `rank`, the trainer's rank 0 being rank 0."""
         ...
 
+    def begin_weight_update(self) -> None:
+        """Open a weight-update session (SGLang's `/begin_weight_update`): the buckets of one sync are loaded
+        within one session, and one session at a time."""
+        ...
+
+    def end_weight_update(self) -> None:
+        """Close the session `begin_weight_update` opened, if one is open (a failed sync closes every engine's)."""
+        ...
+
     def update_weights_from_distributed(self, meta: BucketMeta, version: int) -> None:
-        """Receive the bucket `meta` describes from the weight-update group's broadcast, and load it."""
+        """Receive the bucket `meta` describes from the weight-update group's broadcast, and load it; only
+        within a weight-update session."""
         ...
 
     def health(self) -> bool: ...

@@ -7,7 +7,7 @@ by this class (a Ray actor on the engine's GPUs) through the server's HTTP API, 
 bytes, each one `/update_weights_from_tensor` request carrying one payload per tensor-parallel rank (the
 bucket flattened on that rank's GPU and handed over by CUDA IPC, SGLang's `flattened_bucket` format), or,
 for a decoupled engine, the trainer's broadcast of each bucket (`/init_weights_update_group` once, then one
-`/update_weights_from_distributed` per bucket, each in its own session: `rl/weight_sync.py`).
+`/update_weights_from_distributed` per bucket, in one session the trainer opens and closes: `rl/weight_sync.py`).
 `/abort_request`, `/flush_cache`, `/release_memory_occupation`, `/resume_memory_occupation` and
 `/health_generate` back the rest of `rl/rollout/engine.py`'s interface. SGLang itself is imported only here,
 and only to serialize weights. Every request and the launch command line are checked against SGLang's own
@@ -130,6 +130,8 @@ class SglangClient:
         self.pool = ThreadPoolExecutor(max_workers=options.sglang_server_concurrency)
         self.released = False
         """True between release_memory and resume_memory: SGLang fails a resume of what it never released."""
+        self.in_update_session = False
+        """True between a begin_weight_update that SGLang accepted and its end_weight_update."""
 
     def _post(self, path: str, body: Mapping[str, Any] | None = None, timeout: float | None = None) -> Any:
         response = self.http.post(self.url + path, json=body or {}, timeout=timeout)
@@ -162,7 +164,7 @@ class SglangClient:
         rank order (a colocated engine's are made by the training rank on each GPU), in one session."""
         import torch
 
-        self._post("/begin_weight_update")
+        self.begin_weight_update()
         try:
             for bucket_payloads in payloads:
                 self._post("/update_weights_from_tensor", {
@@ -173,8 +175,20 @@ class SglangClient:
                     # collected bucket by bucket, they do not add up (slime does the same)
                     torch.cuda.ipc_collect()
         finally:
-            self._post("/end_weight_update")
+            self.end_weight_update()
         self.version = version
+
+    def begin_weight_update(self) -> None:
+        """Open SGLang's weight-update session: 0.5.23 refuses an update outside one, and a second one."""
+        self._post("/begin_weight_update")
+        self.in_update_session = True
+
+    def end_weight_update(self) -> None:
+        """Close the session `begin_weight_update` opened, if it did: a sync that failed anywhere, even in
+        some engine's begin, closes every engine's this way (SGLang refuses to end a session never opened)."""
+        if self.in_update_session:
+            self.in_update_session = False
+            self._post("/end_weight_update")
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank: int, world_size: int,
                                   backend: str) -> None:
@@ -184,16 +198,11 @@ class SglangClient:
             "world_size": world_size, "group_name": UPDATE_GROUP, "backend": backend})
 
     def update_weights_from_distributed(self, meta: BucketMeta, version: int) -> None:
-        """The server receives the bucket from the trainer's broadcast itself, in a session of its own (the
-        trainer sends bucket by bucket, and 0.5.23 refuses an update outside a session)."""
-        self._post("/begin_weight_update")
-        try:
-            self._post("/update_weights_from_distributed", {
-                "names": list(meta.names), "dtypes": [str(d).removeprefix("torch.") for d in meta.dtypes],
-                "shapes": [list(s) for s in meta.shapes], "group_name": UPDATE_GROUP,
-                "weight_version": str(version)})
-        finally:
-            self._post("/end_weight_update")
+        """The server receives the bucket from the trainer's broadcast itself, within the session the trainer
+        opened on every engine for the whole sync (`begin_weight_update`)."""
+        self._post("/update_weights_from_distributed", {
+            "names": list(meta.names), "dtypes": [str(d).removeprefix("torch.") for d in meta.dtypes],
+            "shapes": [list(s) for s in meta.shapes], "group_name": UPDATE_GROUP, "weight_version": str(version)})
         self.version = version
 
     def health(self) -> bool:

@@ -53,6 +53,10 @@ class TorchEngine:
         """True between release_memory and the update_weights that brings every parameter back."""
         self.update_group: Any = None
         """The weight-update group with the trainer's rank 0, once `init_weights_update_group` has joined it."""
+        self.in_update_session = False
+        """Between begin_weight_update and end_weight_update. Kept to SGLang's rules (a broadcast bucket is
+        loaded only within a session, and one session at a time), so that runs on CPU hold the trainer to
+        the order an SGLang server requires."""
         gc.freeze()  # as the driver does: full collections no longer walk what lives as long as the engine
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int]) -> list[Generation]:
@@ -163,7 +167,17 @@ class TorchEngine:
 
         self.update_group = UpdateGroup(master_address, master_port, rank, world_size, backend)
 
+    def begin_weight_update(self) -> None:
+        if self.in_update_session:
+            raise RuntimeError("a weight-update session is already open: end_weight_update first")
+        self.in_update_session = True
+
+    def end_weight_update(self) -> None:
+        self.in_update_session = False
+
     def update_weights_from_distributed(self, meta: BucketMeta, version: int) -> None:
+        if not self.in_update_session:
+            raise RuntimeError("update_weights_from_distributed outside begin_weight_update … end_weight_update")
         self.update_weights(self.update_group.receive(meta, self.device), version)
 
     def health(self) -> bool:

@@ -150,18 +150,26 @@ class TrainWorker:
         ray.get(joining)
 
     def broadcast_weights(self, engines: list[Any], version: int) -> None:
-        """Rank 0: each bucket's shapes to every engine by Ray, then its tensors over the weight-update group
-        (the engines receive them in the same order); the other ranks take part in gathering."""
+        """Rank 0: in one weight-update session on every engine (SGLang loads broadcast weights only within
+        one; opening and closing one costs each server a barrier of its ranks and, quantized, an unpacking and
+        a repacking of every layer), each bucket's shapes to every engine by Ray, then its tensors over the
+        weight-update group (the engines receive them in the same order). The sessions are closed whatever
+        fails, so that the next sync can open them again. The other ranks take part in gathering."""
         import ray
 
         if self.rank != 0:
             self._join_gather()
             return
         assert self.update_group is not None, "join_update_group first"
-        for bucket in buckets(self.backend.named_weights(), self.bucket_bytes):
-            receiving = [e.update_weights_from_distributed.remote(BucketMeta.of(bucket), version) for e in engines]
-            self.update_group.send(bucket)
-            ray.get(receiving)
+        try:
+            ray.get([e.begin_weight_update.remote() for e in engines])
+            for bucket in buckets(self.backend.named_weights(), self.bucket_bytes):
+                receiving = [e.update_weights_from_distributed.remote(BucketMeta.of(bucket), version)
+                             for e in engines]
+                self.update_group.send(bucket)
+                ray.get(receiving)
+        finally:
+            ray.get([e.end_weight_update.remote() for e in engines])
 
     def _join_gather(self) -> None:
         """Take part in gathering the policy's weights for the rank that needs them, keeping none: sharded
