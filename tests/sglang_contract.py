@@ -2,7 +2,8 @@
 
 `python tests/sglang_contract.py FOLDER` runs, in a fresh interpreter, the SGLang client
 (`rl.rollout.sglang_engine.SglangClient`) through a whole cycle — generate, abort, release, resume, a
-bucketed weight update to two tensor-parallel ranks — against `Recorder`, a local HTTP server that records
+bucketed weight update to two tensor-parallel ranks, a decoupled engine's joining of the weight-update group
+and a broadcast bucket in its session — against `Recorder`, a local HTTP server that records
 every request, then hands each recorded body to SGLang's code from FOLDER (the pinned release, installed
 without its dependencies by `make test`: `pip install --no-deps --target .sglang-contract ...`):
 
@@ -16,11 +17,13 @@ without its dependencies by `make test`: `pip install --no-deps --target .sglang
   `/generate` bodies also through the route's contract gate (`entrypoints.api_contract`) and
   `SamplingParams(**sampling_params)` with `normalize` and `verify`, as the tokenizer manager does;
 - each weight payload to SGLang's `MultiprocessingSerializer.deserialize` (its allow-listing unpickler) and
-  `FlattenedTensorBucket`, and the tensors rebuilt compared with those sent.
+  `FlattenedTensorBucket`, and the tensors rebuilt compared with those sent;
+- each broadcast bucket's names, dtypes and shapes against the tensors sent, the dtypes read back as SGLang's
+  receiving side reads them (`getattr(torch, dtype)`: a string pydantic takes may still name no dtype).
 
 It prints one JSON object of verdicts (None where SGLang accepted); tests/test_sglang_engine.py asserts on
-them. Two negative controls (the `--cuda-graph-bs` that 0.5.23 removed, a misspelt abort field) show that
-the judge can refuse.
+them. Negative controls (the `--cuda-graph-bs` that 0.5.23 removed, a misspelt abort field, a query
+parameter `/flush_cache` lacks, a dtype written as `torch.float32`) show that the judge can refuse.
 
 What is not SGLang's own, and why (only in this interpreter, never in the test process):
 - `triton` is a stub module: `sglang.srt.utils.common` imports it at the top (a ~1 GB wheel) and nothing
@@ -246,6 +249,22 @@ def weights_refusal(body: Any, sent: dict[str, Any]) -> str | None:
     return None
 
 
+def broadcast_refusal(body: Any, sent: dict[str, Any]) -> str | None:
+    """None if an `/update_weights_from_distributed` body describes tensors of `sent` exactly, its dtypes read
+    as SGLang's `WeightUpdater.receive_weights_from_distributed` reads them to allocate what it receives
+    (that module's imports need a GPU install, so its one line is repeated here)."""
+    import torch
+
+    for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"], strict=True):
+        received = getattr(torch, dtype, None)
+        if not isinstance(received, torch.dtype):
+            return f"{name}: SGLang reads no dtype from {dtype!r}"
+        if (received, list(shape)) != (sent[name].dtype, list(sent[name].shape)):
+            return f"{name}: SGLang would receive {dtype} {shape}, the trainer sends {sent[name].dtype} " \
+                   f"{list(sent[name].shape)}"
+    return None
+
+
 def tp_rank_gpus(argv: list[str]) -> list[int]:
     """The visible GPU each tensor-parallel rank of the server launched with `argv` runs on, by SGLang's own
     formula (`weight_cache.protocol.compute_local_gpu_id`, which mirrors the engine's scheduler launch):
@@ -268,6 +287,7 @@ def main(folder: Path) -> dict[str, Any]:
     from rl.config import SglangConfig
     from rl.rollout.engine import SamplingParams
     from rl.rollout.sglang_engine import SglangClient, server_args
+    from rl.weight_sync import BucketMeta
 
     options = SglangConfig(rollout_num_gpus_per_engine=2, sglang_mem_fraction_static=0.7, sglang_cuda_graph_bs=[1, 2],
                            sglang_disable_cuda_graph=True, sglang_context_length=4096,
@@ -285,7 +305,13 @@ def main(folder: Path) -> dict[str, Any]:
         client.release_memory()
         client.resume_memory()
         client.update_weights(sent, version=3)
+        # as a decoupled engine: the group joined once, then each sync's buckets within one session
+        client.init_weights_update_group("10.0.0.1", 29500, rank=1, world_size=3, backend="nccl")
+        client.begin_weight_update()
+        client.update_weights_from_distributed(BucketMeta.of(list(sent.items())), version=4)
+        client.end_weight_update()
         requests = list(server.requests)
+    broadcasts = [body for path, body in requests if path == "/update_weights_from_distributed"]
     return {
         "sglang": version("sglang"),
         "argv": argv,
@@ -295,6 +321,9 @@ def main(folder: Path) -> dict[str, Any]:
         "body_refusals": {f"{i} {path}": body_refusal(path, body) for i, (path, body) in enumerate(requests)},
         "weights_refusals": [weights_refusal(body, sent) for path, body in requests
                              if path == "/update_weights_from_tensor"],
+        "broadcast_refusals": [broadcast_refusal(body, sent) for body in broadcasts],
+        "control_broadcast_refusal": broadcast_refusal({**broadcasts[0], "dtypes": [
+            f"torch.{d}" for d in broadcasts[0]["dtypes"]]}, sent),
         "control_argv_refusal": refusal(lambda: prepare_server_args(["--model-path", "m", "--cuda-graph-bs", "1"])),
         "control_body_refusal": body_refusal("/abort_request", {"rid": "", "abort_al": True}),
         "control_query_refusal": body_refusal("/flush_cache?timeout_s=1", {}),

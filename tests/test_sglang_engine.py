@@ -218,8 +218,8 @@ def test_each_tp_rank_runs_on_the_gpu_of_its_training_rank(sglang_verdicts):
 
 def test_sglangs_own_request_classes_accept_every_body_sent(sglang_verdicts):
     assert {"/generate", "/abort_request", "/flush_cache", "/release_memory_occupation", "/resume_memory_occupation",
-            "/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update"} == set(
-        sglang_verdicts["paths"])
+            "/begin_weight_update", "/update_weights_from_tensor", "/end_weight_update", "/init_weights_update_group",
+            "/update_weights_from_distributed"} == set(sglang_verdicts["paths"])
     assert {k: v for k, v in sglang_verdicts["body_refusals"].items() if v is not None} == {}
     assert "abort_al" in sglang_verdicts["control_body_refusal"]  # the judge can refuse
     assert "timeout_s" in sglang_verdicts["control_query_refusal"]
@@ -228,6 +228,11 @@ def test_sglangs_own_request_classes_accept_every_body_sent(sglang_verdicts):
 def test_each_tp_rank_gets_its_own_payload_that_sglang_rebuilds_exactly(sglang_verdicts):
     assert len(sglang_verdicts["weights_refusals"]) == 2  # two buckets, the first of two dtypes
     assert sglang_verdicts["weights_refusals"] == [None, None]
+
+
+def test_sglang_would_receive_each_broadcast_tensor_as_sent(sglang_verdicts):
+    assert sglang_verdicts["broadcast_refusals"] == [None]
+    assert "no dtype from 'torch." in sglang_verdicts["control_broadcast_refusal"]  # the judge can refuse
 
 
 @pytest.mark.gpu
