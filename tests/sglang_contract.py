@@ -8,7 +8,8 @@ every request, then hands each recorded body to SGLang's code from FOLDER (the p
 without its dependencies by `make test`: `pip install --no-deps --target .sglang-contract ...`):
 
 - the launch command line to `sglang.srt.server_args.prepare_server_args`, the parser `sglang.launch_server`
-  itself runs, and the visible GPU each tensor-parallel rank then runs on, by SGLang's own formula;
+  itself runs, and the visible GPU each tensor-parallel rank then runs on, by SGLang's own formula; two
+  engines' command lines (`server_command`) to it too, for the ports each server would bind;
 - each request to its route as `sglang/srt/entrypoints/http_server.py` declares it (read from its source
   with `ast`: importing it starts the whole server's import chain): the route takes POST, the query
   parameters sent are its `Query` parameters, and the body goes to the request class the route names in
@@ -277,6 +278,15 @@ def tp_rank_gpus(argv: list[str]) -> list[int]:
             for rank in range(args.tp_size)]
 
 
+def bound_ports(argv: list[str]) -> list[int | None]:
+    """The TCP ports a server launched with `argv` binds, by SGLang's own reading of it: its HTTP port and its
+    ranks' rendezvous (`PortArgs.init_new` takes `nccl_port` as given; None: drawn at random as it starts)."""
+    from sglang.srt.server_args import prepare_server_args
+
+    args = prepare_server_args(argv)
+    return [args.port, args.nccl_port]
+
+
 def main(folder: Path) -> dict[str, Any]:
     import_sglang(folder)
     from importlib.metadata import version
@@ -286,13 +296,15 @@ def main(folder: Path) -> dict[str, Any]:
 
     from rl.config import SglangConfig
     from rl.rollout.engine import SamplingParams
-    from rl.rollout.sglang_engine import SglangClient, server_args
+    from rl.rollout.sglang_engine import SglangClient, server_args, server_command
     from rl.weight_sync import BucketMeta
 
     options = SglangConfig(rollout_num_gpus_per_engine=2, sglang_mem_fraction_static=0.7, sglang_cuda_graph_bs=[1, 2],
                            sglang_disable_cuda_graph=True, sglang_context_length=4096,
                            sglang_server_args={"chunked_prefill_size": 8192})
-    argv = server_args(options, "/models/qwen3", host="127.0.0.1", port=30000, colocate=True)
+    argv = server_args(options, "/models/qwen3", host="127.0.0.1", port=30000, nccl_port=30001, colocate=True)
+    # two engines launched on one node, as two engines' actors launch them
+    commands = [server_command(options, "/models/qwen3", host="127.0.0.1", colocate=False)[1] for _ in range(2)]
     generator = torch.Generator().manual_seed(0)
     sent = {"embed.weight": torch.randn(64, 8, generator=generator).bfloat16(),
             "norm.weight": torch.randn(8, generator=generator),
@@ -317,6 +329,8 @@ def main(folder: Path) -> dict[str, Any]:
         "argv": argv,
         "argv_refusal": refusal(lambda: prepare_server_args(argv)),
         "tp_rank_gpus": tp_rank_gpus(argv),
+        "launched": [command[1:3] for command in commands],
+        "engine_ports": [bound_ports(command[3:]) for command in commands],
         "paths": [path.partition("?")[0] for path, _ in requests],
         "body_refusals": {f"{i} {path}": body_refusal(path, body) for i, (path, body) in enumerate(requests)},
         "weights_refusals": [weights_refusal(body, sent) for path, body in requests

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import tempfile
 import tomllib
 from typing import Any
 
@@ -30,20 +32,21 @@ def test_every_sglang_option_reaches_the_server_command_line():
     o = SglangConfig(rollout_num_gpus_per_engine=2, sglang_mem_fraction_static=0.7, sglang_cuda_graph_bs=[1, 2, 4],
                      sglang_disable_cuda_graph=True, sglang_context_length=4096, sglang_server_concurrency=64,
                      sglang_server_args={"chunked_prefill_size": 8192, "mem_fraction_static": 0.6})
-    args = server_args(o, "/models/qwen3", host="10.0.0.1", port=30000, colocate=True)
+    args = server_args(o, "/models/qwen3", host="10.0.0.1", port=30000, nccl_port=30001, colocate=True)
     text = " ".join(args)
     for expected in ("--model-path /models/qwen3", "--tp-size 2", "--context-length 4096",
                      "--max-running-requests 64", "--chunked-prefill-size 8192", "--enable-memory-saver",
-                     "--skip-tokenizer-init", "--host 10.0.0.1 --port 30000"):
+                     "--skip-tokenizer-init", "--host 10.0.0.1 --port 30000 --nccl-port 30001"):
         assert expected in text
     assert "--mem-fraction-static 0.6" in text and "0.7" not in text  # sglang_server_args win
-    assert "--enable-memory-saver" not in server_args(SglangConfig(), "m", host="h", port=1, colocate=False)
+    assert "--enable-memory-saver" not in server_args(SglangConfig(), "m", host="h", port=1, nccl_port=2,
+                                                      colocate=False)
 
 
 def test_cuda_graph_options_use_the_flags_of_sglang_0_5():
     """0.5.23 has no --cuda-graph-bs (its parser calls it ambiguous) and deprecates --disable-cuda-graph."""
     o = SglangConfig(sglang_cuda_graph_bs=[1, 2, 4], sglang_disable_cuda_graph=True)
-    args = server_args(o, "m", host="h", port=1, colocate=False)
+    args = server_args(o, "m", host="h", port=1, nccl_port=2, colocate=False)
     assert " ".join(args).count("--cuda-graph-bs-decode 1 2 4") == 1
     assert {"--disable-decode-cuda-graph", "--disable-prefill-cuda-graph"} <= set(args)
     assert not {"--cuda-graph-bs", "--disable-cuda-graph"} & set(args)
@@ -51,10 +54,11 @@ def test_cuda_graph_options_use_the_flags_of_sglang_0_5():
 
 def test_per_sample_seeds_come_with_deterministic_inference_or_not_at_all():
     """SGLang reads sampling_seed only under --enable-deterministic-inference (sampling_batch_info.py)."""
-    args = server_args(SglangConfig(), "m", host="h", port=1, colocate=False)
+    args = server_args(SglangConfig(), "m", host="h", port=1, nccl_port=2, colocate=False)
     assert "--enable-deterministic-inference" in args
     off = SglangConfig(sglang_enable_deterministic_inference=False)
-    assert "--enable-deterministic-inference" not in server_args(off, "m", host="h", port=1, colocate=False)
+    assert "--enable-deterministic-inference" not in server_args(off, "m", host="h", port=1, nccl_port=2,
+                                                                 colocate=False)
     params = SamplingParams(max_new_tokens=2)
     with Recorder() as server:
         for options, seed in ((SglangConfig(), 42), (off, None)):
@@ -153,8 +157,9 @@ def test_broadcast_buckets_arrive_in_the_session_of_the_whole_sync_which_is_ende
         assert server.paths == ["/begin_weight_update"]
 
 
-def test_a_colocated_server_is_launched_on_its_engines_gpus(monkeypatch):
+def test_a_colocated_server_is_launched_on_its_engines_gpus(monkeypatch, tmp_path):
     """The host worker sees its own GPU alone (Ray narrows it): its server is given every GPU of the engine."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the ports' registry (`rl.ports.server_ports`)
     launched: list[tuple[list[str], dict[str, str]]] = []
 
     class Launched:
@@ -189,12 +194,14 @@ def test_buckets_hold_at_most_the_limit_a_larger_tensor_alone_and_are_taken_lazi
 
 
 @pytest.fixture(scope="module")
-def sglang_verdicts() -> dict[str, Any]:
-    """SGLang's own verdicts on everything the engine sends (tests/sglang_contract.py)."""
+def sglang_verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """SGLang's own verdicts on everything the engine sends (tests/sglang_contract.py); the ports it hands out
+    are noted in a registry of its own (`rl.ports.server_ports` keeps it in the temporary folder)."""
     if not any(CONTRACT.glob("sglang-*.dist-info")):
         pytest.skip(f"SGLang is not in {CONTRACT} (make test installs it there, without its dependencies)")
     run = subprocess.run([sys.executable, str(ROOT / "tests" / "sglang_contract.py"), str(CONTRACT)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TMPDIR": str(tmp_path_factory.mktemp("ports"))})
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
 
@@ -208,6 +215,15 @@ def test_the_sglang_checked_is_in_the_supported_range(sglang_verdicts):
 def test_sglangs_own_parser_takes_the_launch_command_line(sglang_verdicts):
     assert sglang_verdicts["argv_refusal"] is None
     assert "ambiguous option: --cuda-graph-bs" in sglang_verdicts["control_argv_refusal"]  # the judge can refuse
+
+
+def test_engines_launched_on_one_node_bind_ports_of_their_own(sglang_verdicts):
+    """SGLang would otherwise draw each server's rendezvous port at random as it starts: two servers starting
+    together on one node could draw the same."""
+    assert sglang_verdicts["launched"] == [["-m", "sglang.launch_server"]] * 2
+    first, second = sglang_verdicts["engine_ports"]
+    assert None not in first + second
+    assert len(set(first + second)) == 4
 
 
 def test_each_tp_rank_runs_on_the_gpu_of_its_training_rank(sglang_verdicts):

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
-from rl.ports import free_port
+from rl.ports import server_ports
 from rl.rollout.engine import Generation, SamplingParams, in_order
 from rl.weight_sync import UPDATE_GROUP, buckets
 
@@ -42,11 +42,16 @@ IDLE_TIMEOUT_S = 60.0
 """How long a release waits for the server to finish what it has (aborted requests end within a few steps)."""
 
 
-def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, colocate: bool) -> list[str]:
-    """`sglang.launch_server` arguments: the model, this engine's tensor-parallel size and every `sglang_*`
-    option (slime's forwarding), `sglang_server_args` last so that they win."""
+def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, nccl_port: int,
+                colocate: bool) -> list[str]:
+    """`sglang.launch_server` arguments: the model, the server's ports, this engine's tensor-parallel size and
+    every `sglang_*` option (slime's forwarding), `sglang_server_args` last so that they win."""
     args: dict[str, Any] = {
-        "model-path": model_path, "host": host, "port": port, "tp-size": o.rollout_num_gpus_per_engine,
+        "model-path": model_path, "host": host, "port": port,
+        # its ranks' rendezvous: left to SGLang, each server draws one at random as it starts, and servers
+        # starting together on one node may draw the same
+        "nccl-port": nccl_port,
+        "tp-size": o.rollout_num_gpus_per_engine,
         "log-level": o.sglang_log_level, "max-running-requests": o.sglang_server_concurrency,
         "skip-tokenizer-init": True,  # token ids in and out: the driver owns tokenization
         "mem-fraction-static": o.sglang_mem_fraction_static,
@@ -70,6 +75,16 @@ def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, coloc
         elif value is not True:
             out.append(str(value))
     return out
+
+
+def server_command(o: SglangConfig, model_path: str, *, host: str, colocate: bool) -> tuple[int, list[str]]:
+    """The HTTP port of an engine's server, and the command that launches it with ports no other engine on
+    this node is given (`rl.ports.server_ports`): the HTTP port and its ranks' rendezvous. SGLang 0.5.23's
+    server binds no other TCP port unless given options rlhpc does not set (data-parallel attention's
+    `--port`+233…, `--grpc-port`), its processes talking over IPC files otherwise (`PortArgs.init_new`)."""
+    port, nccl_port = server_ports(2)
+    return port, [sys.executable, "-m", "sglang.launch_server",
+                  *server_args(o, model_path, host=host, port=port, nccl_port=nccl_port, colocate=colocate)]
 
 
 def generate_payload(prompt: list[int], params: SamplingParams, seed: int | None) -> dict[str, Any]:
@@ -234,13 +249,11 @@ class SglangEngine(SglangClient):
                  colocate: bool = False, threads: int | None = None, device: str | None = None,
                  gpus: str | None = None):
         host = _node_address()
-        port = free_port()
+        port, command = server_command(options, model_path, host=host, colocate=colocate)
         super().__init__(f"http://{host}:{port}", options=options, update_weight_buffer_size=update_weight_buffer_size,
                          devices=[f"cuda:{r}" for r in range(options.rollout_num_gpus_per_engine)])
         env = os.environ if gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
-        self.process = subprocess.Popen([sys.executable, "-m", "sglang.launch_server",
-                                         *server_args(options, model_path, host=host, port=port, colocate=colocate)],
-                                        env=env)
+        self.process = subprocess.Popen(command, env=env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.health():
             if self.process.poll() is not None:
