@@ -6,7 +6,9 @@ backend's."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,9 +17,12 @@ from rl.batch import TrainSample, pad_rows
 from rl.train.objective import value_objective
 from rl.train.torch_backend import TorchBackend
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 
 class TorchCritic(TorchBackend):
-    def _load(self, init_from: str | Path) -> torch.nn.Module:
+    def _load(self, init_from: str | Path) -> PreTrainedModel:
         from transformers import AutoModelForTokenClassification
 
         return AutoModelForTokenClassification.from_pretrained(init_from, dtype=torch.float32, num_labels=1)
@@ -41,7 +46,7 @@ class TorchCritic(TorchBackend):
                           num_samples: int, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
         values = self._values(self.module, samples)
 
-        def rows(per_sample: list[list[float] | None]) -> Tensor:
+        def rows(per_sample: Sequence[Sequence[float] | None]) -> Tensor:
             return pad_rows([r or [0.0] * s.response_length for r, s in zip(per_sample, samples)],
                             values.shape[1]).to(self.device)
 

@@ -15,12 +15,14 @@ import math
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from rl.batch import TrainSample, lay_out, micro_batches, pad_rows
 from rl.checkpoint import BackgroundWriter, load_model_state, save_model_state
@@ -29,6 +31,8 @@ from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from rl.config import PerfConfig, RLConfig
 
 
@@ -39,7 +43,7 @@ PADDING = TrainSample(tokens=[0, 0], response_length=1, loss_mask=[0], reward=0.
 """The one sample of a padding micro-batch: its mask is 0, so it adds nothing to the loss or the metrics."""
 
 
-def _causal_lm(init_from: str | Path) -> torch.nn.Module:
+def _causal_lm(init_from: str | Path) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(init_from, dtype=torch.float32)
@@ -91,20 +95,20 @@ class TorchBackend:
     def __init__(self, cfg: RLConfig, *, init_from: str | Path, total_steps: int, device: str = "cpu"):
         self.cfg, self.device, self.total_steps = cfg, torch.device(device), total_steps
         self.base_lr = self._base_lr()
-        self.model = self._load(init_from).to(self.device)
+        # transformers wraps Module.to with functools.wraps, whose type leaves `self` unbound: mypy takes the
+        # device for the model.
+        self.model: PreTrainedModel = self._load(init_from).to(self.device)  # type: ignore[arg-type]
         self.model.config.use_cache = False
-        self.ref = None
+        self.ref: PreTrainedModel | None = None
         if self._needs_reference():
-            self.ref = _causal_lm(init_from).to(self.device).eval()
+            self.ref = _causal_lm(init_from).to(self.device).eval()  # type: ignore[arg-type]
             self.ref.requires_grad_(False)
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.dp_rank, self.dp_size, self.reports = (dist.get_rank() if dist.is_initialized() else 0,
                                                     self.world_size, True)
         self.sharded = self.world_size > 1 and cfg.perf.torch_data_parallel == "fsdp2"
-        self.module = self.model
+        self.module: torch.nn.Module = self.model
         if self.sharded:
-            from torch.distributed.fsdp import fully_shard
-
             # One shard group per decoder layer (the classes a transformers model names as never to be split),
             # gathered just in time; the rest (embeddings, the tied head, the final norm) in the root's.
             blocks = set(self.model._no_split_modules or ())
@@ -113,9 +117,10 @@ class TorchBackend:
                     fully_shard(module)
             fully_shard(self.model)
         elif self.world_size > 1:
-            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+            self.module = DistributedDataParallel(self.model)
         o = cfg.optimizer
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer: torch.optim.Optimizer
         if o.optimizer == "adam":
             self.optimizer = torch.optim.AdamW(params, lr=self.base_lr, betas=(o.adam_beta1, o.adam_beta2),
                                                eps=o.adam_eps, weight_decay=o.weight_decay)
@@ -131,7 +136,7 @@ class TorchBackend:
 
     # --- forward ---------------------------------------------------------------------------------------
 
-    def _load(self, init_from: str | Path) -> torch.nn.Module:
+    def _load(self, init_from: str | Path) -> PreTrainedModel:
         return _causal_lm(init_from)
 
     def _base_lr(self) -> float:
@@ -225,10 +230,12 @@ class TorchBackend:
         batches = self._micro_batches(samples)
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1 or self.world_size == 1
-            if self.sharded:
+            if isinstance(self.module, FSDPModule):
                 self.module.set_requires_gradient_sync(sync)
             old = None if old_log_probs is None or not batch else [old_log_probs[i] for i in batch]
-            with nullcontext() if sync or self.sharded else self.module.no_sync():
+            # DDP reduces gradients in the last micro-batch's backward only.
+            with (self.module.no_sync() if isinstance(self.module, DistributedDataParallel) and not sync
+                  else nullcontext()):
                 loss, metrics = self._micro_batch_loss([samples[i] for i in batch] or [PADDING], old,
                                                        num_samples, num_tokens)
                 # DDP and FSDP average gradients over ranks; the losses already use global denominators.
@@ -240,9 +247,10 @@ class TorchBackend:
     def _micro_batch_loss(self, samples: list[TrainSample], old_log_probs: list[list[float]] | None,
                           num_samples: int, num_tokens: int) -> tuple[Tensor, dict[str, Tensor]]:
         lp, entropy = self._forward(self.module, samples, with_entropy=True)
+        assert entropy is not None  # asked for
         width = lp.shape[1]
 
-        def rows(values: list[list[float]]) -> Tensor:
+        def rows(values: list[Any]) -> Tensor:
             return pad_rows(values, width).to(self.device)
 
         ref = None
@@ -284,7 +292,7 @@ class TorchBackend:
 
     def load(self, folder: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_state, "optim": optim_state, "step": self.step}
+        state: dict[str, Any] = {"model": model_state, "optim": optim_state, "step": self.step}
         load_model_state(state, Path(folder))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.step = int(state["step"])
