@@ -29,7 +29,8 @@ class DataError(ValueError):
 
 
 class ChatTokenizer(Protocol):
-    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> str: ...
+    # A str with tokenize=False, as called here; transformers' type is the union of every form it can return.
+    def apply_chat_template(self, conversation: list[dict[str, Any]], **kwargs: Any) -> Any: ...
 
     def __call__(self, text: str, **kwargs: Any) -> Any: ...
 

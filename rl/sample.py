@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from rl.rollout.engine import Generation, sample_seed
+from rl.rollout.engine import FinishReason, Generation, sample_seed
 
 Status = Literal["pending", "completed", "truncated", "aborted"]
+
+_STATUS_AFTER: dict[FinishReason, Status] = {"stop": "completed", "length": "truncated", "abort": "aborted"}
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Sample:
         self.rollout_log_probs += gen.log_probs
         if gen.output_ids:  # an abort before the first token generated nothing, under no policy
             self.weight_versions.append(gen.weight_version)
-        self.status = {"stop": "completed", "length": "truncated", "abort": "aborted"}[gen.finish_reason]
+        self.status = _STATUS_AFTER[gen.finish_reason]
 
     def append_observation(self, ids: list[int]) -> None:
         """Add tokens the environment wrote (a tool's output, a user turn): context for the policy, no loss."""

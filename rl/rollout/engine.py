@@ -36,13 +36,16 @@ class SamplingParams:
     engine client cuts there for an engine that does not stop at strings itself."""
 
 
+FinishReason = Literal["stop", "length", "abort"]
+
+
 @dataclass
 class Generation:
     output_ids: list[int]
     """The sampled tokens, the stop token included when one ended the sample."""
     log_probs: list[float] = field(default_factory=list)
     """log π(token) under the temperature-scaled distribution the token was drawn from (before top-p/k)."""
-    finish_reason: Literal["stop", "length", "abort"] = "length"
+    finish_reason: FinishReason = "length"
     weight_version: int = 0
     """Version of the weights that generated the sample."""
 

@@ -18,6 +18,7 @@ import asyncio
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 from rl.config import RLConfig
@@ -34,9 +35,11 @@ MAX_SAMPLING_ROUNDS = 32
 """Rounds of over-sampling a rollout may take before a filter that passes too few groups is an error."""
 
 Group = list[Sample]
+KeepGroup = Callable[[Any, Group], bool]
+"""A dynamic-sampling filter: `f(args, group)`, True keeps the group."""
 
 
-def _hook(field: str, path: str) -> Any:
+def _hook(field: str, path: str) -> Callable[..., Any]:
     try:
         return load_function(path)
     except ValueError as e:
@@ -50,7 +53,7 @@ class Sampler:
         self.cursor = PromptCursor(len(dataset), shuffle=r.rollout_shuffle, seed=r.rollout_seed)
         self.generate_fn = _hook("rollout.custom_generate_function_path",
                                  r.custom_generate_function_path or generate.DEFAULT)
-        self.keep_group = None if r.over_sampling_batch_size is None else _hook(
+        self.keep_group: KeepGroup | None = None if r.over_sampling_batch_size is None else _hook(
             "rollout.dynamic_sampling_filter_path", r.dynamic_sampling_filter_path or filters.DEFAULT)
         self.take_buffered = _hook("rollout.buffer_filter_path", r.buffer_filter_path or filters.BUFFER_DEFAULT)
         self.buffer: list[Group] = []
@@ -97,6 +100,7 @@ class Sampler:
             for sample, reward in zip(unrewarded, await compute_rewards(self.r, unrewarded)):
                 sample.reward = reward
             for j, s in enumerate(group):
+                assert s.reward is not None  # every unrewarded sample was just rewarded
                 if not math.isfinite(s.reward):
                     source = (reward_source(self.r, s) if any(s is u for u in unrewarded)
                               else self.r.custom_generate_function_path or generate.DEFAULT)
@@ -114,13 +118,14 @@ class Sampler:
         """The rollout's `rollout_batch_size` groups, flat and numbered, and how many groups the filter
         dropped."""
         r, n = self.r, self.r.n_samples_per_prompt
-        if self.keep_group is None:
+        keep, size = self.keep_group, r.over_sampling_batch_size
+        if keep is None or size is None:  # set together: dynamic sampling is off
             fresh = self.new_groups(self.dataset, self.cursor.next_batch(r.rollout_batch_size), rollout_id, n)
             groups, dropped = asyncio.run(self._all(fresh, params, engine, rollout_id)), 0
         elif r.partial_rollout:
-            groups, dropped = asyncio.run(self._as_they_finish(rollout_id, params, engine))
+            groups, dropped = asyncio.run(self._as_they_finish(rollout_id, params, engine, keep, size))
         else:
-            groups, dropped = asyncio.run(self._in_rounds(rollout_id, params, engine))
+            groups, dropped = asyncio.run(self._in_rounds(rollout_id, params, engine, keep, size))
         for g, group in enumerate(groups):
             for s in group:
                 s.group_index = g
@@ -130,18 +135,18 @@ class Sampler:
                    rollout_id: int) -> list[Group]:
         return list(await asyncio.gather(*(self.complete(g, params, engine, rollout_id) for g in groups)))
 
-    async def _in_rounds(self, rollout_id: int, params: SamplingParams,
-                         engine: EngineClient) -> tuple[list[Group], int]:
+    async def _in_rounds(self, rollout_id: int, params: SamplingParams, engine: EngineClient, keep: KeepGroup,
+                         size: int) -> tuple[list[Group], int]:
         r, n = self.r, self.r.n_samples_per_prompt
         kept: list[Group] = []
         dropped = 0
         for round_ in range(MAX_SAMPLING_ROUNDS):
-            indices = self.cursor.next_batch(r.over_sampling_batch_size)
+            indices = self.cursor.next_batch(size)
             fresh = self.new_groups(self.dataset, indices, rollout_id, n, first_index=round_ * len(indices) * n)
             for group in await self._all(fresh, params, engine, rollout_id):
                 if len(kept) == r.rollout_batch_size:
                     break
-                if self.keep_group(r, group):
+                if keep(r, group):
                     kept.append(group)
                 else:
                     dropped += 1
@@ -149,8 +154,8 @@ class Sampler:
                 return kept, dropped
         raise self._too_few(rollout_id, len(kept))
 
-    async def _as_they_finish(self, rollout_id: int, params: SamplingParams,
-                              engine: EngineClient) -> tuple[list[Group], int]:
+    async def _as_they_finish(self, rollout_id: int, params: SamplingParams, engine: EngineClient,
+                              keep: KeepGroup, size: int) -> tuple[list[Group], int]:
         r, n = self.r, self.r.n_samples_per_prompt
         kept: list[Group] = []
         unused: list[Group] = []  # finished after enough had passed: back into the buffer, unjudged
@@ -161,8 +166,8 @@ class Sampler:
                 if rounds == MAX_SAMPLING_ROUNDS:
                     raise self._too_few(rollout_id, len(kept))
                 rounds += 1
-                groups = self.take_buffered(r, rollout_id, self.buffer, r.over_sampling_batch_size)
-                indices = self.cursor.next_batch(r.over_sampling_batch_size - len(groups))
+                groups = self.take_buffered(r, rollout_id, self.buffer, size)
+                indices = self.cursor.next_batch(size - len(groups))
                 groups += self.new_groups(self.dataset, indices, rollout_id, n, first_index=drawn)
                 drawn += len(indices) * n
                 for group in groups:
@@ -174,7 +179,7 @@ class Sampler:
                 group = task.result()
                 if len(kept) == r.rollout_batch_size:
                     unused.append(group)
-                elif self.keep_group(r, group):
+                elif keep(r, group):
                     kept.append(group)
                 else:
                     dropped += 1

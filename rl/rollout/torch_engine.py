@@ -10,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from rl.rollout.engine import Generation, SamplingParams, in_order
+from rl.rollout.engine import FinishReason, Generation, SamplingParams, in_order
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from rl.weight_sync import BucketMeta
 
 
@@ -43,7 +45,10 @@ class TorchEngine:
         if threads is not None:
             torch.set_num_threads(threads)
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        # transformers wraps Module.to with functools.wraps, whose type leaves `self` unbound: mypy takes the
+        # device for the model.
+        self.model: PreTrainedModel = (AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+                                       .to(self.device).eval())  # type: ignore[arg-type]
         self.pad_id = self.model.config.pad_token_id or 0
         self.stream_interval = stream_interval
         self.shapes = {name: p.shape for name, p in self.model.named_parameters()}
@@ -99,7 +104,7 @@ class TorchEngine:
         out_ids = torch.zeros((n, params.max_new_tokens), dtype=torch.long)
         out_lps = torch.zeros((n, params.max_new_tokens), dtype=torch.float32)
 
-        def ended(rows: list[int], step: int, reason: str) -> list[tuple[int, Generation]]:
+        def ended(rows: list[int], step: int, reason: FinishReason) -> list[tuple[int, Generation]]:
             ids, lps = out_ids[rows, : step + 1].tolist(), out_lps[rows, : step + 1].tolist()
             return [(i, Generation(t, lp, reason, self.weight_version)) for i, t, lp in zip(rows, ids, lps)]
 
