@@ -406,7 +406,7 @@ def sealed_latest(root: Path) -> Path | None:
     return None
 
 
-def latest(root: Path | None, load: Callable[[Path], None] | None = None) -> Path | None:
+def latest(root: Path | None, load: Callable[[Path], object] | None = None) -> Path | None:
     """The newest checkpoint that verifies: the recorded latest, else the newest sealed folder that
     checks out (a warning names each one skipped). None when there is none. With `load`, each candidate is
     loaded by `load(folder)` while its files are checked, so that the disk is read once rather than twice (the
@@ -424,7 +424,7 @@ def latest(root: Path | None, load: Callable[[Path], None] | None = None) -> Pat
     return None
 
 
-def _verify_while(folder: Path, load: Callable[[Path], None] | None) -> str | None:
+def _verify_while(folder: Path, load: Callable[[Path], object] | None) -> str | None:
     """`verify(folder)`, with `load(folder)` running meanwhile. A load that fails on a folder that verifies is
     not the checkpoint's fault: it is raised, rather than an older checkpoint silently taken."""
     if load is None:

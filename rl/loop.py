@@ -195,6 +195,7 @@ class Driver:
         engine_cls = EnginePool.actor_class(engine)
 
         def make_engine(index: int) -> Any:
+            assert engines is not None, "decoupled engines have their placement group"
             return engine_cls.options(num_cpus=slot, num_gpus=engine_gpus, runtime_env={"env_vars": WORKER_ENV},
                                       scheduling_strategy=PlacementGroupSchedulingStrategy(
                                           engines, placement_group_bundle_index=index)).remote(
@@ -284,6 +285,7 @@ class Driver:
         log-probs if already computed (else the workers score the samples of the later steps first)."""
         r, g = self.cfg.rollout, self.cfg.grpo
         gbs, n = r.global_batch_size, r.num_steps_per_rollout
+        assert gbs is not None, "the config's validation derives it"
         if g.use_rollout_logprobs:
             old = [s.rollout_log_probs for s in train]
         elif n == 1:
@@ -329,6 +331,7 @@ class Driver:
         if self.cfg.perf.colocate:
             ray.get([w.sync_engine.remote(version) for w in self.workers])
         else:
+            assert self.pool is not None, "start_actors first"
             self.pool.sync_weights(self.workers, version)
         return time.perf_counter() - start
 
@@ -338,7 +341,7 @@ class Driver:
         for k, (name, dataset) in enumerate(self.eval_sets.items()):
             samples = self.sampler.evaluate(dataset, rollout_id, n, self.sampling_params(evaluation=True),
                                             EngineClient(self.pool, self.tokenizer), salt=EVAL_SEED_SALT * (k + 1))
-            out |= summarize(name, [s.reward for s in samples], n)
+            out |= summarize(name, [s.scored_reward for s in samples], n)
         return out
 
     def save(self, completed: int) -> Path:
@@ -477,7 +480,7 @@ class Driver:
             except Interrupted:
                 if self.ahead:
                     self.ahead.close()
-                else:
+                elif position is not None:
                     self.sampler.load_state_dict(position)
                 if saved != rollout_id:
                     self.save_before_stopping(rollout_id)
@@ -516,7 +519,7 @@ class Driver:
 
         rollout_id, samples = batch.rollout_id, batch.samples
         train = [TrainSample(tokens=s.tokens, response_length=s.response_length, loss_mask=s.loss_mask,
-                             reward=s.reward, rollout_log_probs=s.rollout_log_probs,
+                             reward=s.scored_reward, rollout_log_probs=s.rollout_log_probs,
                              weight_version=min(s.weight_versions, default=0))
                  for s in samples]
         self.heartbeat.beat(rollout_id, "train")
@@ -531,6 +534,7 @@ class Driver:
             if self.ahead:
                 self.ahead.settle()
             sync_s = self.sync_weights(rollout_id + 1)
+        assert self.pool is not None, "start_actors first"
         row = rollout_row(rollout_id, samples, min(t.weight_version for t in train), train_metrics, {
             "time_rollout_s": batch.seconds,
             "time_train_s": t2 - t1,
@@ -553,7 +557,7 @@ class Driver:
 
 def due(completed: int, interval: int | None) -> bool:
     """Whether an action every `interval` rollouts (None: never) falls after `completed` rollouts."""
-    return bool(interval) and completed % interval == 0
+    return bool(interval and completed % interval == 0)
 
 
 def _across_ranks(results: list[dict[str, float]]) -> dict[str, float]:

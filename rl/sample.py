@@ -39,6 +39,13 @@ class Sample:
     """The sample's own randomness: generate functions derive every engine call's seed from it."""
 
     @property
+    def scored_reward(self) -> float:
+        """The reward of a sample that has been scored, as every sample that leaves a rollout has."""
+        if self.reward is None:
+            raise ValueError(f"sample {self.index} of group {self.group_index} has no reward: it was never scored")
+        return self.reward
+
+    @property
     def response_ids(self) -> list[int]:
         return self.tokens[len(self.tokens) - self.response_length:]
 

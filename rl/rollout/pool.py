@@ -73,7 +73,8 @@ class EnginePool:
         concurrency groups of one thread each, for calls answered while it is busy."""
         import ray
 
-        return ray.remote(concurrency_groups={HEALTH: 1, **dict.fromkeys(groups, 1)})(engine)
+        # Ray's typed overloads of `remote` leave out actors' concurrency_groups, which it takes.
+        return ray.remote(concurrency_groups={HEALTH: 1, **dict.fromkeys(groups, 1)})(engine)  # type: ignore[call-overload]
 
     def _start(self, slot: int) -> Any:
         assert self._make is not None
@@ -141,6 +142,7 @@ class EnginePool:
             issue(slot, share)
         c = self.cfg
         next_check = time.monotonic() + c.rollout_health_check_first_wait + c.rollout_health_check_interval
+        ready: list[Any]  # the streams (ObjectRefGenerator) that have a result, which ray.wait types as refs
         while streams:
             if abandon():
                 raise Interrupted
