@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,15 +164,8 @@ def test_a_colocated_server_is_launched_on_its_engines_gpus(monkeypatch, tmp_pat
     """The host worker sees its own GPU alone (Ray narrows it): its server is given every GPU of the engine."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the ports' registry (`rl.ports.server_ports`)
     launched: list[tuple[list[str], dict[str, str]]] = []
-
-    class Launched:
-        def __init__(self, argv: list[str], env: dict[str, str]):
-            launched.append((argv, env))
-
-        def poll(self) -> int:
-            return 0
-
-    monkeypatch.setattr(sglang_engine.subprocess, "Popen", Launched)
+    monkeypatch.setattr(sglang_engine, "launch", lambda argv, env: launched.append((argv, env)))
+    monkeypatch.setattr(sglang_engine, "stop", lambda process: None)
     monkeypatch.setattr(SglangClient, "health", lambda self: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "6")
     options = SglangConfig(rollout_num_gpus_per_engine=2)
@@ -178,6 +174,62 @@ def test_a_colocated_server_is_launched_on_its_engines_gpus(monkeypatch, tmp_pat
     [(argv, env), (_, inherited)] = launched
     assert env["CUDA_VISIBLE_DEVICES"] == "6,3" and "--tp-size 2" in " ".join(argv)
     assert inherited["CUDA_VISIBLE_DEVICES"] == "6"
+
+
+STAND_IN = ("import os, subprocess, sys, time\n"
+            "child = subprocess.Popen(['sleep', '600'])\n"
+            "with open(sys.argv[1] + '.part', 'w') as f:\n"
+            "    f.write(f'{os.getpid()} {child.pid}')\n"
+            "os.rename(sys.argv[1] + '.part', sys.argv[1])\n"
+            "time.sleep(600)\n")
+"""A stand-in server: it starts a process of its own, notes both pids in the file named, and waits."""
+
+
+def _pids(path: Path, process: subprocess.Popen) -> list[int]:
+    """The pids a stand-in server notes in `path` once it has started (`process` its launcher)."""
+    while not path.exists():
+        assert process.poll() is None, process.args
+        time.sleep(0.05)
+    return [int(pid) for pid in path.read_text().split()]
+
+
+def _ended(pid: int) -> bool:
+    """Whether `pid` has ended, as a zombie no one has reaped yet included; waited for up to a minute."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_server_dies_with_the_process_that_launched_it_even_of_a_sigkill(tmp_path):
+    """Ray kills an engine's actor with SIGKILL, which leaves the actor no code to run: the kernel kills its
+    server then (the parent-death signal `launch` sets). The server's own processes are not its concern here:
+    SGLang's set the same signal themselves."""
+    pids = tmp_path / "pids"
+    parent = subprocess.Popen([sys.executable, "-c", "import os, sys, time\n"
+                               "from rl.rollout.sglang_engine import launch\n"
+                               "launch(sys.argv[1:], os.environ)\n"
+                               "time.sleep(600)\n", sys.executable, "-c", STAND_IN, str(pids)], cwd=ROOT)
+    server, _ = _pids(pids, parent)
+    parent.kill()
+    parent.wait()
+    try:
+        assert _ended(server)
+    finally:
+        os.killpg(server, signal.SIGKILL)  # its session, the stand-in's own process in it
+
+
+def test_stopping_a_server_ends_every_process_it_started(tmp_path):
+    pids = tmp_path / "pids"
+    process = sglang_engine.launch([sys.executable, "-c", STAND_IN, str(pids)], os.environ)
+    _, server_child = _pids(pids, process)
+    sglang_engine.stop(process)
+    assert process.returncode == -signal.SIGKILL and _ended(server_child)
 
 
 def test_buckets_hold_at_most_the_limit_a_larger_tensor_alone_and_are_taken_lazily():

@@ -1,5 +1,6 @@
 """The SGLang rollout engine (`rollout.engine = "sglang"`): one SGLang server per engine, launched and driven
-by this class (a Ray actor on the engine's GPUs) through the server's HTTP API, as slime does.
+by this class (a Ray actor on the engine's GPUs) through the server's HTTP API, as slime does. The server
+has ports no other engine on its node is given, and never outlives the actor, however the actor ends.
 
 `generate` posts one `/generate` request per sample (token ids in, `return_logprob`), concurrently up to
 `sglang_server_concurrency`. Weights arrive in a weight-update session (`/begin_weight_update` …
@@ -16,8 +17,10 @@ code (tests/sglang_contract.py).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +43,8 @@ START_TIMEOUT_S = 900.0
 """A large model's first start (weights read, CUDA graphs captured) takes minutes."""
 IDLE_TIMEOUT_S = 60.0
 """How long a release waits for the server to finish what it has (aborted requests end within a few steps)."""
+PR_SET_PDEATHSIG = 1
+"""prctl's option that has the kernel signal a process when its parent dies (<linux/prctl.h>)."""
 
 
 def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, nccl_port: int,
@@ -85,6 +90,34 @@ def server_command(o: SglangConfig, model_path: str, *, host: str, colocate: boo
     port, nccl_port = server_ports(2)
     return port, [sys.executable, "-m", "sglang.launch_server",
                   *server_args(o, model_path, host=host, port=port, nccl_port=nccl_port, colocate=colocate)]
+
+
+def launch(command: list[str], env: Mapping[str, str]) -> subprocess.Popen:
+    """Start `command`, a server that must not outlive this process: in a session of its own, so that `stop`
+    ends every process it starts, and with SIGKILL as its parent-death signal, so that the kernel kills it
+    when this process dies, even of a SIGKILL (an actor killed by Ray) that leaves no code to run. SGLang's
+    server sets the same signal in each process it starts (`kill_itself_when_parent_died`): they go with it."""
+    # Looked up here: the child of a threaded process should run as little as it can between fork and exec.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        # The signal comes when the thread that forked ends: Ray's actor threads live as long as the actor.
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != parent:  # it died before the signal was set
+            os._exit(1)
+
+    return subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill a process `launch` started and every process of its session, then reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # its session's id is its pid
+    except ProcessLookupError:  # all gone already
+        pass
+    process.wait()
 
 
 def generate_payload(prompt: list[int], params: SamplingParams, seed: int | None) -> dict[str, Any]:
@@ -253,19 +286,19 @@ class SglangEngine(SglangClient):
         super().__init__(f"http://{host}:{port}", options=options, update_weight_buffer_size=update_weight_buffer_size,
                          devices=[f"cuda:{r}" for r in range(options.rollout_num_gpus_per_engine)])
         env = os.environ if gpus is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpus}
-        self.process = subprocess.Popen(command, env=env)
+        self.process = launch(command, env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.health():
             if self.process.poll() is not None:
                 raise RuntimeError(f"the SGLang server for {model_path} exited with {self.process.returncode}")
             if time.monotonic() > deadline:
-                self.process.kill()
+                stop(self.process)
                 raise TimeoutError(f"the SGLang server at {self.url} did not answer within {START_TIMEOUT_S:.0f}s")
             time.sleep(2)
 
     def __del__(self) -> None:
-        if getattr(self, "process", None) is not None and self.process.poll() is None:
-            self.process.kill()
+        if getattr(self, "process", None) is not None:
+            stop(self.process)
 
 
 def _node_address() -> str:
