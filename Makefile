@@ -38,9 +38,11 @@ $(SGLANG_CONTRACT)/.installed-$(SGLANG_CONTRACT_VERSION): | install
 	  sglang==$(SGLANG_CONTRACT_VERSION) msgspec orjson pybase64 psutil starlette pyzmq IPython traitlets
 	touch $@
 
-# The linter's rules are in pyproject.toml ([tool.ruff]); `make test` runs it first.
+# The linter's rules and the type checker's settings are in pyproject.toml ([tool.ruff], [tool.mypy]);
+# `make test` runs both first.
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: install lint system-deps $(SGLANG_CONTRACT)/.installed-$(SGLANG_CONTRACT_VERSION)
 	$(PY) -m pytest

@@ -525,7 +525,7 @@ class RunConfig(Section):
     WANDB_MODE, else online, when unset."""
     wandb_dir: ConfigPath | None = None
     """Folder under which W&B writes its files (wandb/); the run folder when unset (slime: the working directory)."""
-    wandb_key: SecretStr | None = Field(None, exclude=True)
+    wandb_key: SecretStr | None = Field(default=None, exclude=True)
     """W&B API key, online only: never written to config.toml or the batch script (WANDB_API_KEY or `wandb login`
     serve as well)."""
     wandb_host: str | None = None

@@ -72,13 +72,13 @@ class UpdateGroup:
 
     def __init__(self, master_address: str, master_port: int, rank: int, world_size: int, backend: str,
                  name: str = UPDATE_GROUP):
-        from torch.distributed.distributed_c10d import _new_process_group_helper, _world, rendezvous
+        from torch.distributed.distributed_c10d import GroupName, _new_process_group_helper, _world, rendezvous
 
         store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
                                                   timeout=GROUP_TIMEOUT))
         store.set_timeout(GROUP_TIMEOUT)
         self.group, _ = _new_process_group_helper(world_size, rank, [], dist.Backend(backend),
-                                                  dist.PrefixStore(name, store), group_name=name,
+                                                  dist.PrefixStore(name, store), group_name=GroupName(name),
                                                   timeout=GROUP_TIMEOUT)
         _world.pg_group_ranks[self.group] = {i: i for i in range(world_size)}
 

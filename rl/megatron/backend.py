@@ -253,7 +253,7 @@ class MegatronBackend:
         def objective(indices: list[int], batch: list[TrainSample], lp: Tensor, entropy: Tensor):
             width = lp.shape[1]
 
-            def rows(values: list[list[float]]) -> Tensor:
+            def rows(values: list[Any]) -> Tensor:
                 return pad_rows(values, width).to(self.device)
 
             loss, metrics = policy_objective(

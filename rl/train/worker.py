@@ -77,7 +77,7 @@ class TrainWorker:
             # rank at once, as new_group must be.
             group = dist.new_group(backend="gloo") if dist.is_initialized() else None
             self.writers = [checkpoint.BackgroundWriter(group) for _ in range(1 if self.critic is None else 2)]
-        self.engine = None
+        self.engine: Any = None
         """The colocated engine this rank hosts, if it hosts one."""
         self.engine_group: Any = None
         """Colocated engines of several GPUs: the (gloo) group of this rank's engine's ranks."""
@@ -124,6 +124,7 @@ class TrainWorker:
         return results
 
     def compute_values(self, samples: list[TrainSample]) -> list[list[float]]:
+        assert self.critic is not None, "a run with a critic (advantage_estimator ppo)"
         return self.critic.compute_values(samples)
 
     def weight_buckets(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
