@@ -82,14 +82,15 @@ class BackgroundWriter:
         """Saves begun and not yet waited for; `wait` (in a thread of its own) and `staged` both read it."""
         self._lock = threading.Lock()
 
-    def save(self, state: dict[str, Any], storage: Any) -> None:
-        """Start saving `state` into `storage`; a save still writing is waited for first."""
+    def save(self, state: dict[str, Any], storage: Any, planner: Any = None) -> None:
+        """Start saving `state` into `storage` (planned by `planner`, DCP's default if None); a save still
+        writing is waited for first."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
         self.wait()
-        response = dcp.async_save(state, storage_writer=storage, async_stager=self._stager, process_group=self._group,
-                                  no_dist=not dist.is_initialized())
+        response = dcp.async_save(state, storage_writer=storage, planner=planner, async_stager=self._stager,
+                                  process_group=self._group, no_dist=not dist.is_initialized())
         with self._lock:
             self._saves.append(response)
 

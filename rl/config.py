@@ -137,8 +137,9 @@ class CkptConfig(Section):
     keep_last: PositiveInt | None = None
     """Keep only this many complete checkpoints (None keeps all)."""
     async_save: bool = False
-    """Write checkpoints in the background while training goes on (slime's --async-save); a checkpoint becomes
-    the latest only once every rank's files are written and sealed."""
+    """Write checkpoints in the background while training goes on (slime's --async-save), with either backend (the
+    same files as a synchronous save); a checkpoint becomes the latest only once every rank's files are written
+    and sealed."""
 
 
 class RolloutConfig(Section):
@@ -725,12 +726,6 @@ class RLConfig(BaseModel):
                 ("sglang.rollout_num_gpus_per_engine", "perf.actor_num_gpus_per_node"),
                 f"an engine of {self.sglang.rollout_num_gpus_per_engine} GPUs would span nodes of "
                 f"{p.actor_num_gpus_per_node}: multi-node SGLang engines (--nnodes) are not supported yet",
-            ),
-            (
-                p.train_backend == "megatron" and self.ckpt.async_save,
-                ("ckpt.async_save", "perf.train_backend"),
-                "asynchronous saves are written by the torch backend only so far (Megatron's own async "
-                "dist_checkpointing is not wired in): use the synchronous save with Megatron",
             ),
             (
                 p.train_backend == "megatron" and g.advantage_estimator == "ppo",

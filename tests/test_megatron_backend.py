@@ -6,6 +6,7 @@ Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the 
 runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
 loads that checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and
 take the same second step bitwise (the first run pauses training memory, as a colocated rollout does, before it).
+The layouts of several ranks save with `ckpt.async_save`: the second step runs while the checkpoint is written.
 `rlhpc export` of the sealed checkpoint gives the saved weights. Log-probs and the first step's loss terms are
 compared with the torch backend's on the same weights (float32).
 
@@ -44,6 +45,9 @@ LAYOUTS = {
 }
 SETTINGS = ["perf.train_backend=megatron", "perf.bf16=false", "optimizer.lr=1e-2", "grpo.entropy_coef=0.01",
             "grpo.use_kl_loss=true", "grpo.kl_loss_coef=0.1", "perf.cpu_threads=1"]
+ASYNC_SAVE = {"tp2", "pp2"}
+"""Layouts whose first run saves with `ckpt.async_save`: the checkpoint, written while the next step runs, must
+still hold the state of the moment the save began. The one-rank layout keeps Megatron's synchronous save."""
 TOLERANCE = 2e-5
 """float32 on both sides; Megatron's attention and fused QKV sum in another order than transformers'."""
 
@@ -91,7 +95,8 @@ def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, o
         result["first"] = backend.train_step(samples, **_sizes(samples))
         result["no_decay"] = sorted({g["weight_decay"] for g in backend.optimizer.param_groups
                                      if all(p.dim() == 1 for p in g["params"]) and g["params"]})
-        worker.save(ckpt)
+        worker.save(ckpt)  # with ckpt.async_save only begun: written while the next step changes the weights
+        worker._staged()  # as the worker waits before each step: the save's copy is taken
         # A colocated rollout's pause: training memory leaves and comes back (gradient buffers freed and
         # reallocated); the next step must be the resumed run's, which never paused.
         backend.offload(weights=False)
@@ -104,6 +109,7 @@ def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, o
     result["optimizer_at_save"] = _optimizer_state(backend)
     result["second"] = backend.train_step(samples, **_sizes(samples))
     result["weights_after"] = _weights(backend)
+    worker.saved()
     torch.save(result, f"{out}.{rank}")
 
 
@@ -126,6 +132,7 @@ def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_conf
     world, overrides = LAYOUTS[layout]
     if torch.cuda.is_available() and torch.cuda.device_count() < world:
         pytest.skip(f"{layout} needs {world} GPUs")
+    overrides = [*overrides, *(["ckpt.async_save=true"] if layout in ASYNC_SAVE else [])]
     config = str(write_config(MINIMAL))
     root = tmp_path / "checkpoints"
     tmp = checkpoint.begin(root, 1)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
 from rl.export import MEGATRON_DIR
+from rl.megatron.async_save import BackgroundStrategy
 from rl.megatron.convert import HF_CONFIG, load_megatron_state, torch_dist_config, write_torch_dist_config
 from rl.megatron.hf_tensors import hf_tensors
 from rl.megatron.layout import hf_of_parameter, megatron_sources
@@ -374,12 +375,14 @@ class MegatronBackend:
                 "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
 
     def save(self, folder: Path, writer: BackgroundWriter | None = None) -> None:
-        assert writer is None, "ckpt.async_save with Megatron is refused by the config"
+        """Write this rank's part of the checkpoint into `folder`; with `writer` (`ckpt.async_save`) only begin
+        writing the tensors, in torch_dist all the same (`rl/megatron/async_save.py`)."""
         out = Path(folder) / MEGATRON_DIR
         if dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(self._sharded_state(), str(out))
+        strategy = None if writer is None else BackgroundStrategy(writer)
+        dist_checkpointing.save(self._sharded_state(), str(out), sharded_strategy=strategy)
         if dist.get_rank() == 0:
             # What `rlhpc convert megatron-to-hf` and `rlhpc export` need to read the weights on their own.
             write_torch_dist_config(out, self.hf_config, te=self.te)
