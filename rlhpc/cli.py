@@ -116,7 +116,7 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a field, e.g. --set rollout.temperature=0.7 (repeatable).",
                  show_default=False),
 ]
-NodesOpt = Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")]
+NodesOpt = Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")]
 RunArg = Annotated[str, typer.Argument(help="Run name, run folder or Slurm job id.", show_default=False)]
 NodePathsOpt = Annotated[bool, typer.Option("--paths-on-nodes", help="The config's input paths exist only on the "
                                             "compute nodes: do not check them here.")]
@@ -331,7 +331,7 @@ OptInt = Annotated[int | None, typer.Option(min=0, show_default=False)]
 @app.command()
 def submit(
     config: ConfigArg,
-    nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")] = None,
+    nodes: NodesOpt = None,
     partition: PartitionOpt = None,
     account: OptStr = None,
     qos: OptStr = None,
@@ -410,7 +410,7 @@ def _submit_and_report(cfg: Config, *, local: bool, wait: bool, replace: bool, c
 @app.command()
 def render(
     config: ConfigArg,
-    nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")] = None,
+    nodes: NodesOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the script here (else stdout).")] = None,
     overrides: SetOpt = None,
     force: ForceOpt = False,
@@ -577,7 +577,7 @@ def _stop_local_job(pid: int, started: str | None) -> bool:
 @app.command()
 def resume(
     run_: RunArg,
-    nodes: Annotated[int | None, typer.Option("--nodes", "-N", min=1, help="Nodes to allocate.")] = None,
+    nodes: NodesOpt = None,
     partition: PartitionOpt = None,
     time: Annotated[str | None, typer.Option(help="Time limit (4:00:00, 2-00:00:00).", show_default=False)] = None,
     local: Annotated[bool, typer.Option("--local", help="Run through submitit's local executor here.")] = False,
@@ -646,15 +646,18 @@ cluster_app = _Typer(help="A real local Slurm cluster on this machine (tests, CI
                           no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 StateDirOpt = Annotated[Path, typer.Option("--state-dir", help="Where the cluster keeps its config, state and logs.")]
+CLUSTER_STATE_DIR = Path("/tmp/rlhpc-cluster")
+"""hpc.local_cluster's DEFAULT_STATE_DIR (a test holds them equal), not imported from there: that module
+brings jinja2, which every start of the command would then load."""
 
 
 @cluster_app.command("up")
 def cluster_up(
-    nodes: NodesOpt = 2,
+    nodes: Annotated[int, typer.Option("--nodes", "-N", min=1, help="Nodes of the cluster.")] = 2,
     cpus_per_node: Annotated[
         int | None, typer.Option(min=1, help="CPUs each node declares; the machine's by default.")] = None,
     accounting: Annotated[bool, typer.Option(help="Add slurmdbd with a local MariaDB, so sacct works.")] = False,
-    state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster"),
+    state_dir: StateDirOpt = CLUSTER_STATE_DIR,
 ) -> None:
     """Start munged, slurmctld and one slurmd per node, each node in its own network namespace."""
     import os
@@ -671,7 +674,7 @@ def cluster_up(
 
 
 @cluster_app.command("down")
-def cluster_down(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
+def cluster_down(state_dir: StateDirOpt = CLUSTER_STATE_DIR) -> None:
     """Stop every daemon and job process of the local cluster and remove its namespaces and bridge."""
     from hpc.local_cluster import LocalCluster, check_prerequisites
 
@@ -684,7 +687,7 @@ def cluster_down(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
 
 
 @cluster_app.command("status")
-def cluster_status(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
+def cluster_status(state_dir: StateDirOpt = CLUSTER_STATE_DIR) -> None:
     """Say whether the local cluster is up, and the state of each node."""
     from hpc.local_cluster import LocalCluster
 
@@ -704,7 +707,7 @@ def cluster_status(state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster")) -> None:
 @cluster_app.command("fail")
 def cluster_fail(
     node: Annotated[str, typer.Argument(help="The node to fail, e.g. node2.")],
-    state_dir: StateDirOpt = Path("/tmp/rlhpc-cluster"),
+    state_dir: StateDirOpt = CLUSTER_STATE_DIR,
 ) -> None:
     """Fail a node as a power cut would: its slurmd and every process on it killed at once. `rlhpc cluster up`
     brings it back."""

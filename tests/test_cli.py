@@ -33,6 +33,13 @@ def test_cli_start_up_imports_no_heavy_library():
     assert out.strip() == "[]"
 
 
+def test_the_cluster_commands_default_to_the_local_clusters_own_folder():
+    from hpc.local_cluster import DEFAULT_STATE_DIR
+    from rlhpc.cli import CLUSTER_STATE_DIR
+
+    assert CLUSTER_STATE_DIR == DEFAULT_STATE_DIR
+
+
 def test_validate_accepts_the_shipped_configs():
     for name in ("qwen3_4b.toml", "glm4_9b.toml", "tiny_cpu.toml"):
         result = runner.invoke(app, ["validate", str(CONFIGS / name)])
