@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -224,20 +225,63 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
         # Ray reads its authentication settings when imported; the job's token must be in place first.
         raise RayStartError("ray_cluster() must be entered before `ray` is imported in this process")
     attempt_dir.mkdir(parents=True, exist_ok=True)
-    head = alloc.node_rank == 0
     block = port_block(alloc.job_number, ephemeral=ephemeral_range(), fixed=ray_cfg.port)
-    if not head:
-        head_address = _wait_for_head(attempt_dir, alloc, START_TIMEOUT_S + ray_cfg.join_timeout_s)
-    if ray_cfg.socket_ifname:
-        route = Route(ray_cfg.socket_ifname, address_of(ray_cfg.socket_ifname))
-    elif not head:
-        route = route_to(head_address.rsplit(":", 1)[0])
-    elif peers := [h for h in alloc.hosts if h != alloc.host]:
-        route = route_to(node_addresses(peers)[peers[0]])
-    else:
-        route = Route("lo", "127.0.0.1")
-    if head:
+    # Anyone who reaches a Ray port can run code as this user: the job's Ray takes only its own token,
+    # made by rank 0 in the attempt folder (readable by the user alone) and read there by the other nodes.
+    token = attempt_dir / TOKEN_FILE
+    launch = functools.partial(_start_node, alloc, attempt_dir, ray_cfg, block, token, extra_env, ignore_signals)
+    if alloc.node_rank == 0:
+        route = _head_route(alloc, ray_cfg)
         head_address = f"{route.source}:{block.base}"
+        _write_token(token)
+        # Published before the head starts: the other nodes start as soon as its GCS port opens, so their
+        # start-up overlaps the head's instead of following it.
+        _write_json(attempt_dir / HEAD_FILE, {"address": head_address})
+        node = launch(route, head_address, head=True)
+        try:
+            node.wait_started(START_TIMEOUT_S)
+            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver
+            nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node, stacks_dir)
+            try:
+                yield RayCluster(head_address, nodes)
+            finally:
+                # Disconnect before the cluster goes: a driver still connected when the GCS stops aborts.
+                import ray
+
+                ray.shutdown()
+                (attempt_dir / DONE_FILE).touch()
+        finally:
+            node.stop()
+    else:
+        head_address = _wait_for_head(attempt_dir, alloc, START_TIMEOUT_S + ray_cfg.join_timeout_s)
+        host, port = head_address.rsplit(":", 1)
+        route = (Route(ray_cfg.socket_ifname, address_of(ray_cfg.socket_ifname)) if ray_cfg.socket_ifname
+                 else route_to(host))
+        _wait_for_port(host, int(port), START_TIMEOUT_S + ray_cfg.join_timeout_s)
+        node = launch(route, head_address, head=False)
+        try:
+            node.wait_started(START_TIMEOUT_S)  # a failed start is an error, not a lost node
+            _wait_until_done(node, attempt_dir, alloc.host, head_address)
+            yield None
+        finally:
+            node.stop()
+
+
+def _head_route(alloc: Allocation, ray_cfg: RayConfig) -> Route:
+    """The interface and address the head is reached at: `[ray] socket_ifname` where set, else the route to
+    another node of the job, or loopback when it is alone."""
+    if ray_cfg.socket_ifname:
+        return Route(ray_cfg.socket_ifname, address_of(ray_cfg.socket_ifname))
+    if peers := [h for h in alloc.hosts if h != alloc.host]:
+        return route_to(node_addresses(peers)[peers[0]])
+    return Route("lo", "127.0.0.1")
+
+
+def _start_node(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig, block: PortBlock, token: Path,
+                extra_env: Mapping[str, str] | None, ignore_signals: tuple[int, ...], route: Route,
+                head_address: str, *, head: bool) -> _Node:
+    """Start `ray start --block` on this node, the head or a worker joining `head_address`, and record the
+    node in the attempt's folder."""
     env, shown = job_env(route, environ=os.environ, settings={**ray_cfg.network_env(), **(extra_env or {})})
     if head:
         log.info("network environment: %s", ", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -255,24 +299,10 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
         cmd.append(f"--node-ip-address={route.source}")
     if not in_shm:
         cmd.append(f"--plasma-directory={temp_dir}")
-    if head:
-        cmd += ["--head", f"--include-dashboard={str(ray_cfg.dashboard).lower()}",
-                f"--dashboard-host={ray_cfg.dashboard_host}"]
-    else:
-        cmd.append(f"--address={head_address}")
+    cmd += (["--head", f"--include-dashboard={str(ray_cfg.dashboard).lower()}",
+             f"--dashboard-host={ray_cfg.dashboard_host}"] if head else [f"--address={head_address}"])
     # GCS clients retry for longer: many nodes registering at once can slow the GCS (NeMo-RL's experience).
     env.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "120")
-    # Anyone who reaches a Ray port can run code as this user: the job's Ray takes only its own token,
-    # made by rank 0 in the attempt folder (readable by the user alone) and read there by the other nodes.
-    token = attempt_dir / TOKEN_FILE
-    if head:
-        _write_token(token)
-        # Published before the head starts: the other nodes start as soon as its GCS port opens, so their
-        # start-up overlaps the head's instead of following it.
-        _write_json(attempt_dir / HEAD_FILE, {"address": head_address})
-    else:
-        host, port = head_address.rsplit(":", 1)
-        _wait_for_port(host, int(port), START_TIMEOUT_S + ray_cfg.join_timeout_s)
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     node = _Node(cmd, env, temp_dir, attempt_dir / f"ray-{alloc.host}.log", ignore_signals)
     try:
@@ -280,24 +310,10 @@ def ray_cluster(alloc: Allocation, attempt_dir: Path, ray_cfg: RayConfig,
         _write_json(attempt_dir / "nodes" / f"{alloc.host}.json",
                     {"address": route.source, "ifname": route.ifname, "rank": alloc.node_rank,
                      "cpus": alloc.cpus, "gpus": alloc.gpus, "pid": os.getpid(), "temp_dir": str(temp_dir)})
-        if head:
-            node.wait_started(START_TIMEOUT_S)
-            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))  # for this driver
-            nodes = wait_for_nodes(head_address, alloc, attempt_dir, ray_cfg.join_timeout_s, node, stacks_dir)
-            try:
-                yield RayCluster(head_address, nodes)
-            finally:
-                # Disconnect before the cluster goes: a driver still connected when the GCS stops aborts.
-                import ray
-
-                ray.shutdown()
-                (attempt_dir / DONE_FILE).touch()
-        else:
-            node.wait_started(START_TIMEOUT_S)  # a failed start is an error, not a lost node
-            _wait_until_done(node, attempt_dir, alloc.host, head_address)
-            yield None
-    finally:
+    except BaseException:
         node.stop()
+        raise
+    return node
 
 
 def host_resource(host: str) -> str:
