@@ -113,18 +113,21 @@ def _fake_payloads(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_weights_go_in_one_update_session_in_bounded_buckets_one_payload_per_tp_rank(monkeypatch):
-    """SGLang 0.5.23 refuses update_weights_from_tensor outside begin_weight_update … end_weight_update."""
+    """SGLang 0.5.23 refuses update_weights_from_tensor outside begin_weight_update … end_weight_update. The
+    prefix cache is flushed once, at the session's end, not after each bucket (SGLang's default)."""
     _fake_payloads(monkeypatch)
     weights = {"a": torch.zeros(100), "b": torch.zeros(100), "c": torch.zeros(300), "d": torch.zeros(10)}
     with Recorder() as server:
         client = SglangClient(server.url, options=SglangConfig(rollout_num_gpus_per_engine=2),
                               devices=["cuda:0", "cuda:1"], update_weight_buffer_size=800)
         client.update_weights(weights, version=5)
-        assert server.paths == ["/begin_weight_update"] + ["/update_weights_from_tensor"] * 3 + ["/end_weight_update"]
+        assert server.paths == ["/begin_weight_update"] + ["/update_weights_from_tensor"] * 3 + [
+            "/flush_cache?timeout=60", "/end_weight_update"]
         updates = [body for path, body in server.requests if path == "/update_weights_from_tensor"]
         assert [u["serialized_named_tensors"] for u in updates] == [
             ["a,b@cuda:0", "a,b@cuda:1"], ["c@cuda:0", "c@cuda:1"], ["d@cuda:0", "d@cuda:1"]]
-        assert all(u["load_format"] == "flattened_bucket" and u["weight_version"] == "5" for u in updates)
+        assert all(u["load_format"] == "flattened_bucket" and u["weight_version"] == "5" and not u["flush_cache"]
+                   for u in updates)
         assert client.version == 5
 
 
@@ -150,8 +153,9 @@ def test_broadcast_buckets_arrive_in_the_session_of_the_whole_sync_which_is_ende
         client.end_weight_update()
         client.end_weight_update()
         assert server.paths == ["/begin_weight_update", *["/update_weights_from_distributed"] * 2,
-                                "/end_weight_update"]
-        assert server.requests[1][1]["dtypes"] == ["bfloat16"] and client.version == 2
+                                "/flush_cache?timeout=60", "/end_weight_update"]
+        assert server.requests[1][1]["dtypes"] == ["bfloat16"] and not server.requests[1][1]["flush_cache"]
+        assert client.version == 2
     with Recorder(refuse=("/begin_weight_update",)) as server:
         client = SglangClient(server.url, options=SglangConfig(), devices=["cpu"], update_weight_buffer_size=1)
         with pytest.raises(Exception, match="400"):

@@ -16,7 +16,7 @@ from typing import Any
 
 from rl.config import RolloutConfig
 from rl.interrupt import Interrupted
-from rl.rollout.engine import Generation, SamplingParams
+from rl.rollout.engine import Generation, RolloutEngine, SamplingParams
 
 POLL_S = 0.2
 HEALTH = "health"
@@ -49,6 +49,14 @@ def streamed_buckets(workers: list[Any]) -> Iterator[Any]:
     for other in streams[1:]:  # they yield nothing
         for _ in other:
             pass
+
+
+def _load_buckets(engine: RolloutEngine, refs: list[Any], version: int) -> None:
+    """In an engine's actor (`__ray_call__`): the buckets kept in Ray's object store, fetched one at a time, as
+    one update, hence one weight-update session (a list of references reaches the actor unresolved)."""
+    import ray
+
+    engine.update_weights((pair for ref in refs for pair in ray.get(ref)), version)
 
 
 class EnginePool:
@@ -95,10 +103,8 @@ class EnginePool:
                 self.joined = True
             ray.get([w.broadcast_weights.remote(self.engines, version) for w in workers])
             return
-        kept = []
-        for ref in streamed_buckets(workers):
-            ray.get([e.update_weights.remote(ref, version) for e in self.engines])
-            kept.append(ref)
+        kept = list(streamed_buckets(workers))
+        ray.get([e.__ray_call__.remote(_load_buckets, kept, version) for e in self.engines])
         self.weights = (kept, version)
 
     def replace(self, slot: int, why: str) -> None:
@@ -109,8 +115,7 @@ class EnginePool:
         self.engines[slot] = self._start(slot)
         if self.weights is not None:
             refs, version = self.weights
-            for ref in refs:
-                ray.get(self.engines[slot].update_weights.remote(ref, version))
+            ray.get(self.engines[slot].__ray_call__.remote(_load_buckets, refs, version))
         self.restarts += 1
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int],

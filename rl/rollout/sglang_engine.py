@@ -217,7 +217,7 @@ class SglangClient:
             for bucket_payloads in payloads:
                 self._post("/update_weights_from_tensor", {
                     "serialized_named_tensors": bucket_payloads,
-                    "load_format": "flattened_bucket", "weight_version": str(version)})
+                    "load_format": "flattened_bucket", "weight_version": str(version), "flush_cache": False})
                 if torch.cuda.is_initialized():
                     # a buffer shared by CUDA IPC is freed once collected after the server lets go of it:
                     # collected bucket by bucket, they do not add up (slime does the same)
@@ -233,10 +233,16 @@ class SglangClient:
 
     def end_weight_update(self) -> None:
         """Close the session `begin_weight_update` opened, if it did: a sync that failed anywhere, even in
-        some engine's begin, closes every engine's this way (SGLang refuses to end a session never opened)."""
+        some engine's begin, closes every engine's this way (SGLang refuses to end a session never opened).
+        The prefix cache the old weights computed is flushed once here, for the whole sync, and for one that
+        failed half-way too: each bucket's request leaves it (`flush_cache` false; SGLang's default flushes
+        after every bucket)."""
         if self.in_update_session:
             self.in_update_session = False
-            self._post("/end_weight_update")
+            try:
+                self._post(f"/flush_cache?timeout={IDLE_TIMEOUT_S:g}")
+            finally:
+                self._post("/end_weight_update")
 
     def init_weights_update_group(self, master_address: str, master_port: int, rank: int, world_size: int,
                                   backend: str) -> None:
@@ -250,7 +256,8 @@ class SglangClient:
         opened on every engine for the whole sync (`begin_weight_update`)."""
         self._post("/update_weights_from_distributed", {
             "names": list(meta.names), "dtypes": [str(d).removeprefix("torch.") for d in meta.dtypes],
-            "shapes": [list(s) for s in meta.shapes], "group_name": UPDATE_GROUP, "weight_version": str(version)})
+            "shapes": [list(s) for s in meta.shapes], "group_name": UPDATE_GROUP, "weight_version": str(version),
+            "flush_cache": False})
         self.version = version
 
     def health(self) -> bool:
