@@ -16,6 +16,9 @@ code and Megatron's modules otherwise run as they are:
    (`LanguageModule.setup_embeddings_and_output_layer`): the tensor stays where it is.
 7. `torch.cuda.synchronize()` before the torch_dist writer copies tensors (`filesystem_async.preload_tensors`):
    nothing to wait for on the host.
+8. `Tensor.pin_memory()` where the distributed optimizer's parameter buffers move to the host
+   (`_ParamAndGradBuffer.offload_to_cpu`): page-locking is for CUDA's copies and needs an accelerator; a plain
+   copy instead, as pinning makes one (the buffer's own storage is freed next).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class _CudaOnHost(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.pin_memory:
+            return args[0].clone()
         kwargs = dict(kwargs or {})
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"

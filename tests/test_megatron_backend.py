@@ -2,8 +2,8 @@
 torch_dist checkpoints, one process per rank, with rlhpc's `TrainWorker` and `MegatronBackend` — on the host over
 gloo (the suite), or on GPUs over NCCL where there are enough of them (`benchmarks/gpu_smoke.py`).
 
-Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the tiny Qwen3's tied embeddings)
-runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
+Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the tiny Qwen3's tied embeddings,
+data parallel 2 with the distributed optimizer, each rank training on its share of the batch) runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
 loads that checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and
 take the same second step bitwise (the first run pauses training memory, as a colocated rollout does, before it).
 The layouts of several ranks save with `ckpt.async_save`: the second step runs while the checkpoint is written.
@@ -13,8 +13,9 @@ compared with the torch backend's on the same weights (float32).
 On the host: stand-ins, each for one megatron-core call that demands CUDA (`tests/megatron_cpu.py` says why each is
 harmless): `tensor_parallel.model_parallel_cuda_manual_seed`, `CudaRNGStatesTracker.fork`,
 `torch.cuda.current_device`, `device="cuda"` in tensor factories, the fp32-gradient type assertion of
-`clip_grad_by_total_norm_fp32`, `Tensor.cuda()` on the tied embedding of pipeline stages, and
-`torch.cuda.synchronize` in the torch_dist writer.
+`clip_grad_by_total_norm_fp32`, `Tensor.cuda()` on the tied embedding of pipeline stages,
+`torch.cuda.synchronize` in the torch_dist writer, and `Tensor.pin_memory()` where the distributed optimizer's
+buffers move to the host.
 
 What cannot run on the host at all: sequence parallelism (Megatron's torch norm refuses it, only Transformer
 Engine's norms take it, and TE needs CUDA), packed THD micro-batches and context parallelism (TE's attention),
@@ -31,6 +32,7 @@ import torch
 
 from conftest import MINIMAL
 from rl import checkpoint
+from rl.batch import split_for_ranks
 from rl.ports import free_port
 from rlhpc.config import load_config
 from test_torch_backend import make_samples
@@ -42,10 +44,11 @@ LAYOUTS = {
     "tp1": (1, []),
     "tp2": (2, ["perf.tensor_model_parallel_size=2"]),
     "pp2": (2, ["perf.pipeline_model_parallel_size=2"]),
+    "dp2": (2, ["perf.use_distributed_optimizer=true"]),
 }
 SETTINGS = ["perf.train_backend=megatron", "perf.bf16=false", "optimizer.lr=1e-2", "grpo.entropy_coef=0.01",
             "grpo.use_kl_loss=true", "grpo.kl_loss_coef=0.1", "perf.cpu_threads=1"]
-ASYNC_SAVE = {"tp2", "pp2"}
+ASYNC_SAVE = {"tp2", "pp2", "dp2"}
 """Layouts whose first run saves with `ckpt.async_save`: the checkpoint, written while the next step runs, must
 still hold the state of the moment the save began. The one-rank layout keeps Megatron's synchronous save."""
 TOLERANCE = 2e-5
@@ -89,12 +92,15 @@ def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, o
     worker = _worker(rank, world, port, cuda, config, overrides, model)
     backend = worker.backend
     samples = make_samples()
-    result: dict = {}
+    # As the driver hands them out: each data-parallel rank trains on its share, with the batch's global sizes.
+    mine = [samples[i] for i in split_for_ranks(len(samples), backend.dp_size)[backend.dp_rank]]
+    result: dict = {"reports": backend.reports}
     if not resume:
         result["log_probs"] = backend.compute_log_probs(samples)
-        result["first"] = backend.train_step(samples, **_sizes(samples))
-        result["no_decay"] = sorted({g["weight_decay"] for g in backend.optimizer.param_groups
-                                     if all(p.dim() == 1 for p in g["params"]) and g["params"]})
+        result["first"] = backend.train_step(mine, **_sizes(samples))
+        if not backend.cfg.perf.use_distributed_optimizer:  # whose main parameters are flat shards, all 1-D
+            result["no_decay"] = sorted({g["weight_decay"] for g in backend.optimizer.param_groups
+                                         if all(p.dim() == 1 for p in g["params"]) and g["params"]})
         worker.save(ckpt)  # with ckpt.async_save only begun: written while the next step changes the weights
         worker._staged()  # as the worker waits before each step: the save's copy is taken
         # A colocated rollout's pause: training memory leaves and comes back (gradient buffers freed and
@@ -107,7 +113,7 @@ def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, o
     result["step"] = backend.step
     result["weights_at_save"] = _weights(backend)
     result["optimizer_at_save"] = _optimizer_state(backend)
-    result["second"] = backend.train_step(samples, **_sizes(samples))
+    result["second"] = backend.train_step(mine, **_sizes(samples))
     result["weights_after"] = _weights(backend)
     worker.saved()
     torch.save(result, f"{out}.{rank}")
@@ -146,15 +152,17 @@ def test_megatron_trains_saves_and_resumes_in_a_fresh_process(layout, write_conf
                              device="cuda" if torch.cuda.is_available() else "cpu")
     expected_log_probs = reference.compute_log_probs(samples)
     expected = reference.train_step(samples, **_sizes(samples))
-    reporter = first[-1]  # the last pipeline stage, tensor-parallel rank 0 in these layouts: it holds the losses
+    # The last pipeline stage's tensor-parallel rank 0 of each data-parallel rank holds its share's losses.
+    reporters = [r for r in first if r["reports"]]
+    reporter = reporters[0]
     for ours, theirs in zip(reporter["log_probs"], expected_log_probs, strict=True):
         assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=TOLERANCE), (ours, theirs)
-    # The entropy bonus, the KL term and the clipped objective, summed over the micro-batches on the reporting rank.
+    # The entropy bonus, the KL term and the clipped objective, summed over the micro-batches and the shares.
     for name in ("pg_loss", "entropy", "kl", "loss"):
-        assert reporter["first"][name] == pytest.approx(expected[name], abs=TOLERANCE), name
+        assert sum(r["first"][name] for r in reporters) == pytest.approx(expected[name], abs=TOLERANCE), name
     assert reporter["first"]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4)
     # Norms, biases and q/k norms take no weight decay (Megatron's wd_mult = 0 for 1-D parameters).
-    assert all(r["no_decay"] == [0.0] for r in first)
+    assert all(r["no_decay"] == [0.0] for r in first if "no_decay" in r)
 
     head = first[0]  # every rank gathers the whole policy by Hugging Face name
     assert head["weights_at_save"].keys() == AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().keys()

@@ -13,6 +13,7 @@ see whole sequences. Not yet: virtual pipeline stages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,6 +49,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STEP_FILE = "megatron_step.json"
+OPTIMIZER_LAYOUT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""How the distributed optimizer (`perf.use_distributed_optimizer`) lays out its state in a checkpoint: each
+rank's own buffers, saved and loaded without gathering, reshardable over data parallelism only (Megatron-LM's
+default). megatron-core's own default, the deprecated `fully_sharded_model_space`, fails to save in 0.16
+("ShardedTensor.flattened_range is not supported"); other optimizers ignore it."""
 
 
 def vocab_parallel_log_probs(logits: Tensor, target: Tensor) -> Tensor:
@@ -372,7 +378,36 @@ class MegatronBackend:
         # moments and step count as placeholders to read into (a fresh process has none yet, and without them
         # they are silently left out).
         return {"model": model_state,
-                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading)}
+                "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                               metadata=OPTIMIZER_LAYOUT)}
+
+    @contextlib.contextmanager
+    def _torch_adam_loading(self, step: int) -> Iterator[None]:
+        """Around a checkpoint's load into the distributed optimizer with torch's Adam (megatron-core's
+        optimizer where neither Transformer Engine nor Apex is installed; Transformer Engine's Adam keeps its step
+        count in the parameter groups instead), two faults of megatron-core 0.16 made up for:
+
+        - Torch's Adam makes its moments and step counts at its first step, but `DistributedOptimizer.state_dict`,
+          which building the state to load calls first, asserts one step count among them, and the load then
+          copies each parameter's step from that state as it was, not from the checkpoint. So in a fresh process
+          the state is made first: zero moments, as Megatron's own `init_state_fn` makes them (the load overwrites
+          them), and the checkpoint's step count `step` (the backend's optimizer steps, which are Adam's).
+        - The load gives every parameter one shared step tensor, which Adam's multi-tensor step would then
+          advance once per parameter: each gets its own copy back."""
+        from megatron.core.optimizer import distrib_optimizer
+
+        distributed = [] if distrib_optimizer.HAVE_APEX_OR_TE else [
+            opt for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+            if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+        for opt in distributed:
+            if not opt.optimizer.state:
+                opt.init_state_fn(opt.optimizer, opt.config)
+                for param_state in opt.optimizer.state.values():
+                    param_state["step"] = torch.tensor(float(step))
+        yield
+        for opt in distributed:
+            for param_state in opt.optimizer.state.values():
+                param_state["step"] = param_state["step"].clone()
 
     def save(self, folder: Path, writer: BackgroundWriter | None = None) -> None:
         """Write this rank's part of the checkpoint into `folder`; with `writer` (`ckpt.async_save`) only begin
@@ -388,9 +423,12 @@ class MegatronBackend:
             write_torch_dist_config(out, self.hf_config, te=self.te)
             (Path(folder) / STEP_FILE).write_text(json.dumps({"step": self.step}))
 
+    @torch.no_grad()  # the distributed optimizer copies into its main parameters in place, leaves needing grads
     def load(self, folder: Path) -> None:
-        state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(Path(folder) / MEGATRON_DIR))
-        load_megatron_state(self.model, state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(json.loads((Path(folder) / STEP_FILE).read_text())["step"])
+        step = int(json.loads((Path(folder) / STEP_FILE).read_text())["step"])
+        with self._torch_adam_loading(step):
+            state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(Path(folder) / MEGATRON_DIR))
+            load_megatron_state(self.model, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = step
 
