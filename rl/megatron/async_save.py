@@ -46,14 +46,14 @@ class BackgroundStrategy(SaveShardedStrategy):
         return True
 
     def save(self, sharded_state_dict: ShardedStateDict, checkpoint_dir: str | Path) -> None:
-        from torch.distributed.checkpoint import FileSystemWriter
+        from rl.checkpoint import storage_writer
 
         # Main replicas only, by global key, as Megatron's strategy writes them.
         shards, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica=True)
         tensors = {key: [s.data for s in group] for key, group in shards.items() if isinstance(group[0], ShardedTensor)}
         # Sharded objects are serialized here, now: a copy as it stands.
         objects = mcore_to_pyt_state_dict({key: group for key, group in shards.items() if key not in tensors})
-        self.writer.save(tensors, FileSystemWriter(checkpoint_dir, thread_count=WRITE_THREADS),
+        self.writer.save(tensors, storage_writer(Path(checkpoint_dir), thread_count=WRITE_THREADS),
                          planner=_Planner(shards, objects))
 
 
