@@ -3,9 +3,10 @@ torch_dist checkpoints, one process per rank, with rlhpc's `TrainWorker` and `Me
 gloo (the suite), or on GPUs over NCCL where there are enough of them (`benchmarks/gpu_smoke.py`).
 
 Each layout (tensor parallel 1, tensor parallel 2, pipeline parallel 2 with the tiny Qwen3's tied embeddings,
-data parallel 2 with the distributed optimizer, each rank training on its share of the batch) runs twice in fresh processes: the first run scores, trains a step, saves, trains a second step; the second run
-loads that checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and
-take the same second step bitwise (the first run pauses training memory, as a colocated rollout does, before it).
+data parallel 2 with the distributed optimizer, each rank training on its share of the batch) runs twice in
+fresh processes: the first run scores, trains a step, saves, trains a second step; the second run loads that
+checkpoint, as a requeued job does, and must hold the same weights and optimizer state bitwise and take the same
+second step bitwise (the first run pauses training memory, as a colocated rollout does, before it).
 The layouts of several ranks save with `ckpt.async_save`: the second step runs while the checkpoint is written.
 `rlhpc export` of the sealed checkpoint gives the saved weights. Log-probs and the first step's loss terms are
 compared with the torch backend's on the same weights (float32).
