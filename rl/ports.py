@@ -28,19 +28,22 @@ def free_port(host: str = "") -> int:
 
 
 def server_ports(count: int, registry: Path | None = None) -> list[int]:
-    """`count` distinct ports for a server launched next: each binds on every interface now, lies below the
-    kernel's ephemeral range (from which outgoing connections and `free_port` draw, so none of those takes it
-    before the server binds it), and was handed out to no caller on this node within `LEASE_S`, so that
-    engines launched side by side on one node, each from its own process, get ports of their own. The node's
-    callers agree through `registry` (by default a file of this user's in the temporary folder), locked while
-    it is read and rewritten."""
+    """`count` distinct ports for a server launched next: each binds on every interface now, lies outside the
+    kernel's ephemeral range, from which outgoing connections and `free_port` draw, so that none of those takes
+    it before the server binds it (below the range; above it on a node whose range starts low; anywhere from
+    `LOWEST` where it covers them all, as SGLang then does), and was handed out to no caller on this node within
+    `LEASE_S`, so that engines launched side by side on one node, each from its own process, get ports of their
+    own. The node's callers agree through `registry` (by default a file of this user's in the temporary folder),
+    locked while it is read and rewritten."""
     path = registry or Path(tempfile.gettempdir()) / f"rlhpc-ports-{os.getuid()}.json"
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released as the file closes
         f.seek(0)
         now = time.time()
         leases = {port: t for port, t in _leases(f.read()).items() if now - t < LEASE_S}
-        candidates = range(LOWEST, _ephemeral_low())
+        low, high = _ephemeral_range()
+        # Below the range first: above it, zmq's random ports (49152-65535, SGLang's message queues) may land.
+        candidates = range(LOWEST, low) or range(high + 1, 65536) or range(LOWEST, 65536)
         chosen: list[int] = []
         for port in random.sample(candidates, len(candidates)):
             if port not in leases and _binds(port):
@@ -48,7 +51,8 @@ def server_ports(count: int, registry: Path | None = None) -> list[int]:
                 if len(chosen) == count:
                     break
         else:
-            raise OSError(f"fewer than {count} free ports in {candidates} on this node")
+            raise OSError(f"fewer than {count} free ports from {LOWEST} on this node, outside the ephemeral range "
+                          f"{low}-{high} where it leaves room")
         leases |= dict.fromkeys(chosen, now)
         f.seek(0)
         f.truncate()
@@ -64,11 +68,12 @@ def _leases(text: str) -> dict[int, float]:
         return {}
 
 
-def _ephemeral_low() -> int:
+def _ephemeral_range() -> tuple[int, int]:
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768  # Linux's default
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2]
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _binds(port: int) -> bool:

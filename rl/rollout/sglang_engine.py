@@ -53,8 +53,8 @@ def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, nccl_
     every `sglang_*` option (slime's forwarding), `sglang_server_args` last so that they win."""
     args: dict[str, Any] = {
         "model-path": model_path, "host": host, "port": port,
-        # its ranks' rendezvous: left to SGLang, each server draws one at random as it starts, and servers
-        # starting together on one node may draw the same
+        # its ranks' rendezvous, chosen here: left to SGLang, each server draws one at random as it starts, and
+        # servers starting together on one node may draw the same
         "nccl-port": nccl_port,
         "tp-size": o.rollout_num_gpus_per_engine,
         "log-level": o.sglang_log_level, "max-running-requests": o.sglang_server_concurrency,
@@ -85,8 +85,10 @@ def server_args(o: SglangConfig, model_path: str, *, host: str, port: int, nccl_
 def server_command(o: SglangConfig, model_path: str, *, host: str, colocate: bool) -> tuple[int, list[str]]:
     """The HTTP port of an engine's server, and the command that launches it with ports no other engine on
     this node is given (`rl.ports.server_ports`): the HTTP port and its ranks' rendezvous. SGLang 0.5.23's
-    server binds no other TCP port unless given options rlhpc does not set (data-parallel attention's
-    `--port`+233…, `--grpc-port`), its processes talking over IPC files otherwise (`PortArgs.init_new`)."""
+    server chooses no other TCP port unless given options rlhpc does not set (data-parallel attention's
+    `--port`+233…, `--grpc-port`): its processes talk over IPC files (`PortArgs.init_new`), its tensor-parallel
+    ranks' message queue binds a random port of 49152-65535 (zmq), and gloo's and NCCL's listeners take what the
+    kernel assigns from its ephemeral range: none below the ephemeral range, where leased ports lie."""
     port, nccl_port = server_ports(2)
     return port, [sys.executable, "-m", "sglang.launch_server",
                   *server_args(o, model_path, host=host, port=port, nccl_port=nccl_port, colocate=colocate)]
