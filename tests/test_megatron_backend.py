@@ -102,12 +102,13 @@ def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, o
         if not backend.cfg.perf.use_distributed_optimizer:  # whose main parameters are flat shards, all 1-D
             result["no_decay"] = sorted({g["weight_decay"] for g in backend.optimizer.param_groups
                                          if all(p.dim() == 1 for p in g["params"]) and g["params"]})
-        worker.save(ckpt)  # with ckpt.async_save only begun: written while the next step changes the weights
-        worker._staged()  # as the worker waits before each step: the save's copy is taken
-        # A colocated rollout's pause: training memory leaves and comes back (gradient buffers freed and
-        # reallocated); the next step must be the resumed run's, which never paused.
+        # A colocated run's order: training memory leaves for the engines' sync (gradient buffers freed, then
+        # the weights), the checkpoint is saved from there, and the memory comes back for the next step, which
+        # must be the resumed run's, which never paused.
         backend.offload(weights=False)
         backend.offload(weights=True)
+        worker.save(ckpt)  # with ckpt.async_save only begun: written while the next step changes the weights
+        worker._staged()  # as the worker waits before each step: the save's copy is taken
         backend.reload()
     else:
         worker.load(ckpt)

@@ -382,32 +382,57 @@ class MegatronBackend:
                                                                metadata=OPTIMIZER_LAYOUT)}
 
     @contextlib.contextmanager
-    def _torch_adam_loading(self, step: int) -> Iterator[None]:
-        """Around a checkpoint's load into the distributed optimizer with torch's Adam (megatron-core's
-        optimizer where neither Transformer Engine nor Apex is installed; Transformer Engine's Adam keeps its step
-        count in the parameter groups instead), two faults of megatron-core 0.16 made up for:
-
-        - Torch's Adam makes its moments and step counts at its first step, but `DistributedOptimizer.state_dict`,
-          which building the state to load calls first, asserts one step count among them, and the load then
-          copies each parameter's step from that state as it was, not from the checkpoint. So in a fresh process
-          the state is made first: zero moments, as Megatron's own `init_state_fn` makes them (the load overwrites
-          them), and the checkpoint's step count `step` (the backend's optimizer steps, which are Adam's).
-        - The load gives every parameter one shared step tensor, which Adam's multi-tensor step would then
-          advance once per parameter: each gets its own copy back."""
+    def _offloaded_weights_readable(self) -> Iterator[None]:
+        """While the weights are offloaded with the distributed optimizer (colocated: the loop saves after the
+        sync has sent them), each parameter is a view of a DDP buffer whose device storage megatron-core freed,
+        the values in the buffer's host copy, and so are the optimizer's shards of fp32 parameters (its main
+        parameters; those of bf16 ones are copies of their own, offloaded by the optimizer); a checkpoint would
+        read the freed storage. Within this, they point into the host copy instead, and come back after."""
         from megatron.core.optimizer import distrib_optimizer
 
-        distributed = [] if distrib_optimizer.HAVE_APEX_OR_TE else [
+        moved: dict[Tensor, Tensor] = {}
+        for b in self._buffers():
+            if b.param_data is not None and b.param_data_cpu is not None and b.param_data.untyped_storage().size() == 0:
+                for param, (start, end, _) in b.param_index_map.items():
+                    moved[param] = param.data
+                    param.data = b.param_data_cpu[start:end].view(param.shape)
+        if moved:
+            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                if isinstance(opt, distrib_optimizer.DistributedOptimizer):
+                    for params, shards in zip(opt.model_fp32_groups, opt.shard_fp32_groups):
+                        for param, shard in zip(params, shards):
+                            owned = opt._get_model_param_range_map(param)["param"]
+                            moved[shard] = shard.data
+                            shard.data = param.data.view(-1)[owned.start:owned.end]
+        try:
+            yield
+        finally:
+            for tensor, data in moved.items():
+                tensor.data = data
+
+    def _torch_adams(self) -> list[Any]:
+        """The distributed optimizers that run torch's Adam (megatron-core's where neither Transformer Engine nor
+        Apex is installed), whose moments and step counts exist only once it has stepped; with Transformer
+        Engine's Adam the step count lives in the parameter groups, and megatron-core handles it."""
+        from megatron.core.optimizer import distrib_optimizer
+
+        return [] if distrib_optimizer.HAVE_APEX_OR_TE else [
             opt for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
             if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
-        for opt in distributed:
-            if not opt.optimizer.state:
+
+    def _give_torch_adam_state(self, step: int, *, override: bool) -> None:
+        """Torch's Adam state where megatron-core 0.16's `DistributedOptimizer.state_dict` (which a save and
+        building the state to load both call first) asserts one step count among the parameters' states: zero
+        moments where there are none yet (as Megatron's own `init_state_fn` makes them; an optimizer that has not
+        stepped has that state in effect) with the step count `step`, and with `override` that step count on every
+        parameter (a load copies each parameter's step from the state as it was before, not from the checkpoint)."""
+        for opt in self._torch_adams():
+            empty = not opt.optimizer.state
+            if empty:
                 opt.init_state_fn(opt.optimizer, opt.config)
+            if empty or override:
                 for param_state in opt.optimizer.state.values():
                     param_state["step"] = torch.tensor(float(step))
-        yield
-        for opt in distributed:
-            for param_state in opt.optimizer.state.values():
-                param_state["step"] = param_state["step"].clone()
 
     def save(self, folder: Path, writer: BackgroundWriter | None = None) -> None:
         """Write this rank's part of the checkpoint into `folder`; with `writer` (`ckpt.async_save`) only begin
@@ -417,7 +442,11 @@ class MegatronBackend:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         strategy = None if writer is None else BackgroundStrategy(writer)
-        dist_checkpointing.save(self._sharded_state(), str(out), sharded_strategy=strategy)
+        self._give_torch_adam_state(self.step, override=False)  # saved before any step was taken
+        with self._offloaded_weights_readable():
+            dist_checkpointing.save(self._sharded_state(), str(out), sharded_strategy=strategy)
+            if writer is not None:  # the copy must be taken while the parameters point at the host's
+                writer.staged()
         if dist.get_rank() == 0:
             # What `rlhpc convert megatron-to-hf` and `rlhpc export` need to read the weights on their own.
             write_torch_dist_config(out, self.hf_config, te=self.te)
@@ -426,9 +455,14 @@ class MegatronBackend:
     @torch.no_grad()  # the distributed optimizer copies into its main parameters in place, leaves needing grads
     def load(self, folder: Path) -> None:
         step = int(json.loads((Path(folder) / STEP_FILE).read_text())["step"])
-        with self._torch_adam_loading(step):
-            state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(Path(folder) / MEGATRON_DIR))
-            load_megatron_state(self.model, state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+        self._give_torch_adam_state(step, override=True)
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(Path(folder) / MEGATRON_DIR))
+        load_megatron_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for opt in self._torch_adams():
+            # The load gives every parameter one shared step tensor, which Adam's multi-tensor step would
+            # advance once per parameter: each gets its own.
+            for param_state in opt.optimizer.state.values():
+                param_state["step"] = param_state["step"].clone()
         self.step = step
 
