@@ -162,14 +162,19 @@ class TrainWorker:
             self._join_gather()
             return
         assert self.update_group is not None, "join_update_group first"
+        weights = buckets(self.backend.named_weights(), self.bucket_bytes)
         try:
             ray.get([e.begin_weight_update.remote() for e in engines])
-            for bucket in buckets(self.backend.named_weights(), self.bucket_bytes):
+            for bucket in weights:
                 receiving = [e.update_weights_from_distributed.remote(BucketMeta.of(bucket), version)
                              for e in engines]
                 self.update_group.send(bucket)
                 ray.get(receiving)
         finally:
+            # Failed, rank 0 still joins the other ranks' gathers of the rest, which would otherwise wait for
+            # it until the collectives time out and hide the cause.
+            for _ in weights:
+                pass
             ray.get([e.end_weight_update.remote() for e in engines])
 
     def _join_gather(self) -> None:
