@@ -388,27 +388,30 @@ class MegatronBackend:
         the values in the buffer's host copy, and so are the optimizer's shards of fp32 parameters (its main
         parameters; those of bf16 ones are copies of their own, offloaded by the optimizer); a checkpoint would
         read the freed storage. Within this, they point into the host copy instead, and come back after."""
-        from megatron.core.optimizer import distrib_optimizer
-
         moved: dict[Tensor, Tensor] = {}
         for b in self._buffers():
             if b.param_data is not None and b.param_data_cpu is not None and b.param_data.untyped_storage().size() == 0:
                 for param, (start, end, _) in b.param_index_map.items():
                     moved[param] = param.data
                     param.data = b.param_data_cpu[start:end].view(param.shape)
-        if moved:
-            for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                if isinstance(opt, distrib_optimizer.DistributedOptimizer):
-                    for params, shards in zip(opt.model_fp32_groups, opt.shard_fp32_groups):
-                        for param, shard in zip(params, shards):
-                            owned = opt._get_model_param_range_map(param)["param"]
-                            moved[shard] = shard.data
-                            shard.data = param.data.view(-1)[owned.start:owned.end]
+        for opt in self._distributed_optimizers() if moved else []:
+            for params, mains in zip(opt.model_fp32_groups, opt.shard_fp32_groups):
+                for param, main in zip(params, mains):
+                    owned = opt._get_model_param_range_map(param)["param"]
+                    moved[main] = main.data
+                    main.data = param.data.view(-1)[owned.start:owned.end]
         try:
             yield
         finally:
             for tensor, data in moved.items():
                 tensor.data = data
+
+    def _distributed_optimizers(self) -> list[Any]:
+        """The distributed optimizers among the (chained) optimizers of `perf.use_distributed_optimizer`."""
+        from megatron.core.optimizer import distrib_optimizer
+
+        return [opt for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
 
     def _torch_adams(self) -> list[Any]:
         """The distributed optimizers that run torch's Adam (megatron-core's where neither Transformer Engine nor
@@ -416,9 +419,7 @@ class MegatronBackend:
         Engine's Adam the step count lives in the parameter groups, and megatron-core handles it."""
         from megatron.core.optimizer import distrib_optimizer
 
-        return [] if distrib_optimizer.HAVE_APEX_OR_TE else [
-            opt for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-            if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+        return [] if distrib_optimizer.HAVE_APEX_OR_TE else self._distributed_optimizers()
 
     def _give_torch_adam_state(self, step: int, *, override: bool) -> None:
         """Torch's Adam state where megatron-core 0.16's `DistributedOptimizer.state_dict` (which a save and
