@@ -242,7 +242,7 @@ class SglangClient:
         if self.in_update_session:
             self.in_update_session = False
             try:
-                self._post(f"/flush_cache?timeout={IDLE_TIMEOUT_S:g}")
+                self._flush_cache()
             finally:
                 self._post("/end_weight_update")
 
@@ -270,10 +270,14 @@ class SglangClient:
         except requests.RequestException:
             return False
 
-    def release_memory(self) -> None:
-        # SGLang's scheduler asserts that a release finds it idle (aborted requests may still be ending);
-        # /flush_cache waits for that, or answers 400
+    def _flush_cache(self) -> None:
+        """Empty the prefix cache once the server is idle (it waits up to `IDLE_TIMEOUT_S`, else answers 400)."""
         self._post(f"/flush_cache?timeout={IDLE_TIMEOUT_S:g}")
+
+    def release_memory(self) -> None:
+        # SGLang's scheduler asserts that a release finds it idle (aborted requests may still be ending):
+        # the flush waits for that
+        self._flush_cache()
         self._post("/release_memory_occupation")
         self.released = True
 
