@@ -86,8 +86,9 @@ def save_model_state(state: dict[str, Any], folder: Path, writer: BackgroundWrit
 class BackgroundWriter:
     """One rank's asynchronous saves (`ckpt.async_save`) with torch.distributed.checkpoint's `async_save`: the
     state is copied into host buffers, kept from one save to the next, by one thread, then written by another,
-    while training goes on. Training may change its tensors again once `staged()` returns (before its next step:
-    a rollout's generation usually covers the copy). The writes' collectives run over `group`, a process group of
+    while training goes on. Training may change its tensors again once `staged()` returns (waited for before its
+    next optimizer step, so that the step's forward and backward and, in the loop, a rollout's generation before
+    it overlap the copy). The writes' collectives run over `group`, a process group of
     their own, so that they never interleave with training's on the same group."""
 
     def __init__(self, group: Any = None):

@@ -108,7 +108,7 @@ def _rank(rank: int, world: int, port: int, cuda: bool, out: str, config: str, o
         backend.offload(weights=False)
         backend.offload(weights=True)
         worker.save(ckpt)  # with ckpt.async_save only begun: written while the next step changes the weights
-        worker._staged()  # as the worker waits before each step: the save's copy is taken
+        worker._staged()  # as the worker's `to_training` waits before training memory comes back
         backend.reload()
     else:
         worker.load(ckpt)

@@ -123,7 +123,15 @@ def test_train_step_moves_the_policy_and_reports(write_config, tiny_model_dir):
     backend = backend_for(write_config, tiny_model_dir, "optimizer.lr=1e-3")
     samples = make_samples()
     before = [p.detach().clone() for p in backend.model.parameters()]
-    metrics = backend.train_step(samples, num_samples=len(samples), num_tokens=sum(sum(s.loss_mask) for s in samples))
+    waits = []  # what an asynchronous save's wait for its copy would find: the step's backward done, no weight moved
+
+    def before_update():
+        waits.append((all(p.grad is not None for p in backend.model.parameters()),
+                      all(torch.equal(a, b) for a, b in zip(before, backend.model.parameters())), backend.step))
+
+    metrics = backend.train_step(samples, num_samples=len(samples), num_tokens=sum(sum(s.loss_mask) for s in samples),
+                                 before_update=before_update)
+    assert waits == [(True, True, 0)]
     assert {"loss", "pg_loss", "entropy", "clipfrac", "kl", "grad_norm", "lr"} <= set(metrics)
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and metrics["clipfrac"] == 0.0  # on-policy, ref = init
     assert metrics["lr"] == 1e-3 and metrics["grad_norm"] > 0 and backend.step == 1
@@ -142,7 +150,8 @@ def test_a_non_finite_step_is_skipped_and_counted_and_the_next_one_taken(write_c
     poisoned = [dataclasses.replace(samples[0], advantages=[float("nan")] * samples[0].response_length),
                 *samples[1:]]
     before = [p.detach().clone() for p in backend.model.parameters()]
-    metrics = backend.train_step(poisoned, num_samples=len(samples), num_tokens=tokens)
+    metrics = backend.train_step(poisoned, num_samples=len(samples), num_tokens=tokens,
+                                 before_update=lambda: pytest.fail("a skipped step changes nothing to wait for"))
     assert metrics["skipped_steps"] == 1.0 and not torch.isfinite(torch.tensor(metrics["loss"]))
     assert backend.step == 0 and not backend.optimizer.state
     assert all(torch.equal(a, b) for a, b in zip(before, backend.model.parameters()))

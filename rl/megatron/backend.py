@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -246,7 +246,8 @@ class MegatronBackend:
     # --- update ----------------------------------------------------------------------------------------
 
     def train_step(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
-                   old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
+                   old_log_probs: list[list[float]] | None = None,
+                   before_update: Callable[[], None] = lambda: None) -> dict[str, float]:
         o = self.cfg.optimizer
         lr = lr_at(self.step, lr=o.lr, min_lr=o.min_lr, style=o.lr_decay_style, warmup=o.lr_warmup_iters,
                    decay_steps=o.lr_decay_iters or self.total_steps)
@@ -283,6 +284,7 @@ class MegatronBackend:
         ok = finite_on_every_rank(grads_finite and all(map(math.isfinite, totals.values())), self.device)
         grad_norm = math.nan
         if ok:
+            before_update()
             ok, norm, _ = self.optimizer.step()
             grad_norm = float(norm or 0.0)
         if ok:

@@ -13,7 +13,7 @@ then seals as a whole.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -42,10 +42,14 @@ class TrainingBackend(Protocol):
         ...
 
     def train_step(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
-                   old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
+                   old_log_probs: list[list[float]] | None = None,
+                   before_update: Callable[[], None] = lambda: None) -> dict[str, float]:
         """One optimizer step on this rank's share of a global batch of `num_samples` samples holding
         `num_tokens` loss tokens (the global denominators of the loss reductions), gradients accumulated
         over micro-batches and reduced over ranks. `old_log_probs` when the policy moved since the rollout.
+        `before_update()` is called right before the optimizer changes the weights or its state, the first
+        thing of the step that does (forward and backward only read them): an asynchronous save's copy of the
+        state is waited for there, as torchtitan does, so that it overlaps the step's forward and backward.
         Returns this rank's summed loss metrics with `grad_norm`, `lr` and `skipped_steps` (1 where a non-finite
         loss or gradient norm on any rank left the weights, the optimizer and `step` as they were, else 0)."""
         ...

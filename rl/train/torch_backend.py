@@ -196,10 +196,12 @@ class TorchBackend:
     # --- update ----------------------------------------------------------------------------------------
 
     def train_step(self, samples: list[TrainSample], *, num_samples: int, num_tokens: int,
-                   old_log_probs: list[list[float]] | None = None) -> dict[str, float]:
+                   old_log_probs: list[list[float]] | None = None,
+                   before_update: Callable[[], None] = lambda: None) -> dict[str, float]:
         """One optimizer step on this rank's share of a global batch of `num_samples` samples holding
         `num_tokens` loss tokens. `old_log_probs` are needed when the policy moved since the rollout
-        (several steps per rollout); for the first step they equal the current ones."""
+        (several steps per rollout); for the first step they equal the current ones. `before_update()` right
+        before the optimizer changes anything saved (`TrainingBackend.train_step`)."""
         o = self.cfg.optimizer
         lr = lr_at(self.step, lr=self.base_lr, min_lr=o.min_lr, style=o.lr_decay_style, warmup=o.lr_warmup_iters,
                    decay_steps=o.lr_decay_iters or self.total_steps)
@@ -216,6 +218,7 @@ class TorchBackend:
         taken = finite_on_every_rank(math.isfinite(grad_norm) and all(map(math.isfinite, metrics.values())),
                                      self.device)
         if taken:
+            before_update()
             self.optimizer.step()
             self.step += 1
         else:

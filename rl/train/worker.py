@@ -105,8 +105,8 @@ class TrainWorker:
         loss tokens); with PPO the critic's step follows each (its metrics prefixed `critic_`). A step's
         `old_log_probs` None means the policy's as this call begins: the first step's own forward gives them,
         the later steps' samples are scored before any update. One call per rollout, as slime's
-        `train(rollout_id, data)`: no round trip per step, and every sample sent once."""
-        self._staged()
+        `train(rollout_id, data)`: no round trip per step, and every sample sent once. A save in progress
+        has its copy of the state waited for only before the first optimizer step."""
         later = [k for k in range(1, len(steps)) if old_log_probs[k] is None]
         if later:
             scored = iter(self.backend.compute_log_probs([s for k in later for s in steps[k]]))
@@ -115,9 +115,10 @@ class TrainWorker:
         results = []
         for batch, (num_samples, num_tokens), old in zip(steps, sizes, old_log_probs):
             metrics = self.backend.train_step(batch, num_samples=num_samples, num_tokens=num_tokens,
-                                              old_log_probs=old)
+                                              old_log_probs=old, before_update=self._staged)
             if self.critic is not None:
-                critic = self.critic.train_step(batch, num_samples=num_samples, num_tokens=num_tokens)
+                critic = self.critic.train_step(batch, num_samples=num_samples, num_tokens=num_tokens,
+                                                before_update=self._staged)
                 metrics |= {f"critic_{k}" if k in ("grad_norm", "lr", "skipped_steps") else k: v
                             for k, v in critic.items()}
             results.append(metrics)
