@@ -76,10 +76,11 @@ def test_resumed_run_matches_the_uninterrupted_one_bitwise(straight, tmp_path, t
     assert checkpoint.complete_iterations(straight_dir / "checkpoints") == [2, 4, 6]
     assert heartbeat.read(straight_dir)["phase"] == "done"
 
+    # The same run (its fresh rollouts are checked against this one by the stopped runs below), stopped "after
+    # checkpoint 2": later checkpoints gone, the latest pointer back at 2, metrics rows of the lost rollouts
+    # still in metrics.jsonl (as after a crash).
     broken_dir = tmp_path / "broken"
-    run(tiny(broken_dir, tiny_model_dir))
-    # Stop "after checkpoint 2": later checkpoints gone, the latest pointer back at 2, metrics rows of the
-    # lost rollouts still in metrics.jsonl (as after a crash).
+    shutil.copytree(straight_dir, broken_dir)
     for it in (4, 6):
         shutil.rmtree(checkpoint.iteration_dir(broken_dir / "checkpoints", it))
     (broken_dir / "checkpoints" / checkpoint.LATEST).write_text("2\n")
@@ -160,10 +161,16 @@ def test_the_run_stops_by_itself_before_the_jobs_end_and_resumes_exactly(straigh
 
 
 @pytest.fixture(scope="module")
-def one_worker_weights(ray_local, tmp_path_factory, tiny_model_dir):
-    out = tmp_path_factory.mktemp("one")
-    rows = run(tiny(out, tiny_model_dir, "rollout.num_rollout=2"))["rows"]
-    return rows, final_weights(out, tiny_model_dir)[1]
+def two_rollouts(ray_local, tmp_path_factory, tiny_model_dir):
+    """Two rollouts of the tiny run, on one worker: its config, folder and metrics rows."""
+    cfg = tiny(tmp_path_factory.mktemp("one") / "run", tiny_model_dir, "rollout.num_rollout=2")
+    return cfg, cfg.run_dir(), run(cfg)["rows"]
+
+
+@pytest.fixture(scope="module")
+def one_worker_weights(two_rollouts, tiny_model_dir):
+    _, run_dir, rows = two_rollouts
+    return rows, final_weights(run_dir, tiny_model_dir)[1]
 
 
 @pytest.mark.parametrize(
@@ -195,35 +202,33 @@ def test_other_placements_train_the_same_policy(ray_local, tmp_path, tiny_model_
         assert torch.allclose(weights[name], value, atol=1e-4), name
 
 
-def test_an_incomplete_checkpoint_is_never_loaded(ray_local, tmp_path, tiny_model_dir):
-    run(tiny(tmp_path, tiny_model_dir, "rollout.num_rollout=4"))
+def test_an_incomplete_checkpoint_is_never_loaded(straight, tmp_path):
     ckpts = tmp_path / "checkpoints"
+    shutil.copytree(straight[0] / "checkpoints", ckpts)  # 2, 4 and 6
     # a save that died mid-way, and a sealed folder whose file was damaged afterwards
-    (ckpts / ".iter_0000006.tmp").mkdir()
-    damaged = checkpoint.iteration_dir(ckpts, 4) / "state.json"
-    damaged.write_text(damaged.read_text().replace("4", "5"))
-    assert checkpoint.latest(ckpts).name == "iter_0000002"
+    (ckpts / ".iter_0000008.tmp").mkdir()
+    damaged = checkpoint.iteration_dir(ckpts, 6) / "state.json"
+    damaged.write_text(damaged.read_text().replace("6", "7"))
+    assert checkpoint.latest(ckpts).name == "iter_0000004"
 
 
-def test_export_gives_a_loadable_hugging_face_folder(ray_local, tmp_path, tiny_model_dir):
+def test_export_gives_a_loadable_hugging_face_folder(two_rollouts, tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from typer.testing import CliRunner
 
     from rlhpc.cli import app
-
-    cfg = tiny(tmp_path / "run", tiny_model_dir, "rollout.num_rollout=2")
-    run(cfg)
     from rlhpc.config import dump_toml
 
-    (tmp_path / "run" / "config.toml").write_text(dump_toml(cfg))
-    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf")])
+    cfg, run_dir, _ = two_rollouts
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--hf", str(tmp_path / "hf")])
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    _, trained = final_weights(tmp_path / "run", tiny_model_dir)
+    _, trained = final_weights(run_dir, tiny_model_dir)
     assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|im_end|>"
-    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run")])
-    assert result.exit_code == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    result = CliRunner().invoke(app, ["plot", str(run_dir)])
+    assert result.exit_code == 0 and (run_dir / "curves.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
