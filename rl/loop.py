@@ -328,10 +328,11 @@ class Driver:
         import ray
 
         start = time.perf_counter()
+        assert self.pool is not None, "start_actors first"
         if self.cfg.perf.colocate:
             ray.get([w.sync_engine.remote(version) for w in self.workers])
+            self.pool.forget_prefixes()  # the engines flushed their caches when they released memory for training
         else:
-            assert self.pool is not None, "start_actors first"
             self.pool.sync_weights(self.workers, version)
         return time.perf_counter() - start
 

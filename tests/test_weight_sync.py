@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from conftest import CONFIGS
+from rl.rollout.engine import SamplingParams
+from rl.rollout.pool import block_hashes
 from rl.rollout.torch_engine import TorchEngine
 from rl.weight_sync import buckets
 from rlhpc.config import load_config
 
 LIMIT = 30_000
 """Bytes per bucket: the tiny model's weights make several buckets, and some tensors exceed it alone."""
+PROMPT_A, PROMPT_B = list(range(5, 37)), list(range(40, 72))
+"""Two blocks of the pool's memory each."""
+PARAMS = SamplingParams(max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +101,17 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
         cfg, rank=0, world_size=1, master_addr="", master_port=0, init_from=str(tiny_model_dir), total_steps=1,
         threads=1, host_engine=False)
     engine_cls = EnginePool.actor_class(RecordingEngine)
+    # placing requests as for SGLang engines, which keep a prefix cache from one call to the next
     pool = EnginePool(lambda slot: engine_cls.options(num_cpus=0).remote(str(tiny_model_dir), threads=1), 2,
-                      cfg.rollout)
+                      cfg.rollout.model_copy(update={"engine": "sglang"}))
     trained = _moved(worker)
+    first = pool.generate([PROMPT_A, PROMPT_B], PARAMS, seeds=[1, 2])  # by load: A on engine 0, B on 1
+    turn_two = PROMPT_B + first[1].output_ids + list(range(80, 100))
+    pool.generate([turn_two], PARAMS, seeds=[3])  # by load alone, engine 0
+    assert pool.prefixes.matched(block_hashes(turn_two)) == [0, 3]  # where B's first turn was served
 
     pool.sync_weights([worker], version=3)
+    assert pool.prefixes.matched(block_hashes(turn_two)) == [0, 0]  # the engines flushed their caches
 
     expected_buckets = [_bytes(b) for b in buckets(trained.items(), LIMIT)]
     assert len(expected_buckets) > 2 and any(size > LIMIT for size in expected_buckets)
@@ -118,7 +129,9 @@ def test_decoupled_engines_get_the_trainers_weights_bucket_by_bucket(ray_local, 
     if fault_tolerant:  # the buckets went through the object store one by one, and are kept for a replacement
         kept, version = pool.weights
         assert version == 3 and [_bytes(ray.get(ref)) for ref in kept] == expected_buckets
+        pool.generate([PROMPT_A, PROMPT_B], PARAMS, seeds=[1, 2])
         pool.replace(0, "was killed by the test")
+        assert [pool.prefixes.matched(block_hashes(p)) for p in (PROMPT_A, PROMPT_B)] == [[0, 0], [0, 2]]
         weights, _, version = _engine_state(pool.engines[0])
         assert version == 3 and all(torch.equal(weights[n], trained[n]) for n in trained)
     else:
