@@ -3,6 +3,7 @@ broken checkpoint the one loaded, and each leaves the previous one whole and lat
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -130,9 +131,10 @@ def test_a_load_runs_while_the_files_are_checked_and_a_damaged_folder_gives_way(
         checkpoint.latest(tmp_path, load=broken)
 
 
-def test_a_background_save_writes_the_state_as_it_was_when_begun(tmp_path):
+def test_a_background_save_writes_the_state_as_it_was_when_begun(tmp_path, monkeypatch):
     """`ckpt.async_save`: training changes its tensors once the copy is taken; the checkpoint holds the state of
-    when the save began, and becomes the latest only once sealed."""
+    when the save began, and becomes the latest only once sealed, by checksums computed as the files were
+    written."""
     import threading
 
     # large enough that copying it takes a while: the sealing thread waits for the write meanwhile, as the
@@ -144,15 +146,19 @@ def test_a_background_save_writes_the_state_as_it_was_when_begun(tmp_path):
         writer.wait()
         release.wait(30)
 
+    read = files_hashed_at_seal(monkeypatch)
     saving = checkpoint.InBackground(tmp_path, 1, lambda tmp: checkpoint.save_model_state(state, tmp, writer), written)
     writer.staged()
     state["w"] += 1  # the next optimizer step
     assert checkpoint.latest(tmp_path) is None  # written, perhaps, but not sealed
     release.set()
+    saving.result()
+    assert read == [".metadata"]  # DCP's data files were hashed as they were written
     assert saving.result() == checkpoint.latest(tmp_path) == checkpoint.iteration_dir(tmp_path, 1)
     loaded = {"w": torch.zeros(1 << 23), "step": 0}
     checkpoint.load_model_state(loaded, saving.result())
     assert torch.equal(loaded["w"], torch.arange(1 << 23, dtype=torch.float32)) and loaded["step"] == 3
+    assert manifest_is_the_files(saving.result())
     # written without torch.save's zip CRC (in DCP's writer thread; the caller's setting is left as it was)
     archives = [zipfile.ZipFile(f) for f in (saving.result() / "model").glob("*.distcp") if f.stat().st_size]
     assert archives and {record.CRC for archive in archives for record in archive.infolist()} == {0}
@@ -214,3 +220,84 @@ def test_checkpoints_sealed_with_sha256_still_verify_and_damage_is_found_either_
     checkpoint.write(tmp_path, 2, lambda tmp: (tmp / "w.bin").write_bytes(b"\x01" * 4096))
     (checkpoint.iteration_dir(tmp_path, 2) / "w.bin").write_bytes(b"\x03" * 4096)
     assert checkpoint.verify(checkpoint.iteration_dir(tmp_path, 2)) == "w.bin does not match its manifest"
+
+
+def files_hashed_at_seal(monkeypatch) -> list[str]:
+    """The names of the files that `checkpoint` reads to hash them from now on (in any thread)."""
+    read: list[str] = []
+    digest = checkpoint._digest
+
+    def reading(path: Path, *args) -> str:
+        read.append(path.name)
+        return digest(path, *args)
+
+    monkeypatch.setattr(checkpoint, "_digest", reading)
+    return read
+
+
+def manifest_is_the_files(folder: Path) -> bool:
+    """The manifest lists every file of `folder` as hashing it now finds it, no sidecar is left, and it verifies."""
+    listed = json.loads((folder / checkpoint.MANIFEST).read_text())["files"]
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name != checkpoint.MANIFEST]
+    found = {str(p.relative_to(folder)): {"size": p.stat().st_size, checkpoint.DIGEST: checkpoint._digest(p)}
+             for p in files}
+    sidecars = [p for p in files if p.name.endswith(checkpoint.SIDECAR)]
+    return listed == found and not sidecars and checkpoint.verify(folder) is None
+
+
+def test_sealing_reads_back_no_file_that_dcp_wrote(tmp_path, monkeypatch):
+    """A synchronous save: the checksums of DCP's data files come from the sidecars its writer threads left,
+    which the sealed folder no longer holds; the files of other writers (and DCP's index) are hashed."""
+    tmp = checkpoint.begin(tmp_path, 1)
+    checkpoint.save_model_state({"w": torch.arange(1 << 16, dtype=torch.float32), "b": torch.ones(3), "step": 2}, tmp)
+    (tmp / "rng.pt").write_bytes(b"\x01" * 100)
+    assert len(list(tmp.rglob("*.distcp"))) == len(list(tmp.rglob("*" + checkpoint.SIDECAR))) > 1
+    read = files_hashed_at_seal(monkeypatch)
+    folder = checkpoint.commit(tmp_path, tmp, 1)
+    assert sorted(read) == [".metadata", "rng.pt"]
+    monkeypatch.undo()
+    assert manifest_is_the_files(folder)
+
+
+def test_a_data_file_changed_after_its_writer_closed_it_is_sealed_as_it_is(tmp_path):
+    """A sidecar is trusted only while its file has the size its writer closed it with. A file torn since
+    (truncated here) is hashed as it now is, so that the manifest is the one sealing without sidecars writes, as
+    for every file whose writer leaves none (Megatron's own, the random states): sidecars make sealing cheaper
+    and never change what it seals. That folder verifies and its load fails, as before sidecars; refusing to
+    seal it would catch torn DCP files only, where a check that files hold what their writers wrote belongs to
+    every writer's. A file changed in place at its size keeps its writer's checksum: that folder does not
+    verify."""
+    tmp = checkpoint.begin(tmp_path, 1)
+    checkpoint.save_model_state({"w": torch.arange(1 << 16, dtype=torch.float32)}, tmp)
+    torn = max(tmp.rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    os.truncate(torn, torn.stat().st_size // 2)
+    folder = checkpoint.commit(tmp_path, tmp, 1)
+    assert manifest_is_the_files(folder)
+
+    tmp = checkpoint.begin(tmp_path, 2)
+    checkpoint.save_model_state({"w": torch.arange(1 << 16, dtype=torch.float32)}, tmp)
+    changed = max(tmp.rglob("*.distcp"), key=lambda p: p.stat().st_size)
+    changed.write_bytes(b"\0" * changed.stat().st_size)
+    folder = checkpoint.commit(tmp_path, tmp, 2)
+    assert checkpoint.verify(folder) == f"model/{changed.name} does not match its manifest"
+
+
+def test_a_data_file_gets_a_sidecar_only_when_written_front_to_back_and_closed(tmp_path):
+    fs = checkpoint.storage_writer(tmp_path).fs
+    whole, seeked, truncated, failed = (tmp_path / f"__0_{i}.distcp" for i in range(4))
+    with fs.create_stream(whole, "wb") as f:
+        f.writelines([b"ab", b"cd"])
+        assert f.tell() == 4
+    with fs.create_stream(seeked, "wb") as f:
+        f.write(b"abcd")
+        f.seek(0)
+        f.write(b"x")
+    with fs.create_stream(truncated, "wb") as f:
+        f.write(b"abcd")
+        f.truncate(2)
+    with pytest.raises(RuntimeError), fs.create_stream(failed, "wb") as f:
+        f.write(b"ab")
+        raise RuntimeError("the rank's save failed")
+    sidecar = json.loads(checkpoint._sidecar(whole).read_text())
+    assert sidecar == {"size": 4, checkpoint.DIGEST: checkpoint._digest(whole)}
+    assert sorted(p.name for p in tmp_path.glob("*" + checkpoint.SIDECAR)) == [whole.name + checkpoint.SIDECAR]
