@@ -419,15 +419,20 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _entries(tmp: Path) -> dict[str, dict[str, Any]]:
-    """The manifest's entry of each file in `tmp`: the checksum its writer left in a sidecar where the file has
-    the size the writer saw when it closed it (else the file was changed since, and is read as it is now), the
-    others' read from the disk. The sidecars are removed."""
+    """The manifest's entry of each file in `tmp`: the checksum its writer left in a sidecar, the others' read
+    from the disk. The sidecars are removed. A file whose size is no longer the one its writer closed it with was
+    torn since (a file system that lost a write): CheckpointError, so that the save fails and the previous
+    checkpoint stays the latest, rather than a torn one sealed as whole."""
     sidecars = [p for p in tmp.rglob("*" + SIDECAR) if p.is_file()]
     written = {p.with_name(p.name.removesuffix(SIDECAR)): _sidecar_entry(p) for p in sidecars}
     for p in sidecars:
         p.unlink()
     sizes = {p: p.stat().st_size for p in _files(tmp)}
-    digests = {p: entry[DIGEST] for p, entry in written.items() if entry and entry["size"] == sizes.get(p)}
+    for p, entry in written.items():
+        if entry and entry["size"] != sizes.get(p):
+            raise CheckpointError(f"{p.relative_to(tmp)} holds {sizes.get(p, 0)} bytes where its writer wrote "
+                                  f"{entry['size']}")
+    digests = {p: entry[DIGEST] for p, entry in written.items() if entry}
     unknown = [p for p in sizes if p not in digests]
     digests.update(zip(unknown, _digest_all(unknown)))
     return {str(p.relative_to(tmp)): {"size": size, DIGEST: digests[p]} for p, size in sizes.items()}

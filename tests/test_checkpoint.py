@@ -259,27 +259,29 @@ def test_sealing_reads_back_no_file_that_dcp_wrote(tmp_path, monkeypatch):
     assert manifest_is_the_files(folder)
 
 
-def test_a_data_file_changed_after_its_writer_closed_it_is_sealed_as_it_is(tmp_path):
-    """A sidecar is trusted only while its file has the size its writer closed it with. A file torn since
-    (truncated here) is hashed as it now is, so that the manifest is the one sealing without sidecars writes, as
-    for every file whose writer leaves none (Megatron's own, the random states): sidecars make sealing cheaper
-    and never change what it seals. That folder verifies and its load fails, as before sidecars; refusing to
-    seal it would catch torn DCP files only, where a check that files hold what their writers wrote belongs to
-    every writer's. A file changed in place at its size keeps its writer's checksum: that folder does not
-    verify."""
-    tmp = checkpoint.begin(tmp_path, 1)
-    checkpoint.save_model_state({"w": torch.arange(1 << 16, dtype=torch.float32)}, tmp)
-    torn = max(tmp.rglob("*.distcp"), key=lambda p: p.stat().st_size)
-    os.truncate(torn, torn.stat().st_size // 2)
-    folder = checkpoint.commit(tmp_path, tmp, 1)
-    assert manifest_is_the_files(folder)
+def test_a_data_file_torn_after_its_writer_closed_it_fails_the_save(tmp_path):
+    """A data file that no longer has the size its writer closed it with was torn since: the save fails and the
+    checkpoint before stays the latest. A file changed in place at its size keeps its writer's checksum: that
+    folder is sealed but does not verify, so `latest` passes over it."""
+    def saved(truncate: bool):
+        def fill(tmp: Path) -> None:
+            checkpoint.save_model_state({"w": torch.arange(1 << 16, dtype=torch.float32)}, tmp)
+            data = max(tmp.rglob("*.distcp"), key=lambda p: p.stat().st_size)
+            if truncate:
+                os.truncate(data, data.stat().st_size // 2)
+            else:
+                data.write_bytes(b"\0" * data.stat().st_size)
+        return fill
 
-    tmp = checkpoint.begin(tmp_path, 2)
-    checkpoint.save_model_state({"w": torch.arange(1 << 16, dtype=torch.float32)}, tmp)
-    changed = max(tmp.rglob("*.distcp"), key=lambda p: p.stat().st_size)
-    changed.write_bytes(b"\0" * changed.stat().st_size)
-    folder = checkpoint.commit(tmp_path, tmp, 2)
-    assert checkpoint.verify(folder) == f"model/{changed.name} does not match its manifest"
+    checkpoint.write(tmp_path, 1, lambda tmp: checkpoint.save_model_state({"w": torch.ones(4)}, tmp))
+    with pytest.raises(checkpoint.CheckpointError, match=r"distcp holds \d+ bytes where its writer wrote \d+; "
+                                                         "the latest checkpoint is still iter_0000001"):
+        checkpoint.write(tmp_path, 2, saved(truncate=True))
+    assert checkpoint.latest(tmp_path).name == "iter_0000001" and not list(tmp_path.glob(".iter_*"))
+
+    folder = checkpoint.write(tmp_path, 3, saved(truncate=False))
+    assert checkpoint.verify(folder).endswith("does not match its manifest")
+    assert checkpoint.latest(tmp_path).name == "iter_0000001"
 
 
 def test_a_data_file_gets_a_sidecar_only_when_written_front_to_back_and_closed(tmp_path):
