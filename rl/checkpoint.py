@@ -149,14 +149,17 @@ def _hashed_as_written(path: Path, stream: Any) -> Iterator[_HashingStream]:
 def save_model_state(state: dict[str, Any], folder: Path, writer: BackgroundWriter | None = None) -> None:
     """Write a training state with torch.distributed.checkpoint into folder/model (every rank calls this); with
     `writer`, in the background."""
-    import torch.distributed.checkpoint as dcp
+    (writer or Synchronous()).save(state, storage_writer(Path(folder) / "model"))
 
-    storage = storage_writer(Path(folder) / "model")
-    if writer is not None:
-        writer.save(state, storage)
-        return
-    with _single_process_is_fine():
-        dcp.save(state, storage_writer=storage)
+
+class Synchronous:
+    """`BackgroundWriter.save` of a synchronous save: the state is written when it returns."""
+
+    def save(self, state: dict[str, Any], storage: Any, planner: Any = None) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        with _single_process_is_fine():
+            dcp.save(state, storage_writer=storage, planner=planner)
 
 
 class BackgroundWriter:

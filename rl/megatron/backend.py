@@ -33,10 +33,11 @@ from torch import Tensor
 
 from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
 from rl.export import MEGATRON_DIR
-from rl.megatron.async_save import BackgroundStrategy
+from rl.megatron.torch_dist_save import TorchDistStrategy
 from rl.megatron.convert import HF_CONFIG, load_megatron_state, torch_dist_config, write_torch_dist_config
 from rl.megatron.hf_tensors import hf_tensors
 from rl.megatron.layout import hf_of_parameter, megatron_sources
+from rl.checkpoint import Synchronous
 from rl.megatron.model import build_model, check_layer_spec, has_transformer_engine
 from rl.megatron.shards import renumber, shard, split_dim, unshard
 from rl.train.objective import policy_objective
@@ -438,13 +439,14 @@ class MegatronBackend:
                     param_state["step"] = torch.tensor(float(step))
 
     def save(self, folder: Path, writer: BackgroundWriter | None = None) -> None:
-        """Write this rank's part of the checkpoint into `folder`; with `writer` (`ckpt.async_save`) only begin
-        writing the tensors, in torch_dist all the same (`rl/megatron/async_save.py`)."""
+        """Write this rank's part of the checkpoint into `folder` in Megatron's torch_dist format, through
+        `rl.checkpoint`'s writer (`rl/megatron/torch_dist_save.py`); with `writer` (`ckpt.async_save`) only begin
+        writing the tensors."""
         out = Path(folder) / MEGATRON_DIR
         if dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        strategy = None if writer is None else BackgroundStrategy(writer)
+        strategy = TorchDistStrategy(writer or Synchronous())
         self._give_torch_adam_state(self.step, override=False)  # saved before any step was taken
         with self._offloaded_weights_readable():
             dist_checkpointing.save(self._sharded_state(), str(out), sharded_strategy=strategy)

@@ -1,14 +1,18 @@
-"""Megatron-core's torch_dist checkpoints written in the background (`ckpt.async_save`), by the torch backend's
-`rl.checkpoint.BackgroundWriter`: the same contract (the save begins; `staged()` once training may change its
-tensors again; `wait()` once written) and the same files as a synchronous `dist_checkpointing.save`.
+"""Megatron-core's torch_dist checkpoints written by `rl.checkpoint`'s writers: synchronously (`Synchronous`), or
+in the background with `ckpt.async_save` (`BackgroundWriter`: the save begins; `staged()` once training may change
+its tensors again; `wait()` once written). Either way the files are those of Megatron's own
+`dist_checkpointing.save`, and the data files are written by `rl.checkpoint.storage_writer`, whose writer threads
+compute their checksums as they write them: sealing a checkpoint then reads nothing back of what the ranks wrote
+(on a cluster, over the shared file system).
 
-`dist_checkpointing.save` is given `BackgroundStrategy` as its sharded strategy: Megatron still applies its
+`dist_checkpointing.save` is given `TorchDistStrategy` as its sharded strategy: Megatron still applies its
 factories, checks the sharding and writes `common.pt` and `metadata.json` (small, synchronously); the strategy
-then hands the ShardedTensors' tensors alone to the writer, whose stager copies them to the host, and rebuilds
-them as Megatron's torch_dist strategy does (`mcore_to_pyt_state_dict`) around the copies when DCP plans the
-write. Not Megatron's own `async_sharded_save`: its request is written by processes forked from the rank (a Ray
-actor, with threads and NCCL) and finalized by collectives that every rank must call in lockstep after the write,
-outside any save; and not DCP's stager on Megatron's wrapped tensors, whose every operation raises: hence the split.
+then hands the ShardedTensors' tensors alone to the writer, whose stager (in the background) copies them to the
+host, and rebuilds them as Megatron's torch_dist strategy does (`mcore_to_pyt_state_dict`) around them when DCP
+plans the write. Not Megatron's own `async_sharded_save`: its request is written by processes forked from the
+rank (a Ray actor, with threads and NCCL) and finalized by collectives that every rank must call in lockstep after
+the write, outside any save; and not DCP's stager on Megatron's wrapped tensors, whose every operation raises:
+hence the split.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 if TYPE_CHECKING:
-    from rl.checkpoint import BackgroundWriter
+    from rl.checkpoint import BackgroundWriter, Synchronous
 
 TORCH_DIST = ("torch_dist", 1)
 """The backend and version `metadata.json` records, Megatron's torch_dist strategy's: what its loader reads."""
@@ -34,10 +38,10 @@ WRITE_THREADS = 2
 """Files per rank, as Megatron's torch_dist strategy writes by default."""
 
 
-class BackgroundStrategy(SaveShardedStrategy):
-    """A torch_dist sharded strategy whose `save` only begins the write, through `writer`."""
+class TorchDistStrategy(SaveShardedStrategy):
+    """A torch_dist sharded strategy that saves through `writer` (a background one only begins the write)."""
 
-    def __init__(self, writer: BackgroundWriter):
+    def __init__(self, writer: BackgroundWriter | Synchronous):
         super().__init__(*TORCH_DIST)
         self.writer = writer
 
@@ -58,8 +62,9 @@ class BackgroundStrategy(SaveShardedStrategy):
 
 
 class _Planner(MCoreSavePlanner):
-    """Megatron's save planner, given the staged host copies of the tensors: it plans the ShardedTensors of the
-    save with their data replaced by the copies, and the sharded objects serialized when the save began."""
+    """Megatron's save planner, given the tensors to write (in the background, their staged host copies): it plans
+    the ShardedTensors of the save with their data replaced by those, and the sharded objects serialized when the
+    save began."""
 
     def __init__(self, shards: dict[str, list[ShardedBase]], objects: dict[str, Any]):
         # Megatron's own settings for its planner (keep_only_main_replica: nothing to deduplicate).
