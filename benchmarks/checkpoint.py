@@ -129,7 +129,7 @@ def background_save(backend, root: Path, step_tokens: int) -> dict[str, float]:
     blocked for the save call plus what the step takes beyond the same step with no save in progress (its wait
     for the copy, and the copy's and writer's share of the cores meanwhile)."""
     step = a_step(backend, step_tokens)
-    alone = min(step(lambda: None)[0] for _ in range(2))
+    alone = statistics.mean(step(lambda: None)[0] for _ in range(2))
     writer = checkpoint.BackgroundWriter()
     first = checkpoint.InBackground(root, 2, lambda tmp: backend.save(tmp, writer), writer.wait, keep_last=1)
     first.result()
