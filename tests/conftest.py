@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,42 @@ def cluster():
     assert up.returncode == 0, up.stderr
     yield c
     c.down()
+
+
+SLOW_REWARD = Path(__file__).parent / "slow_reward.py"
+
+
+def tiny_settings(model_dir: Path, run_dir: Path, num_rollout: int = 6, samples: int = 8) -> list[str]:
+    """`rlhpc submit`'s options for the tiny run on the local cluster, on one node (a later `--nodes` wins),
+    with `samples` per prompt (8: a quarter of its config's, a quarter of the time) and the slow reward."""
+    rl = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", f"rollout.num_rollout={num_rollout}",
+          f"rollout.n_samples_per_prompt={samples}", "ckpt.save_interval=2", "eval.eval_interval=1000",
+          "perf.cpu_threads=1", "slurm.signal_grace_s=30", f"rollout.custom_rm_path='{SLOW_REWARD}:reward'"]
+    return ["--nodes", "1", "--cpus-per-task", "2", *[a for s in rl for a in ("--set", s)]]
+
+
+@dataclass(frozen=True)
+class SlurmRun:
+    run_dir: Path
+    submitted: subprocess.CompletedProcess[str]
+    """`rlhpc submit --wait`, done."""
+    job_id: str
+    leftovers: str
+    """The job's Ray processes that `pgrep` found as soon as the submission returned."""
+
+
+@pytest.fixture(scope="session")
+def tiny_on_two_nodes(cluster, tiny_model_dir, tmp_path_factory) -> SlurmRun:
+    """The tiny run on both nodes, uninterrupted, by `rlhpc submit --wait`: run once for test_slurm_cluster's
+    end-to-end checks and as the outcome every run of test_chaos must end with (the node count does not change
+    the result: test_chaos's failed-node test ends on two nodes as runs on one do)."""
+    run_dir = tmp_path_factory.mktemp("two-nodes") / "run"
+    done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), *tiny_settings(tiny_model_dir, run_dir), "--nodes", "2",
+                 "--wait", env=cluster.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = json.loads((run_dir / "submissions.jsonl").read_text().splitlines()[-1])["job_id"]
+    leftovers = subprocess.run(["pgrep", "-f", f"rlhpc-{job_id}-"], capture_output=True, text=True).stdout
+    return SlurmRun(run_dir, done, job_id, leftovers)
 
 
 def wait_gone(job_id: str, env: dict[str, str], timeout_s: float = 600) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, SHAPE, STATE, rlhpc, wait_gone
+from conftest import CONFIGS, SHAPE, STATE, rlhpc, tiny_settings, wait_gone
 from hpc.local_cluster import netns_processes
 from hpc.slurm import release
 from rl import checkpoint, heartbeat
@@ -37,23 +37,15 @@ FULL = os.environ.get("RLHPC_CHAOS") == "full"
 # polls the phase every 20 ms); a kill at each step of a save is tested in test_checkpoint, a signal in test_loop.
 REDUCED = [("preempt", "rollout")]
 MATRIX = list(itertools.product(("requeue", "timeout", "preempt"), ("rollout", "train", "save"))) if FULL else REDUCED
-SLOW_REWARD = Path(__file__).parent / "slow_reward.py"
 REWARD_COLUMNS = ("rollout_id", "reward_mean", "reward_std", "response_len_mean", "truncated_frac")
 SPARE = ["--nodes", "3", *SHAPE[2:]]
 
 
-def settings(model_dir: Path, run_dir: Path, num_rollout: int, samples: int) -> list[str]:
-    rl = [f"ckpt.hf_checkpoint='{model_dir}'", f"run.output_dir='{run_dir}'", f"rollout.num_rollout={num_rollout}",
-          f"rollout.n_samples_per_prompt={samples}", "ckpt.save_interval=2", "eval.eval_interval=1000",
-          "perf.cpu_threads=1", "slurm.signal_grace_s=30", f"rollout.custom_rm_path='{SLOW_REWARD}:reward'"]
-    return ["--nodes", "1", "--cpus-per-task", "2", *[a for s in rl for a in ("--set", s)]]
-
-
 def submit(env: dict[str, str], model_dir: Path, run_dir: Path, *extra: str, num_rollout: int = 6,
            samples: int = 8) -> str:
-    """The tiny run, with `samples` per prompt (8: a quarter of its config's, a quarter of the time)."""
-    done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), *settings(model_dir, run_dir, num_rollout, samples), *extra,
-                 env=env)
+    """The tiny run (`conftest.tiny_settings`); its job id."""
+    done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), *tiny_settings(model_dir, run_dir, num_rollout, samples),
+                 *extra, env=env)
     assert done.returncode == 0, done.stderr
     return json.loads((run_dir / "submissions.jsonl").read_text().splitlines()[-1])["job_id"]
 
@@ -72,11 +64,9 @@ def assert_same(got, expected) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cluster, tiny_model_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("uninterrupted")
-    job = submit(cluster.env, tiny_model_dir, run_dir)
-    wait_gone(job, cluster.env)
-    return outcome(run_dir, tiny_model_dir)
+def uninterrupted(tiny_on_two_nodes, tiny_model_dir):
+    """The same run uninterrupted: test_slurm_cluster's end-to-end run, made once for both modules."""
+    return outcome(tiny_on_two_nodes.run_dir, tiny_model_dir)
 
 
 @pytest.mark.parametrize(("kind", "phase"), MATRIX, ids=[f"{k}-during-{p}" for k, p in MATRIX])

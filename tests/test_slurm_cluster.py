@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CONFIGS, RLHPC, SHAPE, STATE, rlhpc
+from conftest import CONFIGS, RLHPC, SHAPE, STATE, SlurmRun, rlhpc
 from hpc.local_cluster import LocalCluster, netns_processes
 from hpc.slurm import accounting
 from rl import heartbeat
@@ -34,14 +34,11 @@ def test_cluster_up_is_idempotent_and_reports_its_nodes(cluster: LocalCluster) -
     assert [r["dst"] for r in json.loads(routes.stdout)] == ["10.87.0.0/24"]  # the nodes' subnet, nowhere else
 
 
-def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    done = rlhpc("submit", str(CONFIGS / "tiny_cpu.toml"), "--nodes", "2", "--cpus-per-task", "2", "--wait",
-                 "--set", f"ckpt.hf_checkpoint='{tiny_model_dir}'", "--set", "rollout.num_rollout=3",
-                 "--set", "rollout.n_samples_per_prompt=8", "--set", "eval.eval_interval=2",
-                 "--set", f"run.output_dir='{run_dir}'", env=cluster.env)
+def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_on_two_nodes: SlurmRun) -> None:
+    """`submit --wait` of the tiny run on both nodes (the run test_chaos compares its interrupted runs with)."""
+    run_dir, done = tiny_on_two_nodes.run_dir, tiny_on_two_nodes.submitted
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "finished: 3 rollouts" in done.stdout
+    assert "finished: 6 rollouts" in done.stdout
 
     [sub] = [json.loads(line) for line in (run_dir / "submissions.jsonl").read_text().splitlines()]
     assert sub["executor"] == "slurm" and sub["nodes"] == 2
@@ -52,15 +49,15 @@ def test_submit_two_nodes_end_to_end(cluster: LocalCluster, tiny_model_dir: Path
     assert {addr for addr, _pid in result["workers"]} == {"10.87.0.11", "10.87.0.12"}  # workers span both
     frozen = (run_dir / "config.toml").read_text()
     assert "actor_num_nodes = 2" in frozen and f'output_dir = "{run_dir}"' in frozen
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
-    leftovers = subprocess.run(["pgrep", "-f", f"rlhpc-{sub['job_id']}-"], capture_output=True, text=True)
-    assert leftovers.stdout == ""  # no Ray process of the job survives it
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 6
+    assert tiny_on_two_nodes.job_id == sub["job_id"]
+    assert tiny_on_two_nodes.leftovers == ""  # no Ray process of the job survives it
 
     status = rlhpc("status", str(run_dir), "--json", env=cluster.env)
     [row] = json.loads(status.stdout)
     assert (row["job_id"], row["state"], row["nodes"], row["rollout"], row["num_rollout"]) == (
-        sub["job_id"], "COMPLETED", 2, 3, 3)
-    assert row["last_reward"] == result["last_reward"] and row["checkpoint"] == "iter_0000003"
+        sub["job_id"], "COMPLETED", 2, 6, 6)
+    assert row["last_reward"] == result["last_reward"] and row["checkpoint"] == "iter_0000006"
     table = rlhpc("status", str(run_dir), env={**cluster.env, "COLUMNS": "200"})
     assert "COMPLETED" in table.stdout and f"{result['last_reward']:.3f}" in table.stdout
     if ACCOUNTING:  # sacct knows the job too, as on sites with accounting
