@@ -79,7 +79,8 @@ n_samples_per_prompt = 2
 STATE = DEFAULT_STATE_DIR  # one local cluster per machine: its bridge and namespaces have fixed names
 RLHPC = [str(Path(sys.executable).with_name("rlhpc"))]
 ACCOUNTING = all(shutil.which(c) for c in local_accounting.COMMANDS)
-SHAPE = ["--nodes", "2", "--cpus-per-node", "2", *(["--accounting"] if ACCOUNTING else []), "--state-dir", str(STATE)]
+# Three nodes: a 2-node job that leaves a failed node behind runs again on the third (test_chaos).
+SHAPE = ["--nodes", "3", "--cpus-per-node", "2", *(["--accounting"] if ACCOUNTING else []), "--state-dir", str(STATE)]
 
 
 def rlhpc(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:

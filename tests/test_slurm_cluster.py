@@ -23,13 +23,14 @@ ACCOUNTING = "--accounting" in SHAPE
 def test_cluster_up_is_idempotent_and_reports_its_nodes(cluster: LocalCluster) -> None:
     again = rlhpc("cluster", "up", *SHAPE)
     assert again.returncode == 0 and "already up" in again.stdout
-    other = rlhpc("cluster", "up", "--nodes", "3", "--state-dir", str(STATE))
+    other = rlhpc("cluster", "up", "--nodes", "2", "--state-dir", str(STATE))
     assert other.returncode == 1 and "another shape" in other.stderr
     status = rlhpc("cluster", "status", "--state-dir", str(STATE))
     assert status.returncode == 0
-    assert "node1  10.87.0.11  idle" in status.stdout and "node2  10.87.0.12  idle" in status.stdout
+    for k in (1, 2, 3):
+        assert f"node{k}  10.87.0.1{k}  idle" in status.stdout
     sinfo = subprocess.run(["sinfo", "-h", "-o", "%P %D"], env=cluster.env, capture_output=True, text=True)
-    assert sinfo.stdout.split() == ["batch*", "2", "urgent", "2"]
+    assert sinfo.stdout.split() == ["batch*", "3", "urgent", "3"]
     routes = subprocess.run(["ip", "-n", "rlhpc-node1", "-j", "route"], capture_output=True, text=True, check=True)
     assert [r["dst"] for r in json.loads(routes.stdout)] == ["10.87.0.0/24"]  # the nodes' subnet, nowhere else
 
@@ -84,10 +85,12 @@ def test_a_newline_in_a_value_is_refused(cluster: LocalCluster, tmp_path: Path) 
     assert out.returncode == 2 and "slurm.partition" in out.stderr and "control character" in out.stderr
 
 
-def node_processes(env: dict[str, str]) -> list[str]:
+def node_processes(cluster: LocalCluster) -> list[str]:
     """Every process in the nodes' network namespaces but the slurmds themselves."""
-    return [f"{ns} {pid}: {cmd[:100]}" for ns in ("rlhpc-node1", "rlhpc-node2")
-            for pid, cmd in netns_processes(ns).items() if cmd and not cmd.startswith("slurmd ")]
+    spec = cluster.spec()
+    assert spec is not None
+    return [f"{node.netns} {pid}: {cmd[:100]}" for node in spec.node_list()
+            for pid, cmd in netns_processes(node.netns).items() if cmd and not cmd.startswith("slurmd ")]
 
 
 def test_cancel_mid_run_leaves_no_process(cluster: LocalCluster, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -99,11 +102,11 @@ def test_cancel_mid_run_leaves_no_process(cluster: LocalCluster, tiny_model_dir:
     deadline = time.monotonic() + 300
     while heartbeat.read(run_dir) is None and time.monotonic() < deadline:  # the driver's actors are up
         time.sleep(0.5)
-    assert node_processes(cluster.env)
+    assert node_processes(cluster)
     cancelled = rlhpc("cancel", str(run_dir), env=cluster.env)
     assert cancelled.returncode == 0 and (run_dir / "cancelled").exists()
     deadline = time.monotonic() + 30
-    while (left := node_processes(cluster.env)) and time.monotonic() < deadline:
+    while (left := node_processes(cluster)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert left == []  # Ray, its workers and the tasks: all gone with the job
     deadline = time.monotonic() + 30
