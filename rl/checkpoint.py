@@ -190,10 +190,15 @@ class BackgroundWriter:
     def save(self, state: dict[str, Any], storage: Any, planner: Any = None) -> None:
         """Start saving `state` into `storage` (planned by `planner`, DCP's default if None); a save still
         writing is waited for first."""
+        import torch
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
 
         self.wait()
+        if torch.cuda.is_initialized():
+            # DCP's stager copies on a stream of its own, which does not wait for the compute stream's pending
+            # writes (the last optimizer step's kernels may still be running): they must be done first.
+            torch.cuda.current_stream().synchronize()
         response = dcp.async_save(state, storage_writer=storage, planner=planner, async_stager=self._stager,
                                   process_group=self._group, no_dist=not dist.is_initialized())
         with self._lock:
