@@ -30,6 +30,8 @@ FULL_DISK_BYTES = 16 << 20
 DIGEST = "xxh3_128"
 """The manifest's checksum: it finds torn and damaged files (the manifest is no signature: whoever can write the
 files can write it too), and at ~7 GB/s a core it no longer slows a load the way sha256 (~0.7) did."""
+DATA_SUFFIX = ".distcp"
+"""DCP's data files (torch's `filesystem.DEFAULT_SUFFIX`), each hashed by its writer (`storage_writer`)."""
 SIDECAR = ".xxh3"
 """Suffix of the file that `storage_writer` leaves beside each data file it wrote whole (its size and checksum,
 as a manifest entry), which `commit` takes instead of reading the file, and removes."""
@@ -58,7 +60,14 @@ def storage_writer(path: Path, thread_count: int | None = None) -> Any:
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystem
 
+    assert DEFAULT_SUFFIX == DATA_SUFFIX, DEFAULT_SUFFIX
+
     class WithoutZipCrc(FileSystem):
+        def __init__(self) -> None:
+            super().__init__()
+            self.failures: list[BaseException] = []
+            """What each writer thread raised while writing a file."""
+
         # torch's setting is per thread: it is set in each of DCP's writer threads, around the file it writes
         @contextmanager
         def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
@@ -67,16 +76,32 @@ def storage_writer(path: Path, thread_count: int | None = None) -> Any:
                 serialization.set_crc32_options(False)
                 try:
                     # Data files only: DCP's index is written under another name and renamed (it is small).
-                    if mode == "wb" and Path(path).name.endswith(DEFAULT_SUFFIX):
+                    if mode == "wb" and Path(path).name.endswith(DATA_SUFFIX):
                         with _hashed_as_written(Path(path), stream) as hashing:
                             yield hashing
                     else:
                         yield stream
+                except BaseException as e:
+                    self.failures.append(e)
+                    raise
                 finally:
                     serialization.set_crc32_options(computed)
 
-    writer = FileSystemWriter(Path(path), thread_count=thread_count or _io_threads())
-    writer.fs = WithoutZipCrc()
+    fs = WithoutZipCrc()
+
+    class Checked(FileSystemWriter):
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            written = super().write_data(plan, planner)
+            # DCP's writer threads other than the caller's die alone on an error (torch 2.13
+            # `FileSystemWriter._write_data`): their files' results are missing, and DCP would go on to write
+            # an index without them, a checkpoint that loads with a KeyError.
+            if (lost := len(plan.items) - len(written.value())) > 0:
+                cause = f": {fs.failures[0]!r}" if fs.failures else ""
+                raise OSError(f"a writer thread failed, {lost} of {len(plan.items)} items not written{cause}")
+            return written
+
+    writer = Checked(Path(path), thread_count=thread_count or _io_threads())
+    writer.fs = fs
     return writer
 
 
@@ -429,17 +454,20 @@ def _files(folder: Path) -> list[Path]:
 def _entries(tmp: Path) -> dict[str, dict[str, Any]]:
     """The manifest's entry of each file in `tmp`: the checksum its writer left in a sidecar, the others' read
     from the disk. The sidecars are removed. A file whose size is no longer the one its writer closed it with was
-    torn since (a file system that lost a write): CheckpointError, so that the save fails and the previous
-    checkpoint stays the latest, rather than a torn one sealed as whole."""
+    torn since (a file system that lost a write), and a data file with no sidecar was not written whole (every
+    one is written by `storage_writer`): CheckpointError, so that the save fails and the previous checkpoint
+    stays the latest, rather than a torn one sealed as whole."""
     sidecars = [p for p in tmp.rglob("*" + SIDECAR) if p.is_file()]
     written = {p.with_name(p.name.removesuffix(SIDECAR)): _sidecar_entry(p) for p in sidecars}
     for p in sidecars:
         p.unlink()
     sizes = {p: p.stat().st_size for p in _files(tmp)}
-    for p, entry in written.items():
-        if entry and entry["size"] != sizes.get(p):
-            raise CheckpointError(f"{p.relative_to(tmp)} holds {sizes.get(p, 0)} bytes where its writer wrote "
-                                  f"{entry['size']}")
+    for p, size in sizes.items():
+        entry = written.get(p)
+        if p.name.endswith(DATA_SUFFIX) and entry is None:
+            raise CheckpointError(f"{p.relative_to(tmp)} was not written whole (its writer left no checksum)")
+        if entry and entry["size"] != size:
+            raise CheckpointError(f"{p.relative_to(tmp)} holds {size} bytes where its writer wrote {entry['size']}")
     digests = {p: entry[DIGEST] for p, entry in written.items() if entry}
     unknown = [p for p in sizes if p not in digests]
     digests.update(zip(unknown, _digest_all(unknown)))

@@ -284,6 +284,38 @@ def test_a_data_file_torn_after_its_writer_closed_it_fails_the_save(tmp_path):
     assert checkpoint.latest(tmp_path).name == "iter_0000001"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected failure
+def test_a_write_that_fails_in_any_writer_thread_fails_the_save(tmp_path, monkeypatch):
+    """DCP's writer threads other than the caller's die alone on an error, and DCP would write an index without
+    their files' items; the save must fail instead, the checkpoint before staying the latest. So must a save
+    whose data file was left without its writer's checksum."""
+    import errno
+    import threading
+
+    state = {name: torch.full((1 << 12,), float(k)) for k, name in enumerate("abcd")}
+    checkpoint.write(tmp_path, 1, lambda tmp: checkpoint.save_model_state(state, tmp))
+    real_write = checkpoint._HashingStream.write
+
+    def full_in_other_threads(self, data):
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(checkpoint._HashingStream, "write", full_in_other_threads)
+    with pytest.raises(checkpoint.CheckpointError, match="a writer thread failed.*No space left on device.*the "
+                                                         "latest checkpoint is still iter_0000001"):
+        checkpoint.write(tmp_path, 2, lambda tmp: checkpoint.save_model_state(state, tmp))
+    monkeypatch.undo()
+
+    def without_a_checksum(tmp: Path) -> None:
+        checkpoint.save_model_state(state, tmp)
+        next(tmp.rglob("*.distcp" + checkpoint.SIDECAR)).unlink()
+
+    with pytest.raises(checkpoint.CheckpointError, match="not written whole.*still iter_0000001"):
+        checkpoint.write(tmp_path, 3, without_a_checksum)
+    assert checkpoint.latest(tmp_path).name == "iter_0000001" and not list(tmp_path.glob(".iter_*"))
+
+
 def test_a_data_file_gets_a_sidecar_only_when_written_front_to_back_and_closed(tmp_path):
     fs = checkpoint.storage_writer(tmp_path).fs
     whole, seeked, truncated, failed = (tmp_path / f"__0_{i}.distcp" for i in range(4))
