@@ -3,6 +3,8 @@ spans, and the GPUs its SGLang server is given; and the config refusing engines 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from conftest import MINIMAL
@@ -102,20 +104,27 @@ def test_a_next_turn_goes_to_the_engine_that_served_the_turn_before() -> None:
     assert shares_by_prefix([a[:32] + tokens(8000, 32)], 2, memory) == [[], [0]]
 
 
-def test_prefix_affinity_yields_to_load_beyond_one_and_a_half_shares() -> None:
-    """Eight prompts behind one long system prompt that engine 0 holds: it takes six (1.5 of its even share
-    of four), the other engine the rest, and from then on holds the system prompt too."""
+def test_prefix_affinity_yields_to_load_beyond_the_even_share() -> None:
+    """Eight prompts behind one long system prompt that engine 0 holds: it takes four (its even share), the other
+    engine the rest, and from then on holds the system prompt too. An engine that has served nothing still gets
+    its share of a batch whose every prompt the others hold the start of."""
     from rl.rollout.pool import PrefixMemory, block_hashes, shares_by_prefix
 
     system = tokens(100, 64)
     memory = PrefixMemory(2)
     memory.record(0, block_hashes(system))
     batch = [system + tokens(1000 * k, 8) for k in range(1, 9)]
-    assert shares_by_prefix(batch, 2, memory) == [[0, 1, 2, 3, 4, 5], [6, 7]]
+    assert shares_by_prefix(batch, 2, memory) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert memory.matched(block_hashes(system)) == [4, 4]
     # held by both, it no longer favours either: by load; a GRPO group's samples still stay together
     groups = [system + tokens(1000 * k, 8) for k in range(9, 12) for _ in range(2)]
     assert shares_by_prefix(groups, 2, memory) == [[0, 1, 4, 5], [2, 3]]
+
+    memory = PrefixMemory(4)
+    for engine in range(3):
+        memory.record(engine, block_hashes(system))
+    groups = [system + tokens(1000 * k, 8) for k in range(1, 9) for _ in range(8)]
+    assert [len(share) for share in shares_by_prefix(groups, 4, memory)] == [16, 16, 16, 16]
 
 
 def test_the_memory_is_bounded_and_forgotten() -> None:
@@ -156,7 +165,7 @@ def test_placement_is_a_function_of_the_batches() -> None:
 
     first = replay()
     assert first == replay()
-    assert all(len(share) <= 1.5 * sum(map(len, shares)) / 3 for shares in first[1:] for share in shares)
+    assert all(len(share) <= math.ceil(sum(map(len, shares)) / 3) for shares in first[1:] for share in shares)
 
 
 def test_only_a_pool_of_engines_with_a_prefix_cache_remembers_prefixes(write_config) -> None:

@@ -12,19 +12,22 @@ slime. The pool remembers what it sent to each engine (`PrefixMemory`) until the
 weight update, memory released for training) or the engine is replaced. The torch engine keeps no cache from one
 call to the next, so its requests go by load alone.
 
-Placement never changes a result. Every engine holds the same weights, each sample draws its randomness from its
-own seed, and what a request is batched with does not change its output: SGLang's deterministic inference
-(`sglang_enable_deterministic_inference`, without which seeds are ignored) uses batch-invariant kernels, radix
-cache hits included; the torch engine draws each token by inverse CDF from uniforms drawn up front from the
-sample's seed (`TorchEngine._sample`), so its tokens do not depend on the batch (unless a uniform falls within
-rounding of the boundary between two tokens) and its log-probs only to rounding (`tests/test_torch_engine.py`).
-Placement is deterministic too: the same batches in the same order are placed alike, so a rerun batches every
-request as before, bitwise.
+Placement is meant not to change results. Every engine holds the same weights, each sample draws its randomness
+from its own seed, and what a request is batched with does not change its output: SGLang's deterministic
+inference (`sglang_enable_deterministic_inference`, without which seeds are ignored) uses batch-invariant kernels,
+radix-cache hits included by SGLang's documentation (not checked here without a GPU: a multi-turn request whose
+earlier turn's KV was computed in decode, against one that prefills it all); the torch engine draws each token by
+inverse CDF from uniforms drawn up front from the sample's seed (`TorchEngine._sample`), so its tokens do not
+depend on the batch (unless a uniform falls within rounding of the boundary between two tokens) and its log-probs
+only to rounding (`tests/test_torch_engine.py`). The same batches in the same order are placed alike; but batches
+form by timing (`rl/rollout/client.py`), and an evaluation can generate beside a rollout, so placement, unlike
+results, is not a function of the data alone.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -53,12 +56,12 @@ an engine that has dropped their prefix since; the memory costs about 8 MB per e
 CACHE_THRESHOLD = 0.3
 """sglang-router's default `cache_threshold`: a request goes to the engine holding its longest prefix only where
 that prefix is more than this fraction of its tokens; else by load."""
-BALANCE_REL_THRESHOLD = 1.5
-"""sglang-router's default `balance_rel_threshold`: an engine may take up to this many times its even share of a
-batch for the prefixes it holds, no more (a group larger than that still goes whole to an engine that has
-nothing yet). The router also waits for a gap of `balance_abs_threshold` (64) requests before it balances, as it
-sees requests one at a time while loads change under it; the pool places a whole batch at once, knows the even
-share, and a batch over a few engines can be smaller than 64."""
+# Balance: an engine takes the requests whose prefix it holds only up to its even share of the batch, rounded
+# up. A batch lasts as long as its largest share; and with sglang-router's looser rule (1.5 times the even share,
+# `balance_rel_threshold`) a prefix every prompt shares, a system prompt or a template, piled the batch onto the
+# engines that had served one first, and an engine that had served none stayed idle for good (4 engines, 64
+# requests: 24, 24, 16, 0). The router can afford it: it balances live loads, request by request.
+
 
 def block_hashes(tokens: Sequence[int], known: Sequence[int] = ()) -> list[int]:
     """One hash per whole block of `tokens`, each of the block and all before it (so equal hashes mean equal
@@ -107,7 +110,7 @@ def shares_by_prefix(prompts: list[list[int]], engines: int, memory: PrefixMemor
     same engine, so that its prefix cache reads a GRPO group's prompt once for all its samples. Prompts are
     placed in order of first request. With `memory` (sglang-router's cache-aware policy, for engines that keep a
     prefix cache): on the engine holding the longest prefix of the prompt, where that covers more than
-    CACHE_THRESHOLD of it and leaves the engine within BALANCE_REL_THRESHOLD of its even share, so that a
+    CACHE_THRESHOLD of it and leaves the engine within its even share (rounded up), so that a
     multi-turn sample's next turn (its prompt, response and the environment's reply) goes where the turn before
     was served; else on the engine with the fewest requests so far (the first of them), as without `memory`. Each
     placed prompt is recorded in `memory`, so later prompts of the batch sharing its prefix follow it."""
@@ -115,7 +118,7 @@ def shares_by_prefix(prompts: list[list[int]], engines: int, memory: PrefixMemor
     for i, prompt in enumerate(prompts):
         by_prompt.setdefault(tuple(prompt), []).append(i)
     shares: list[list[int]] = [[] for _ in range(engines)]
-    most = BALANCE_REL_THRESHOLD * len(prompts) / engines
+    most = math.ceil(len(prompts) / engines)
     for tokens, requests in by_prompt.items():
         least = min(range(engines), key=lambda e: len(shares[e]))
         if memory is None:
