@@ -385,12 +385,13 @@ class MegatronBackend:
                                                                metadata=OPTIMIZER_LAYOUT)}
 
     @contextlib.contextmanager
-    def _offloaded_weights_readable(self) -> Iterator[None]:
+    def _offloaded_weights_readable(self) -> Iterator[bool]:
         """While the weights are offloaded with the distributed optimizer (colocated: the loop saves after the
         sync has sent them), each parameter is a view of a DDP buffer whose device storage megatron-core freed,
         the values in the buffer's host copy, and so are the optimizer's shards of fp32 parameters (its main
         parameters; those of bf16 ones are copies of their own, offloaded by the optimizer); a checkpoint would
-        read the freed storage. Within this, they point into the host copy instead, and come back after."""
+        read the freed storage. Within this, they point into the host copy instead, and come back after; it
+        yields whether they were offloaded."""
         moved: dict[Tensor, Tensor] = {}
         for b in self._buffers():
             if b.param_data is not None and b.param_data_cpu is not None and b.param_data.untyped_storage().size() == 0:
@@ -404,7 +405,7 @@ class MegatronBackend:
                     moved[main] = main.data
                     main.data = param.data.view(-1)[owned.start:owned.end]
         try:
-            yield
+            yield bool(moved)
         finally:
             for tensor, data in moved.items():
                 tensor.data = data
@@ -448,9 +449,9 @@ class MegatronBackend:
         dist.barrier()
         strategy = TorchDistStrategy(writer or Synchronous())
         self._give_torch_adam_state(self.step, override=False)  # saved before any step was taken
-        with self._offloaded_weights_readable():
+        with self._offloaded_weights_readable() as offloaded:
             dist_checkpointing.save(self._sharded_state(), str(out), sharded_strategy=strategy)
-            if writer is not None:  # the copy must be taken while the parameters point at the host's
+            if writer is not None and offloaded:  # the copy must be taken while the parameters point at the host's
                 writer.staged()
         if dist.get_rank() == 0:
             # What `rlhpc convert megatron-to-hf` and `rlhpc export` need to read the weights on their own.
