@@ -123,6 +123,21 @@ class PostNormSelfAttention(_PostNorm, SelfAttention):
 class PostNormMLP(_PostNorm, MLP):
     norm_name = "post_mlp_layernorm"
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+                           ) -> dict[str, Any]:
+        """MLP's own asks each child for its sharded state dict, which the norm, a plain torch (or Transformer
+        Engine) module in either layer spec, has not: it crashed every save and conversion of a GLM4 model. The
+        norm's is Megatron's default for such modules (replicated over tensor-parallel ranks), as Attention's
+        children get."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        norm = self._modules.pop(self.norm_name)
+        try:
+            state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self._modules[self.norm_name] = norm
+        return state | sharded_state_dict_default(norm, f"{prefix}{self.norm_name}.", sharded_offsets, metadata)
+
 
 def layer_spec(hf_config: Any, *, te: bool) -> ModuleSpec:
     f = family(hf_config)
