@@ -250,7 +250,7 @@ def export(
 
 
 convert_app = _Typer(help="Convert weights between Hugging Face folders and Megatron torch_dist checkpoints "
-                          "(needs megatron-core, `pip install rlhpc[megatron]`; hf-to-megatron also CUDA).",
+                          "(needs megatron-core, `pip install rlhpc[megatron]`; runs on the host, no GPU needed).",
                           no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 

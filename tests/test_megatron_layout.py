@@ -69,7 +69,6 @@ def test_layout_matches_a_megatron_gpt_model(kind):
         load_megatron_state(gpt, mapped)
 
 
-@pytest.mark.gpu
 @needs_megatron
 @pytest.mark.parametrize("kind", ["qwen3", "glm4"])
 def test_convert_to_torch_dist_and_back_is_exact(tmp_path, kind):

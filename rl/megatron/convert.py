@@ -30,9 +30,7 @@ TE_MARK = "layer_spec.json"
 @contextmanager
 def one_process() -> Iterator[None]:
     """Megatron's parallel state for this process alone (every parallel size 1), over NCCL where CUDA is and
-    gloo elsewhere. Reading runs on the host; Megatron's torch_dist writer waits on CUDA
-    (`filesystem_async.preload_tensors` calls `torch.cuda.synchronize`), so hf-to-megatron runs on a GPU node, as
-    slime's conversion does, the model itself staying on the host."""
+    gloo elsewhere. The model stays on the host."""
     from megatron.core import parallel_state
 
     owned = not dist.is_initialized()
@@ -71,13 +69,17 @@ def hf_to_torch_dist(hf_dir: Path, out: Path, *, te: bool = False) -> None:
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from rl.checkpoint import Synchronous
+    from rl.megatron.torch_dist_save import TorchDistStrategy
+
     hf_config = AutoConfig.from_pretrained(hf_dir)
     hf_state = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).state_dict()
     with one_process():
         model = _host_model(hf_config, te=te)
         load_megatron_state(model, hf_to_megatron(hf_state, hf_config, te=te))
         out.mkdir(parents=True, exist_ok=False)
-        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out))
+        dist_checkpointing.save({"model": model.sharded_state_dict()}, str(out),
+                                sharded_strategy=TorchDistStrategy(Synchronous()))
     write_torch_dist_config(out, hf_config, te=te)
 
 
