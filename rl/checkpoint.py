@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -192,8 +193,12 @@ class BackgroundWriter:
     state is copied into host buffers, kept from one save to the next, by one thread, then written by another,
     while training goes on. Training may change its tensors again once `staged()` returns (waited for before its
     next optimizer step, so that the step's forward and backward and, in the loop, a rollout's generation before
-    it overlap the copy). The writes' collectives run over `group`, a process group of
-    their own, so that they never interleave with training's on the same group."""
+    it overlap the copy). The writes' collectives run over `group`, a process group of their own, so that they
+    never interleave with training's on the same group.
+
+    `async_save` itself is called from a thread of the writer's: it returns once its stager's thread has begun,
+    and that thread's walk of the state in Python kept the caller waiting for the GIL (0.44 s of a 0.56 s call,
+    for 7.8 GB of state on 2 cores)."""
 
     def __init__(self, group: Any = None):
         import torch
@@ -208,8 +213,10 @@ class BackgroundWriter:
         self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                     use_async_staging=True, use_non_blocking_copy=cuda))
         self._group = group
-        self._saves: list[Any] = []
-        """Saves begun and not yet waited for; `wait` (in a thread of its own) and `staged` both read it."""
+        self._begin = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-begin")
+        self._saves: list[Future[Any]] = []
+        """Saves begun (each `async_save`'s response, once it has returned) and not yet waited for; `wait` (in a
+        thread of its own) and `staged` both read it."""
         self._lock = threading.Lock()
 
     def save(self, state: dict[str, Any], storage: Any, planner: Any = None) -> None:
@@ -224,8 +231,9 @@ class BackgroundWriter:
             # DCP's stager copies on a stream of its own, which does not wait for the compute stream's pending
             # writes (the last optimizer step's kernels may still be running): they must be done first.
             torch.cuda.current_stream().synchronize()
-        response = dcp.async_save(state, storage_writer=storage, planner=planner, async_stager=self._stager,
-                                  process_group=self._group, no_dist=not dist.is_initialized())
+        response = self._begin.submit(dcp.async_save, state, storage_writer=storage, planner=planner,
+                                      async_stager=self._stager, process_group=self._group,
+                                      no_dist=not dist.is_initialized())
         with self._lock:
             self._saves.append(response)
 
@@ -234,7 +242,7 @@ class BackgroundWriter:
         with self._lock:
             saves = list(self._saves)
         for save in saves:
-            save.staging_completion.result()
+            save.result().staging_completion.result()
 
     def wait(self) -> None:
         """Return once every save is written (raising what the write raised). Each stays listed until written,
@@ -243,7 +251,7 @@ class BackgroundWriter:
             saves = list(self._saves)
         try:
             for save in saves:
-                save.upload_completion.result()
+                save.result().upload_completion.result()
         finally:
             with self._lock:
                 self._saves = [s for s in self._saves if s not in saves]
@@ -361,8 +369,6 @@ class InBackground:
 
     def __init__(self, root: Path, iteration: int, start: Callable[[Path], None], written: Callable[[], None],
                  keep_last: int | None = None):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.folder = iteration_dir(root, iteration)
         tmp = begin(root, iteration)
         try:
@@ -433,8 +439,6 @@ def _digest(path: Path, algorithm: str = DIGEST) -> str:
 def _digest_all(paths: list[Path], algorithms: list[str] | None = None) -> list[str]:
     """`_digest` of each file, several at once: the hashes let go of the GIL while they hash, so the files of a
     checkpoint are hashed at the disk's or the cores' pace rather than one file's."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(_io_threads()) as pool:
         return list(pool.map(_digest, paths, algorithms or [DIGEST] * len(paths)))
 
@@ -595,8 +599,6 @@ def _verify_while(folder: Path, load: Callable[[Path], object] | None) -> str | 
     not the checkpoint's fault: it is raised, rather than an older checkpoint silently taken."""
     if load is None:
         return verify(folder)
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(1) as pool:
         check = pool.submit(verify, folder)
         try:

@@ -186,7 +186,9 @@ def test_training_waits_for_the_copy_even_while_the_sealing_thread_waits_for_the
 
     writer = checkpoint.BackgroundWriter()
     copy, write = Future(), Future()
-    writer._saves.append(SimpleNamespace(staging_completion=copy, upload_completion=write))  # a save begun
+    begun: Future = Future()
+    begun.set_result(SimpleNamespace(staging_completion=copy, upload_completion=write))
+    writer._saves.append(begun)  # a save begun
     sealing = threading.Thread(target=writer.wait, daemon=True)
     sealing.start()
     step_may_run = threading.Event()
