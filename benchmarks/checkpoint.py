@@ -18,8 +18,8 @@ the host must hand out again is written at a fraction of the disk's speed whoeve
 Then an asynchronous save (`ckpt.async_save`) with a training step right behind it, against the same step alone.
 Printed: each round's GB/s and ratios, and the best save and load against the best probe (goal ≥ 0.7): on this
 VM the same write ran at 0.23 to 2.8 GB/s by the state of memory alone, and the best of several rounds is each
-one's least disturbed. Then the time training is blocked by an asynchronous save against a synchronous save
-(goal ≤ 0.1).
+one's least disturbed. Then the time training is blocked by an asynchronous save (the save call, and the step's
+wait for the copy) against a synchronous save (goal ≤ 0.1), and how much slower that step ran meanwhile.
 """
 
 from __future__ import annotations
@@ -126,8 +126,8 @@ def background_save(backend, root: Path, step_tokens: int) -> dict[str, float]:
     after one save that allocates the host buffers a run keeps from then on, with a training step right behind
     it: the worst case, as in the loop a rollout's generation comes between. The step waits for the copy before
     its optimizer changes anything (`before_update`), so the copy overlaps its forward and backward. Training is
-    blocked for the save call plus what the step takes beyond the same step with no save in progress (its wait
-    for the copy, and the copy's and writer's share of the cores meanwhile)."""
+    blocked for the save call and that wait; beside it, what the step took beyond the same step with no save in
+    progress (`step_slowdown_s`): the copy's and the writer's share of the cores and of the GIL meanwhile."""
     step = a_step(backend, step_tokens)
     alone = statistics.mean(step(lambda: None)[0] for _ in range(2))
     writer = checkpoint.BackgroundWriter()
@@ -140,7 +140,7 @@ def background_save(backend, root: Path, step_tokens: int) -> dict[str, float]:
     saving.result()
     sealed = time.perf_counter()
     return {"call_s": call_s, "step_alone_s": alone, "step_during_s": during, "waited_in_step_s": waited,
-            "blocked_s": call_s + max(during - alone, 0.0), "until_sealed_s": sealed - start}
+            "step_slowdown_s": during - alone, "blocked_s": call_s + waited, "until_sealed_s": sealed - start}
 
 
 def a_round(backend, state: list[torch.Tensor], work: Path, iteration: int) -> dict[str, float]:
