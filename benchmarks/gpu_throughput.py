@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rl.batch import TrainSample  # noqa: E402
+from rl.config import RLConfig  # noqa: E402
 from rlhpc.config import load_config  # noqa: E402
 
 PEAK_BF16 = 989e12
@@ -69,13 +70,16 @@ def samples(n: int, seq_len: int) -> list[TrainSample]:
     return out
 
 
+def train_config(backend_name: str, folder: Path, max_tokens: int) -> RLConfig:
+    return load_config(ROOT / "configs" / "tiny_cpu.toml", [
+        f"ckpt.hf_checkpoint='{folder}'", f"perf.train_backend={backend_name}", "perf.use_dynamic_batch_size=true",
+        f"perf.max_tokens_per_gpu={max_tokens}", "perf.bf16=true", "optimizer.lr=1e-6",
+        # No reference model: its forward would run uncounted by the MFU's FLOPs.
+        "grpo.use_kl_loss=false"])
+
+
 def train_rate(backend_name: str, folder: Path, args) -> dict:
-    config = ROOT / "configs" / "tiny_cpu.toml"
-    cfg = load_config(config, [f"ckpt.hf_checkpoint='{folder}'", f"perf.train_backend={backend_name}",
-                               "perf.use_dynamic_batch_size=true", f"perf.max_tokens_per_gpu={args.max_tokens}",
-                               "perf.bf16=true", "optimizer.lr=1e-6",
-                               # No reference model: its forward would run uncounted by the MFU's FLOPs.
-                               "grpo.use_kl_loss=false"])
+    cfg = train_config(backend_name, folder, args.max_tokens)
     if backend_name == "megatron":
         import torch.distributed as dist
 
