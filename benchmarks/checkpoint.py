@@ -97,28 +97,27 @@ def training_state(shape: str, work: Path):
     return backend
 
 
-def a_step(backend, tokens: int):
-    """`train_step(before_update)` timed, on one sample of `tokens` tokens (half of them response); returns
-    (seconds of the whole step, seconds spent in `before_update`)."""
+def a_sample(tokens: int):
+    """A training sample of `tokens` tokens, half of them response."""
     from rl.batch import TrainSample
 
     half = tokens // 2
-    sample = TrainSample(list(range(1000, 1000 + tokens)), half, [1] * half, 1.0, [-1.0] * half, [0.5] * half)
+    return TrainSample(list(range(1000, 1000 + tokens)), half, [1] * half, 1.0, [-1.0] * half, [0.5] * half)
 
-    def timed(before_update):
-        waited = 0.0
 
-        def wait() -> None:
-            nonlocal waited
-            start = time.perf_counter()
-            before_update()
-            waited = time.perf_counter() - start
+def timed_step(backend, sample, before_update) -> tuple[float, float]:
+    """`train_step` on `sample`, timed: (seconds of the whole step, seconds spent in `before_update`)."""
+    waited = 0.0
 
+    def wait() -> None:
+        nonlocal waited
         start = time.perf_counter()
-        backend.train_step([sample], num_samples=1, num_tokens=half, before_update=wait)
-        return time.perf_counter() - start, waited
+        before_update()
+        waited = time.perf_counter() - start
 
-    return timed
+    start = time.perf_counter()
+    backend.train_step([sample], num_samples=1, num_tokens=sample.response_length, before_update=wait)
+    return time.perf_counter() - start, waited
 
 
 def background_save(backend, root: Path, step_tokens: int) -> dict[str, float]:
@@ -128,15 +127,15 @@ def background_save(backend, root: Path, step_tokens: int) -> dict[str, float]:
     its optimizer changes anything (`before_update`), so the copy overlaps its forward and backward. Training is
     blocked for the save call and that wait; beside it, what the step took beyond the same step with no save in
     progress (`step_slowdown_s`): the copy's and the writer's share of the cores and of the GIL meanwhile."""
-    step = a_step(backend, step_tokens)
-    alone = statistics.mean(step(lambda: None)[0] for _ in range(2))
+    sample = a_sample(step_tokens)
+    alone = statistics.mean(timed_step(backend, sample, lambda: None)[0] for _ in range(2))
     writer = checkpoint.BackgroundWriter()
     first = checkpoint.InBackground(root, 2, lambda tmp: backend.save(tmp, writer), writer.wait, keep_last=1)
     first.result()
     start = time.perf_counter()
     saving = checkpoint.InBackground(root, 3, lambda tmp: backend.save(tmp, writer), writer.wait, keep_last=1)
     call_s = time.perf_counter() - start
-    during, waited = step(writer.staged)
+    during, waited = timed_step(backend, sample, writer.staged)
     saving.result()
     sealed = time.perf_counter()
     return {"call_s": call_s, "step_alone_s": alone, "step_during_s": during, "waited_in_step_s": waited,
