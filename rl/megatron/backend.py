@@ -32,14 +32,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import Tensor
 
 from rl.batch import MicroBatch, TrainSample, lay_out, pad_rows
+from rl.checkpoint import Synchronous
 from rl.export import MEGATRON_DIR
-from rl.megatron.torch_dist_save import TorchDistStrategy
 from rl.megatron.convert import HF_CONFIG, load_megatron_state, torch_dist_config, write_torch_dist_config
 from rl.megatron.hf_tensors import hf_tensors
 from rl.megatron.layout import hf_of_parameter, megatron_sources
-from rl.checkpoint import Synchronous
 from rl.megatron.model import build_model, check_layer_spec, has_transformer_engine
 from rl.megatron.shards import renumber, shard, split_dim, unshard
+from rl.megatron.torch_dist_save import TorchDistStrategy
 from rl.train.objective import policy_objective
 from rl.train.schedule import lr_at
 from rl.train.torch_backend import PADDING, finite_on_every_rank, rank_micro_batches
